@@ -1,0 +1,68 @@
+"""depthcompress: latency-aware CNN depth compression by two-stage dynamic programming.
+
+Trace a CNN into convolution positions (``trace``), choose which activations to keep and which
+convolutions to merge (``Plan``), fine-tune the ``linearize``-d network, then ``merge`` it
+exactly into a shallower one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    BudgetError,
+    DepthCompressError,
+    MergeError,
+    ModelSpecError,
+    NoConvolutionError,
+    PlanError,
+    TableError,
+    TraceError,
+)
+from .plan import Plan
+
+if TYPE_CHECKING:
+    from .graph import BlockGeometry, ConvChain, Position, Residual, trace
+    from .linearization import linearize
+    from .merging import merge
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "trace": "graph",
+    "ConvChain": "graph",
+    "Position": "graph",
+    "Residual": "graph",
+    "BlockGeometry": "graph",
+    "linearize": "linearization",
+    "merge": "merging",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Torch-backed names load on first use, so table and DP tools start without torch."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'depthcompress' has no attribute {name!r}")
+
+
+__all__ = [
+    "BlockGeometry",
+    "BudgetError",
+    "ConvChain",
+    "DepthCompressError",
+    "MergeError",
+    "ModelSpecError",
+    "NoConvolutionError",
+    "Plan",
+    "PlanError",
+    "Position",
+    "Residual",
+    "TableError",
+    "TraceError",
+    "linearize",
+    "merge",
+    "trace",
+]

@@ -1,0 +1,192 @@
+"""Merge a linearized network into a shallower one: one conv per block, BN folded, residuals
+inside a block absorbed into its kernel (ALGORITHM.md §8.3). The result is checked numerically
+against the network it came from."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .errors import MergeError
+from .graph import ConvChain, Residual, example_input_for
+from .kernels import ConvSpec, add_shortcut, bn_scale_shift, merge_chain, spec_from_conv, to_conv2d
+from .linearization import META_KEY, fused_residuals, linearized_plan
+from .plan import Plan
+
+MERGE_TOLERANCE = 1e-4
+
+
+def merge(
+    linearized: fx.GraphModule, chain: ConvChain, plan: Plan, *, verify: bool = True
+) -> fx.GraphModule:
+    """A new eval-mode module with one conv per block of ``plan`` (BN folded everywhere).
+
+    ``linearized`` must come from ``linearize(model, chain, plan)`` (fine-tuned or not) and is
+    left unchanged. With ``verify`` the result is compared with ``linearized`` on a random input
+    and a MergeError is raised if they differ by more than 1e-4 of the output scale.
+    """
+    built_for = linearized_plan(linearized)
+    if built_for != plan:
+        raise MergeError(
+            f"this network was linearized for a different plan ({built_for.to_dict()}); "
+            f"merge it with that plan, or linearize again for {plan.to_dict()}"
+        )
+    if linearized.meta[META_KEY].get("signature") != chain.signature():
+        raise MergeError("this linearized network was made from a different chain")
+    plan.validate(chain)
+    gm = copy.deepcopy(linearized).eval()
+    x = example_input_for(chain).to(_device(gm))
+    if verify:
+        with torch.no_grad():
+            reference = gm(x)
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    fused = fused_residuals(chain, plan)
+    for i, j in plan.blocks:
+        conv = _merged_conv(gm, chain, fused, i, j)
+        name = f"depthcompress_block_{i}_{j}"
+        gm.add_submodule(name, conv)
+        first = nodes[chain.positions[i + 1].conv_node]
+        with gm.graph.inserting_before(first):
+            new = gm.graph.call_module(name, (first.args[0],))
+        end = nodes[chain.positions[j].tail_node]
+        residual = chain.residual_ending_at(j)
+        if residual is not None and residual in fused and residual.start >= i:
+            end = next(iter(end.users))
+        end.replace_all_uses_with(new)
+        gm.graph.eliminate_dead_code()
+    _fold_remaining_bn(gm)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    gm.meta[META_KEY] = {"kind": "merged", "plan": plan.to_dict()}
+    gm.eval()
+    if verify:
+        with torch.no_grad():
+            check_close(reference, gm(x), "merged network", "linearized network")
+    return gm
+
+
+def check_close(
+    expected: object, actual: object, what: str, against: str, tol: float = MERGE_TOLERANCE
+) -> float:
+    """Max abs error relative to output scale; raise MergeError above ``tol``."""
+    worst = 0.0
+    for a, b in zip(tree_leaves(expected), tree_leaves(actual), strict=True):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if a.shape != b.shape:
+            raise MergeError(f"{what} output shape {tuple(b.shape)} != {against} {tuple(a.shape)}")
+        scale = a.detach().abs().max().item()
+        err = (a.detach() - b.detach()).abs().max().item()
+        rel = err / scale if scale > 0 else err
+        worst = max(worst, rel)
+    if not worst <= tol:
+        raise MergeError(
+            f"{what} differs from the {against} by {worst:.3g} of the output scale (limit {tol}):"
+            " the merge is not exact; nothing was returned. Please report this with the model."
+        )
+    return worst
+
+
+def _device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _conv_spec(gm: fx.GraphModule, chain: ConvChain, k: int) -> ConvSpec:
+    pos = chain.positions[k]
+    bn = gm.get_submodule(pos.bn) if pos.bn else None
+    return spec_from_conv(gm.get_submodule(pos.conv), bn, padding=pos.padding)
+
+
+def _span_specs(
+    gm: fx.GraphModule, chain: ConvChain, fused: list[Residual], i: int, j: int
+) -> list[ConvSpec]:
+    """Normal forms of convs ``i+1..j``, each fused residual inside collapsed into one spec."""
+    specs: list[ConvSpec] = []
+    k = i + 1
+    while k <= j:
+        inner = [r for r in fused if r.start == k - 1 and r.end <= j and (r.start, r.end) != (i, j)]
+        if inner:
+            r = max(inner, key=lambda r: r.end)
+            specs.append(_residual_spec(gm, chain, fused, r))
+            k = r.end + 1
+        else:
+            specs.append(_conv_spec(gm, chain, k))
+            k += 1
+    return specs
+
+
+def _residual_spec(
+    gm: fx.GraphModule, chain: ConvChain, fused: list[Residual], r: Residual
+) -> ConvSpec:
+    branch = merge_chain(_span_specs(gm, chain, fused, r.start, r.end))
+    shortcut = None
+    if r.shortcut is not None:
+        join = gm.get_submodule(f"depthcompress_join_{r.start}_{r.end}")
+        conv, *rest = list(join.shortcut)
+        shortcut = spec_from_conv(conv, rest[0] if rest else None, padding=r.shortcut_padding)
+    return add_shortcut(branch, shortcut)
+
+
+def _merged_conv(
+    gm: fx.GraphModule, chain: ConvChain, fused: list[Residual], i: int, j: int
+) -> nn.Conv2d:
+    """The single conv of block ``(i, j)``, computed in float64 and cast to the model's dtype."""
+    pos = chain.positions[j]
+    dtype = gm.get_submodule(pos.conv).weight.dtype
+    residual = chain.residual_ending_at(j)
+    whole = residual is not None and residual in fused and (residual.start, residual.end) == (i, j)
+    if j == i + 1 and not whole:
+        return _folded_copy(gm, pos.conv, pos.bn)
+    spec = merge_chain(_span_specs(gm, chain, fused, i, j))
+    if whole:
+        spec = _residual_spec(gm, chain, fused, residual)
+    conv = to_conv2d(spec, dtype)
+    return conv.to(_device(gm))
+
+
+def _folded_copy(gm: fx.GraphModule, conv_name: str, bn_name: str | None) -> nn.Conv2d:
+    """A copy of one conv (padding mode, dilation and all) with its eval BN folded in."""
+    conv = copy.deepcopy(gm.get_submodule(conv_name))
+    if bn_name is None:
+        return conv
+    scale, shift = bn_scale_shift(gm.get_submodule(bn_name), torch.float64)
+    with torch.no_grad():
+        w = conv.weight.double() * scale.view(-1, 1, 1, 1)
+        b = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+        conv.weight.copy_(w.to(conv.weight.dtype))
+        conv.bias = nn.Parameter((b * scale + shift).to(conv.weight.dtype))
+    return conv
+
+
+def _fold_remaining_bn(gm: fx.GraphModule) -> None:
+    """Fold every other conv → BN pair (stem, head, kept shortcuts): exact in eval mode."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.Conv2d):
+            continue
+        if len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if user.op != "call_module" or calls.get(node.target) != 1 or calls.get(user.target) != 1:
+            continue
+        bn = gm.get_submodule(user.target)
+        if type(bn) is not nn.BatchNorm2d or bn.running_mean is None:
+            continue
+        name = node.target.replace(".", "_") + "_folded"
+        gm.add_submodule(name, _folded_copy(gm, node.target, user.target))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, node.args, node.kwargs)
+        user.replace_all_uses_with(new)
+        gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
