@@ -145,3 +145,15 @@ def test_linearize_refuses_a_model_of_another_shape(mbv2):
     other = torchvision.models.mobilenet_v2(width_mult=0.5)
     with pytest.raises(dc.DepthCompressError, match="does not match the chain"):
         dc.linearize(other, chain, dc.Plan.identity(chain))
+
+
+def test_plan_for_activations_is_the_coarsest_valid_cover(mbv2):
+    _, chain, _ = mbv2
+    a0 = set(chain.activation_positions)
+    plan = dc.Plan.for_activations(chain, a0 - {6, 7})
+    plan.validate(chain)
+    assert plan.activations == frozenset(a0 - {6, 7})
+    assert {6, 7, 2}.isdisjoint(plan.boundaries)  # linear 2 merges into block (1, 3)
+    assert {5, 8, 11}.issubset(plan.boundaries)  # residual ends and hard boundaries stay
+    with pytest.raises(dc.PlanError, match="not positions"):
+        dc.Plan.for_activations(chain, {0})

@@ -83,6 +83,11 @@ def inspect(
     except DepthCompressError as exc:
         raise fail(exc) from None
     console.print(chain_table(chain, title=model))
+    for pos, why in chain.barriers.items():
+        console.print(f"  boundary {pos}: {why}", highlight=False)
+    for r in chain.residuals:
+        if not r.fusable:
+            console.print(f"  residual ({r.start}, {r.end}) stays explicit: {r.reason}")
     console.print(
         f"{chain.num_positions} positions, {len(chain.activation_positions)} removable "
         f"activations, {len(chain.residuals)} residuals, {len(chain.barriers)} hard boundaries, "

@@ -46,6 +46,38 @@ class Plan:
             boundaries=frozenset(range(1, chain.num_positions + 1)),
         )
 
+    @classmethod
+    def for_activations(cls, chain: ConvChain, activations: Iterable[int]) -> Plan:
+        """The coarsest valid plan keeping exactly ``activations``: fewest blocks whose ends
+        include A, every hard boundary and L (residuals with an end of A inside get their own
+        boundaries, the reference's "skip bumps"). This is the network the importance of a span
+        is measured on."""
+        keep = _positions(activations, "activations")
+        n = chain.num_positions
+        bad = sorted(p for p in keep if not 1 <= p <= n)
+        if bad:
+            raise PlanError(f"activations {bad} are not positions 1..{n} of this chain")
+        required = keep | set(chain.barriers) | {n}
+        starts: dict[int, list[int]] = {}
+        for i, j in chain.blocks:
+            starts.setdefault(j, []).append(i)
+        best: dict[int, tuple[int, int]] = {0: (0, -1)}
+        for j in range(1, n + 1):
+            options = [
+                (best[i][0] + 1, i)
+                for i in starts.get(j, [])
+                if i in best and not any(i < r < j for r in required)
+            ]
+            if options:
+                best[j] = min(options)
+        if n not in best:
+            raise PlanError("no valid block cover keeps these activations")
+        ends, j = set(), n
+        while j > 0:
+            ends.add(j)
+            j = best[j][1]
+        return cls(activations=keep, boundaries=frozenset(ends))
+
     @property
     def blocks(self) -> list[tuple[int, int]]:
         """The merged blocks ``(i, j)`` in order: one conv each after merging."""
