@@ -153,7 +153,7 @@ def test_plan_for_activations_is_the_coarsest_valid_cover(mbv2):
     plan = dc.Plan.for_activations(chain, a0 - {6, 7})
     plan.validate(chain)
     assert plan.activations == frozenset(a0 - {6, 7})
-    assert {6, 7, 2}.isdisjoint(plan.boundaries)  # linear 2 merges into block (1, 3)
-    assert {5, 8, 11}.issubset(plan.boundaries)  # residual ends and hard boundaries stay
+    assert {2, 6, 7, 8}.isdisjoint(plan.boundaries)  # linear 2 and 8 merge onward: (1, 3), (5, 9)
+    assert {5, 11, 14}.issubset(plan.boundaries)  # hard boundaries; (11, 14) keeps its skip bump
     with pytest.raises(dc.PlanError, match="not positions"):
         dc.Plan.for_activations(chain, {0})
