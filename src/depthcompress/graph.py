@@ -320,6 +320,9 @@ def symbolic_trace(model: nn.Module, leaf_modules: Iterable[str | type] = ()) ->
             f"torch.fx cannot trace {place}: {type(exc).__name__}: {exc}. Fix: {fix}; "
             "data-dependent Python control flow is the usual cause"
         ) from None
+    # Forget our tracer class, so a pickled (merged) module loads without depthcompress.
+    graph._tracer_cls = None
+    graph._tracer_extras = None
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
