@@ -131,6 +131,7 @@ class Residual:
     shortcut_node: str | None = None
     shortcut_tail: str | None = None
     shortcut_padding: Pair = (0, 0)
+    shortcut_groups: int = 1
     fusable: bool = True
     reason: str = ""
 
@@ -225,7 +226,11 @@ class ConvChain:
             for d in range(2):
                 kernel[d] += (p.effective_kernel[d] - 1) * scale[d]
                 scale[d] *= p.stride[d]
-        groups = {p.groups for p in convs}
+        groups = {p.groups for p in convs} | {
+            r.shortcut_groups
+            for r in self.residuals
+            if r.shortcut and r.fusable and i <= r.start and r.end <= j
+        }
         return BlockGeometry(
             start=i,
             end=j,
@@ -343,7 +348,7 @@ def prepare(
     gm = symbolic_trace(work, leaf_modules)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example_input.to(_param_device(work)))
+            ShapeProp(gm).propagate(example_input.to(**param_place(work)))
     except Exception as exc:
         raise TraceError(
             f"running the traced model on an input of shape {tuple(example_input.shape)} failed: "
@@ -352,10 +357,12 @@ def prepare(
     return gm
 
 
-def _param_device(model: nn.Module) -> torch.device:
+def param_place(model: nn.Module) -> dict[str, Any]:
+    """Device and floating dtype of a model's parameters, for inputs made on its behalf."""
     for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+        if p.is_floating_point():
+            return {"device": p.device, "dtype": p.dtype}
+    return {"device": torch.device("cpu"), "dtype": torch.float32}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -686,6 +693,7 @@ def analyze(
                 shortcut_node=sc.conv.name if sc else None,
                 shortcut_tail=sc.tail.name if sc else None,
                 shortcut_padding=_padding_of(sc.module) if sc else (0, 0),
+                shortcut_groups=sc.module.groups if sc else 1,
             )
         )
         skip_users.setdefault(s, set()).add(sc.conv if sc else join.add)

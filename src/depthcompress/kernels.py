@@ -238,8 +238,9 @@ def to_conv2d(spec: ConvSpec, dtype: torch.dtype = torch.float32) -> nn.Conv2d:
         padding=spec.padding,
         groups=spec.groups,
         bias=True,
+        dtype=dtype,
     )
     with torch.no_grad():
-        conv.weight.copy_(spec.weight.to(dtype))
-        conv.bias.copy_(spec.bias.to(dtype))
-    return conv.to(dtype)
+        conv.weight.copy_(spec.weight)
+        conv.bias.copy_(spec.bias)
+    return conv

@@ -139,6 +139,8 @@ def linearize(model: nn.Module, chain: ConvChain, plan: Plan) -> fx.GraphModule:
     layouts = block_layouts(chain, plan)
     for lay in layouts:
         for k in range(lay.start + 1, lay.end + 1):
+            if not chain.positions[k].mergeable:
+                continue  # a single-conv block of its own: it keeps its padding as it is
             conv = gm.get_submodule(chain.positions[k].conv)
             conv.padding = lay.margin[lay.start] if k == lay.start + 1 else (0, 0)
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import MergeError
-from .graph import ConvChain, Residual, example_input_for
+from .graph import ConvChain, Residual, example_input_for, param_place
 from .kernels import ConvSpec, add_shortcut, bn_scale_shift, merge_chain, spec_from_conv, to_conv2d
 from .linearization import META_KEY, fused_residuals, linearized_plan
 from .plan import Plan
@@ -39,7 +39,7 @@ def merge(
         raise MergeError("this linearized network was made from a different chain")
     plan.validate(chain)
     gm = copy.deepcopy(linearized).eval()
-    x = example_input_for(chain).to(_device(gm))
+    x = example_input_for(chain).to(**param_place(gm))
     if verify:
         with torch.no_grad():
             reference = gm(x)
