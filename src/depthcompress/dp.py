@@ -1,0 +1,613 @@
+"""The two-stage dynamic programme (ALGORITHM.md §5–§7, §11): pure functions over the tables of
+``depthcompress.tables``.
+
+* Stage 1, ``optimal_latency``: ``T_opt(i, j)``, the fastest tiling of each block by valid
+  blocks, exactly as the reference computes it (ties keep the unsplit block, then the smallest
+  split point).
+* ``normalize_importance`` and ``extended_importance``: ``h̃ = h − α·mean(single-conv h)`` and the
+  paper's Algorithm 3.
+* Stage 2, ``solve``: choose segment endpoints and flags maximising ``Σ I`` subject to
+  ``Σ T_opt ≤ T0``. The default ``rounding="exact"`` needs no time grid: every state ``(j, y)``
+  keeps the Pareto set of (latency, importance) of its partial plans, which is exact, and the
+  budget is checked on the real float sum, so the plan never exceeds it. ``rounding="reference"``
+  reproduces the reference's floor grid (``⌊prec·T⌋``), overruns included.
+* ``sweep``: one Pareto DP for the largest budget answers every smaller one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import BudgetError, PlanError, TableError
+from .plan import Plan
+from .tables import (
+    ExtendedImportanceTable,
+    ImportanceTable,
+    LatencyTable,
+    OptimalLatencyTable,
+)
+
+DEFAULT_ALPHA = 1.6
+"""α of the normalisation: the paper's MobileNetV2-1.0 value (1.2 for MBV2-1.4, 1.4 for VGG19)."""
+DEFAULT_PREC = 20.0
+"""Grid of ``rounding="reference"``: steps per ms (the reference's MBV2 value; 10 for VGG)."""
+BUDGET_SLACK = 1e-12
+"""A plan is within budget when its float ``Σ T_opt ≤ T0 + BUDGET_SLACK`` (ms): absorbs only the
+float noise of summing the same times in another order."""
+IMPORTANCE_TIE = 1e-9
+"""Plans whose summed importance is within this of the best are ties: the fastest one wins."""
+
+MAX_GRID = 10_000_000
+"""Largest grid ``⌊prec·T0⌋`` that ``rounding="reference"`` accepts (memory: 8 bytes a step)."""
+
+Rounding = Literal["exact", "reference"]
+ROUNDINGS: tuple[str, ...] = ("exact", "reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One stage-2 segment ``(st, end)`` with flags for an activation at ``st`` and ``end``: its
+    convs are merged per ``breaks`` (stage 1) and every activation strictly inside is removed."""
+
+    st: int
+    end: int
+    st_act: int
+    end_act: int
+    t_opt: float
+    importance: float
+    breaks: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form."""
+        return {
+            "st": self.st,
+            "end": self.end,
+            "st_act": self.st_act,
+            "end_act": self.end_act,
+            "t_opt": self.t_opt,
+            "importance": self.importance,
+            "breaks": list(self.breaks),
+        }
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A stage-2 answer: the plan (A, S), its ``latency`` (float ``Σ T_opt``, table units), its
+    summed extended ``importance``, the ``budget`` it was solved for, and its segments. With
+    ``rounding="reference"``, ``grid`` is ``(Σ ⌊prec·T_opt⌋, ⌊prec·T0⌋)``."""
+
+    plan: Plan
+    latency: float
+    importance: float
+    budget: float
+    segments: tuple[Segment, ...]
+    rounding: str = "exact"
+    grid: tuple[int, int] | None = None
+
+    @property
+    def within_budget(self) -> bool:
+        """Whether ``latency ≤ budget`` (up to ``BUDGET_SLACK``); always true for "exact"."""
+        return self.latency <= self.budget + BUDGET_SLACK
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan.json content: activations, boundaries, latency, importance, budget, and the
+        per-segment breakdown."""
+        out: dict[str, Any] = {
+            **self.plan.to_dict(),
+            "latency": self.latency,
+            "importance": self.importance,
+            "budget": self.budget,
+            "rounding": self.rounding,
+            "segments": [s.to_dict() for s in self.segments],
+        }
+        if self.grid is not None:
+            out["grid"] = {"time": self.grid[0], "budget": self.grid[1]}
+        return out
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Many budgets solved at once: ``solutions[k]`` answers ``budgets[k]``, and ``front`` holds
+    every Pareto-optimal ``(latency, importance)`` pair up to the largest budget, by latency
+    (exact, whatever the rounding; with ``rounding="reference"`` each solution is a grid DP)."""
+
+    budgets: tuple[float, ...]
+    solutions: tuple[Solution, ...]
+    front: tuple[tuple[float, float], ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1 and the importance tables
+
+
+def optimal_latency(latency: LatencyTable) -> OptimalLatencyTable:
+    """Stage 1 (§5): ``T_opt(i, j)`` and its break points for every block, for stage 2's costs."""
+    time = dict(zip(latency.blocks, latency.time.tolist(), strict=True))
+    dev = dict(zip(latency.blocks, latency.stdev.tolist(), strict=True))
+    opt: dict[tuple[int, int], float] = {}
+    opt_dev: dict[tuple[int, int], float] = {}
+    brk: dict[tuple[int, int], tuple[int, ...]] = {}
+    for i, j in sorted(latency.blocks):
+        best, best_dev, arg = time[i, j], dev[i, j], j
+        for k in range(i + 1, j):
+            if (i, k) in opt and (k, j) in time:
+                cand = opt[i, k] + time[k, j]
+                if cand < best:
+                    best, best_dev, arg = cand, opt_dev[i, k] + dev[k, j], k
+        opt[i, j], opt_dev[i, j] = best, best_dev
+        brk[i, j] = (i, j) if arg == j else (*brk[i, arg], j)
+    blocks = latency.blocks
+    return OptimalLatencyTable(
+        st=latency.st,
+        end=latency.end,
+        time=[opt[b] for b in blocks],
+        stdev=[opt_dev[b] for b in blocks],
+        breaks=[brk[b] for b in blocks],
+        ids=latency.ids,
+        source=latency.source,
+        lines=latency.lines,
+    )
+
+
+def normalize_importance(
+    importance: ImportanceTable, alpha: float = DEFAULT_ALPHA
+) -> ImportanceTable:
+    """``h − α·mean(single-conv h)`` (§6): a per-segment bonus, so few segments aren't favoured."""
+    if alpha == 0:
+        return importance
+    mean = importance.single_mean()
+    if math.isnan(mean):
+        raise TableError(
+            f"{importance.source}: alpha={alpha} subtracts α × the mean score of the single-conv "
+            "rows (end = st + 1), but the table has none; add them or use alpha 0"
+        )
+    return ImportanceTable(
+        st=importance.st,
+        end=importance.end,
+        st_act=importance.st_act,
+        end_act=importance.end_act,
+        score=importance.score - alpha * mean,
+        score_name=importance.score_name,
+        source=importance.source,
+        lines=importance.lines,
+    )
+
+
+def extended_importance(
+    importance: ImportanceTable, alpha: float = DEFAULT_ALPHA
+) -> ExtendedImportanceTable:
+    """Normalise, then Algorithm 3 (§6): a segment may score as a chain split at flag-0 points."""
+    normed = normalize_importance(importance, alpha)
+    h = dict(zip(normed.keys, normed.score.tolist(), strict=True))
+    ext: dict[tuple[int, int, int, int], float] = {}
+    brk: dict[tuple[int, int, int, int], tuple[int, ...]] = {}
+    for key in sorted(normed.keys):
+        i, j, x, y = key
+        best, arg = h[key], j
+        for k in range(i + 1, j):
+            head = ext.get((i, k, x, 0))
+            if head is not None and (k, j, 0, y) in h:
+                cand = head + h[k, j, 0, y]
+                if cand > best:
+                    best, arg = cand, k
+        ext[key] = best
+        brk[key] = (i, j) if arg == j else (*brk[i, arg, x, 0], j)
+    offset = alpha * importance.single_mean() if alpha else 0.0
+    return ExtendedImportanceTable(
+        st=normed.st,
+        end=normed.end,
+        st_act=normed.st_act,
+        end_act=normed.end_act,
+        value=[ext[k] for k in normed.keys],
+        breaks=[brk[k] for k in normed.keys],
+        alpha=float(alpha),
+        offset=float(offset),
+        source=normed.source,
+        lines=normed.lines,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: the problem as transitions between states (position, flag)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Stage 2's graph: state ``s = 2·p + flag``; ``incoming[s]`` lists the extended rows ending
+    in ``s`` as ``(source state, T_opt, I, row)``, sorted by (st, st_act)."""
+
+    opt: OptimalLatencyTable
+    ext: ExtendedImportanceTable
+    num_positions: int
+    t_opt: tuple[float, ...]
+    incoming: tuple[tuple[tuple[int, float, float, int], ...], ...]
+
+
+def _problem(
+    latency: LatencyTable | OptimalLatencyTable,
+    importance: ImportanceTable | ExtendedImportanceTable,
+    alpha: float,
+) -> _Problem:
+    opt = optimal_latency(latency) if isinstance(latency, LatencyTable) else latency
+    ext = (
+        extended_importance(importance, alpha)
+        if isinstance(importance, ImportanceTable)
+        else importance
+    )
+    n = opt.num_positions
+    index = opt.index
+    times = opt.time.tolist()
+    t_opt = []
+    for k, (i, j, _, _) in enumerate(ext.keys):
+        if j > n:
+            raise TableError(
+                f"{ext.where(k)}: span ({i}, {j}) reaches position {j}, but the latency table "
+                f"{opt.source} has positions 0..{n}: the two tables describe different chains"
+            )
+        row = index.get((i, j))
+        if row is None:
+            raise TableError(
+                f"{ext.where(k)}: block ({i}, {j}) has no row in the latency table {opt.source}: "
+                "the two tables describe different chains (or the latency table is incomplete)"
+            )
+        t_opt.append(times[row])
+    if ext.num_positions < n:
+        raise TableError(
+            f"{ext.source}: the importance rows reach position {ext.num_positions} at most, but "
+            f"the latency table {opt.source} has positions 0..{n}: the two tables are over "
+            "different positions (no segment ends at the last position)"
+        )
+    incoming: list[list[tuple[int, float, float, int]]] = [[] for _ in range(2 * n + 2)]
+    order = sorted(range(len(ext)), key=lambda k: (ext.keys[k][0], ext.keys[k][2]))
+    values = ext.value.tolist()
+    for k in order:
+        i, j, x, y = ext.keys[k]
+        incoming[2 * j + y].append((2 * i + x, t_opt[k], values[k], k))
+    problem = _Problem(opt, ext, n, tuple(t_opt), tuple(tuple(s) for s in incoming))
+    if math.isinf(_fastest(problem)):
+        raise TableError(
+            f"{ext.source}: no chain of importance rows leads from position 0 (flag 1) to the "
+            f"last position {n}: a segment ending with flag y at p needs a row starting at p "
+            "with st_act = y"
+        )
+    return problem
+
+
+def _fastest(problem: _Problem) -> float:
+    """The smallest float ``Σ T_opt`` of any complete plan (inf if there is none)."""
+    best = [math.inf] * (2 * problem.num_positions + 2)
+    best[1] = 0.0
+    for s in range(2, len(best)):
+        for src, t, _, _ in problem.incoming[s]:
+            cand = best[src] + t
+            if cand < best[s]:
+                best[s] = cand
+    return min(best[-2], best[-1])
+
+
+def _solution(problem: _Problem, rows: Sequence[int], budget: float, **extra: Any) -> Solution:
+    """Assemble a Solution from its extended rows, in chain order."""
+    ext, opt = problem.ext, problem.opt
+    latency, importance = 0.0, 0.0
+    segments, kept, bounds = [], set(), set()
+    for k in rows:
+        i, j, x, y = ext.keys[k]
+        t, v = problem.t_opt[k], float(ext.value[k])
+        latency += t
+        importance += v
+        breaks = opt.breaks_of(i, j)
+        segments.append(Segment(i, j, x, y, t, v, breaks))
+        bounds.update(breaks)
+        if y:
+            kept.add(j)
+    bounds.discard(0)
+    return Solution(
+        plan=Plan(activations=frozenset(kept), boundaries=frozenset(bounds)),
+        latency=latency,
+        importance=importance,
+        budget=float(budget),
+        segments=tuple(segments),
+        **extra,
+    )
+
+
+def _check_budget(budget: float) -> float:
+    try:
+        value = float(budget)
+    except (TypeError, ValueError):
+        raise BudgetError(f"the budget must be a number of ms, got {budget!r}") from None
+    if not math.isfinite(value):
+        raise BudgetError(f"the budget must be a finite number of ms, got {budget!r}")
+    return value
+
+
+def _check_rounding(rounding: str, prec: float) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    if rounding == "reference" and not prec > 0:
+        raise ValueError(f"prec must be a positive number of grid steps per ms, got {prec}")
+
+
+def _too_tight(problem: _Problem, budget: float, note: str = "") -> BudgetError:
+    fastest = _fastest(problem)
+    return BudgetError(
+        f"no plan fits the budget {budget:g} ms{note}: the fastest plan these tables allow "
+        f"takes {fastest!r} ms (Σ T_opt over its segments); use a budget of at least that"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2, exact: Pareto sets of (latency, importance) per state
+
+
+@dataclass(frozen=True)
+class _Front:
+    """The Pareto set of one state: latency ascending, importance strictly ascending, and for
+    each point the state and index it extends and the extended row that does so."""
+
+    lat: np.ndarray
+    imp: np.ndarray
+    src: np.ndarray
+    idx: np.ndarray
+    row: np.ndarray
+
+
+def _pareto(lat: np.ndarray, imp: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated points, by latency; exact ties keep the first candidate."""
+    order = np.lexsort((-imp, lat))
+    ranked = imp[order]
+    keep = np.empty(len(order), dtype=bool)
+    keep[0] = True
+    np.greater(ranked[1:], np.maximum.accumulate(ranked)[:-1], out=keep[1:])
+    return order[keep]
+
+
+def _pareto_dp(problem: _Problem, cap: float) -> list[_Front | None]:
+    """Pareto sets of every state, partial plans slower than ``cap`` dropped (times are ≥ 0)."""
+    n_states = 2 * problem.num_positions + 2
+    fronts: list[_Front | None] = [None] * n_states
+    zero = np.zeros(1)
+    none = np.full(1, -1)
+    fronts[1] = _Front(zero, zero, none, none, none)
+    for s in range(2, n_states):
+        lats, imps, srcs, idxs, rows = [], [], [], [], []
+        for src, t, v, row in problem.incoming[s]:
+            base = fronts[src]
+            if base is None:
+                continue
+            lat = base.lat + t
+            m = int(np.searchsorted(lat, cap, side="right"))
+            if m == 0:
+                continue
+            lats.append(lat[:m])
+            imps.append(base.imp[:m] + v)
+            srcs.append(np.full(m, src))
+            idxs.append(np.arange(m))
+            rows.append(np.full(m, row))
+        if not lats:
+            continue
+        lat, imp = np.concatenate(lats), np.concatenate(imps)
+        keep = _pareto(lat, imp)
+        fronts[s] = _Front(
+            lat[keep],
+            imp[keep],
+            np.concatenate(srcs)[keep],
+            np.concatenate(idxs)[keep],
+            np.concatenate(rows)[keep],
+        )
+    return fronts
+
+
+def _final_front(problem: _Problem, fronts: list[_Front | None]) -> _Front | None:
+    """The complete plans' Pareto set (flag 0 at L first, so it wins exact ties)."""
+    last = 2 * problem.num_positions
+    ends = [(s, f) for s in (last, last + 1) if (f := fronts[s]) is not None]
+    if not ends:
+        return None
+    lat = np.concatenate([f.lat for _, f in ends])
+    imp = np.concatenate([f.imp for _, f in ends])
+    src = np.concatenate([np.full(len(f.lat), s) for s, f in ends])
+    idx = np.concatenate([np.arange(len(f.lat)) for _, f in ends])
+    keep = _pareto(lat, imp)
+    return _Front(lat[keep], imp[keep], src[keep], idx[keep], np.full(len(keep), -1))
+
+
+def _pick(final: _Front | None, budget: float) -> int | None:
+    """The best point within ``budget``: highest importance, the fastest among ties."""
+    if final is None:
+        return None
+    m = int(np.searchsorted(final.lat, budget + BUDGET_SLACK, side="right"))
+    if m == 0:
+        return None
+    best = final.imp[m - 1]
+    return int(np.searchsorted(final.imp[:m], best - IMPORTANCE_TIE, side="left"))
+
+
+def _rows_of(fronts: list[_Front | None], final: _Front, k: int) -> list[int]:
+    """Walk the back-pointers from point k of the final front to position 0."""
+    rows = []
+    s, i = int(final.src[k]), int(final.idx[k])
+    while s != 1:
+        f = fronts[s]
+        assert f is not None
+        rows.append(int(f.row[i]))
+        s, i = int(f.src[i]), int(f.idx[i])
+    return rows[::-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2, reference: the floor grid of utils/dp.py: optimal_patterns
+
+
+def _round7(x: np.ndarray) -> np.ndarray:
+    """Python's ``round(v, 7)`` elementwise (numpy's differs only next to a half step)."""
+    out = np.round(x, 7)
+    with np.errstate(invalid="ignore"):
+        scaled = x * 1e7
+        near = np.abs(scaled - np.floor(scaled) - 0.5) < 1e-4
+    for k in np.flatnonzero(near):
+        out[k] = round(float(x[k]), 7)
+    return out
+
+
+def _reference_dp(problem: _Problem, budget: float, prec: float) -> Solution:
+    """The reference's grid DP: ``g = ⌊prec·T_opt⌋``, ``B = ⌊prec·T0⌋``, base case ``t < B``;
+    on a tie after rounding to 7 decimals the smaller accumulated grid time, then the first
+    candidate (st ascending, then st_act); ``y = 0`` at L wins an exact tie."""
+    limit = int(budget * prec)
+    grid = [int(t * prec) for t in problem.t_opt]
+    n_states = 2 * problem.num_positions + 2
+    if limit < 0:
+        raise _too_tight(problem, budget, f" (reference rounding: ⌊{prec:g}·T0⌋ = {limit})")
+    if limit > MAX_GRID:
+        raise BudgetError(
+            f"reference rounding would need a grid of {limit} steps (prec {prec:g} × budget "
+            f"{budget:g}); lower prec or use rounding='exact', which needs no grid"
+        )
+    width = limit + 1
+    value: list[np.ndarray | None] = [None] * n_states
+    used: list[np.ndarray | None] = [None] * n_states
+    arg: list[np.ndarray | None] = [None] * n_states
+    base = np.zeros(width)
+    base[limit] = -np.inf
+    value[1], used[1] = base, np.zeros(width, np.int64)
+    for s in range(2, n_states):
+        best = np.full(width, -np.inf)
+        rbest = best.copy()
+        tbest = np.zeros(width, np.int64)
+        who = np.full(width, -1, np.int64)
+        for src, _, v, row in problem.incoming[s]:
+            g = grid[row]
+            sv, su = value[src], used[src]
+            if sv is None or su is None or g > limit:
+                continue
+            cand = np.full(width, -np.inf)
+            cand[g:] = sv[: width - g] + v
+            ctime = np.zeros(width, np.int64)
+            ctime[g:] = su[: width - g] + g
+            rc = _round7(cand)
+            win = (rbest < rc) | ((rbest == rc) & (ctime < tbest))
+            win &= cand > -np.inf
+            best[win], rbest[win], tbest[win], who[win] = cand[win], rc[win], ctime[win], row
+        if (who >= 0).any():
+            value[s], used[s], arg[s] = best, tbest, who
+    ends = [
+        value[s][limit] if value[s] is not None else -np.inf for s in (n_states - 2, n_states - 1)
+    ]
+    if max(ends) == -np.inf:
+        raise _too_tight(problem, budget, f" (reference rounding, prec {prec:g}, grid B = {limit})")
+    s = n_states - 2 + int(np.argmax(ends))
+    t, rows = limit, []
+    while s != 1:
+        who_s = arg[s]
+        assert who_s is not None
+        row = int(who_s[t])
+        rows.append(row)
+        t -= grid[row]
+        s = 2 * problem.ext.keys[row][0] + problem.ext.keys[row][2]
+    rows.reverse()
+    return _solution(
+        problem, rows, budget, rounding="reference", grid=(sum(grid[r] for r in rows), limit)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# public stage 2
+
+
+def solve(
+    latency: LatencyTable | OptimalLatencyTable,
+    importance: ImportanceTable | ExtendedImportanceTable,
+    budget: float,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    rounding: Rounding = "exact",
+    prec: float = DEFAULT_PREC,
+) -> Solution:
+    """The plan maximising ``Σ I`` with ``Σ T_opt ≤ budget`` (§7); raw tables get §5/§6 first."""
+    value = _check_budget(budget)
+    _check_rounding(rounding, prec)
+    problem = _problem(latency, importance, alpha)
+    if rounding == "reference":
+        return _reference_dp(problem, value, prec)
+    fronts = _pareto_dp(problem, value + BUDGET_SLACK)
+    final = _final_front(problem, fronts)
+    k = _pick(final, value)
+    if final is None or k is None:
+        raise _too_tight(problem, value)
+    return _solution(problem, _rows_of(fronts, final, k), value)
+
+
+def sweep(
+    latency: LatencyTable | OptimalLatencyTable,
+    importance: ImportanceTable | ExtendedImportanceTable,
+    budgets: Iterable[float],
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    rounding: Rounding = "exact",
+    prec: float = DEFAULT_PREC,
+) -> Sweep:
+    """The best plan per budget and the Pareto front, from one exact DP for the largest budget."""
+    values = tuple(_check_budget(b) for b in budgets)
+    if not values:
+        raise BudgetError("a sweep needs at least one budget")
+    _check_rounding(rounding, prec)
+    problem = _problem(latency, importance, alpha)
+    fronts = _pareto_dp(problem, max(values) + BUDGET_SLACK)
+    final = _final_front(problem, fronts)
+    front = () if final is None else tuple(zip(final.lat.tolist(), final.imp.tolist(), strict=True))
+    if rounding == "reference":
+        sols = tuple(_reference_dp(problem, b, prec) for b in values)
+        return Sweep(budgets=values, solutions=sols, front=front)
+    picks = [_pick(final, b) for b in values]
+    if final is None or None in picks:
+        raise _too_tight(problem, min(values), " (the smallest of the sweep)")
+    sols = tuple(
+        _solution(problem, _rows_of(fronts, final, k), b)
+        for b, k in zip(values, picks, strict=True)
+    )
+    return Sweep(budgets=values, solutions=sols, front=front)
+
+
+def min_latency(
+    latency: LatencyTable | OptimalLatencyTable,
+    importance: ImportanceTable | ExtendedImportanceTable,
+) -> float:
+    """The smallest ``Σ T_opt`` any plan allowed by the tables reaches: the tightest budget."""
+    return _fastest(_problem(latency, importance, 0.0))
+
+
+def optimal_boundaries(
+    latency: LatencyTable, activations: Iterable[int]
+) -> tuple[frozenset[int], float]:
+    """The fastest S for a given A, and its ``Σ T``: the reference's post-check of stage 2 (§7)."""
+    keep = set(activations)
+    n = latency.num_positions
+    time = dict(zip(latency.blocks, latency.time.tolist(), strict=True))
+    best: dict[int, float] = {0: 0.0}
+    back: dict[int, int] = {}
+    last = 0
+    for m in range(1, n + 1):
+        for i in range(last, m):
+            if (i, m) in time and i in best:
+                cand = best[i] + time[i, m]
+                if cand < best.get(m, math.inf):
+                    best[m], back[m] = cand, i
+        if m in keep:
+            last = m
+    if n not in best:
+        raise PlanError(f"no tiling of 0..{n} by valid blocks keeps the activations {sorted(keep)}")
+    bounds, m = set(), n
+    while m > 0:
+        bounds.add(m)
+        m = back[m]
+    return frozenset(bounds), best[n]

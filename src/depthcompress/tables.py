@@ -1,0 +1,632 @@
+"""The DP's input tables as plain data (ALGORITHM.md §4–§6), read and written in the reference
+implementation's CSV layout so that tables made by either tool work with both.
+
+* ``LatencyTable``: ``T(i, j)`` and its stdev per valid block, ``id,st,end,time,stdev``.
+* ``OptimalLatencyTable``: ``T_opt(i, j)`` and its break points (stage 1),
+  ``id,st,end,time,stdev,breaks`` with ``breaks`` a quoted comma list such as ``"0,1,2,4"``.
+* ``ImportanceTable``: raw score ``h(i, j, x, y)`` per extended block,
+  ``st,end,st_act,end_act,<score>``; the score column (default ``val_acc``) must hold the
+  difference to the unmodified network (§6), not an absolute accuracy.
+* ``ExtendedImportanceTable``: ``I(i, j, x, y)`` after normalisation and Algorithm 3,
+  ``id,st,end,st_act,end_act,imp,breaks``.
+
+Columns may come in any order and extra columns are ignored. A malformed or inconsistent file
+raises ``TableError`` naming the file, the line and the fix. numpy only: no torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+
+from .errors import TableError
+
+DEFAULT_SCORE = "val_acc"
+LATENCY_COLUMNS = ("id", "st", "end", "time", "stdev")
+OPT_LATENCY_COLUMNS = (*LATENCY_COLUMNS, "breaks")
+IMPORTANCE_KEYS = ("st", "end", "st_act", "end_act")
+EXT_IMPORTANCE_COLUMNS = ("id", *IMPORTANCE_KEYS, "imp", "breaks")
+
+Block = tuple[int, int]
+ExtBlock = tuple[int, int, int, int]
+
+
+# ---------------------------------------------------------------------------------------------
+# shared validation
+
+
+def _frozen(values: Sequence[float] | Sequence[int], dtype: type) -> np.ndarray:
+    arr = np.array(values, dtype=dtype)
+    arr.setflags(write=False)
+    return arr
+
+
+def _locator(source: str, lines: Sequence[int] | None) -> Callable[[int], str]:
+    """``where(k)`` names row k: ``file:line`` for a file, ``source row k+1`` otherwise."""
+    if lines is not None:
+        return lambda k: f"{source}:{lines[k]}"
+    return lambda k: f"{source} row {k + 1}"
+
+
+def _check_spans(st: np.ndarray, end: np.ndarray, where: Callable[[int], str]) -> None:
+    for k in np.flatnonzero((st < 0) | (end <= st)):
+        raise TableError(
+            f"{where(int(k))}: span st={st[k]}, end={end[k]} refers to positions that do not "
+            "exist: positions are 0..L and a block (st, end) needs 0 ≤ st < end"
+        )
+
+
+def _check_values(
+    values: np.ndarray, column: str, where: Callable[[int], str], *, nonnegative: bool
+) -> None:
+    for k in np.flatnonzero(~np.isfinite(values)):
+        raise TableError(
+            f"{where(int(k))}: {column} is {values[k]}; every row needs a finite {column} "
+            "(re-measure this entry or remove the row)"
+        )
+    if nonnegative:
+        for k in np.flatnonzero(values < 0):
+            raise TableError(
+                f"{where(int(k))}: {column} is negative ({values[k]!r}); times are durations "
+                "in ms and must be ≥ 0"
+            )
+
+
+def _check_unique(keys: Sequence[tuple[int, ...]], what: str, where: Callable[[int], str]) -> None:
+    first: dict[tuple[int, ...], int] = {}
+    for k, key in enumerate(keys):
+        if key in first:
+            shown = key[0] if len(key) == 1 else key
+            raise TableError(
+                f"{where(k)}: {what} {shown} is listed twice (first at {where(first[key])}); "
+                "keep one row per entry"
+            )
+        first[key] = k
+
+
+def _check_chain(st: np.ndarray, end: np.ndarray, source: str) -> None:
+    """Every position 1..L has its single-conv block: catches truncated or partial tables."""
+    have = set(zip(st.tolist(), end.tolist(), strict=True))
+    n = int(end.max())
+    missing = [p for p in range(1, n + 1) if (p - 1, p) not in have]
+    if missing:
+        shown = ", ".join(f"({p - 1}, {p})" for p in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise TableError(
+            f"{source}: no row for the single-conv block(s) {shown}{more}: every position 1..{n} "
+            "needs its own block; is the table incomplete (an interrupted measurement)?"
+        )
+
+
+def _check_breaks(
+    breaks: Sequence[tuple[int, ...]],
+    st: np.ndarray,
+    end: np.ndarray,
+    where: Callable[[int], str],
+) -> None:
+    for k, b in enumerate(breaks):
+        ok = len(b) >= 2 and b[0] == st[k] and b[-1] == end[k]
+        ok = ok and all(x < y for x, y in pairwise(b))
+        if not ok:
+            raise TableError(
+                f"{where(k)}: breaks {','.join(map(str, b))} must run from st={st[k]} to "
+                f'end={end[k]} in increasing order (e.g. "{st[k]},{end[k]}")'
+            )
+
+
+def _check_flags(
+    st: np.ndarray, st_act: np.ndarray, end_act: np.ndarray, where: Callable[[int], str]
+) -> None:
+    for name, flags in (("st_act", st_act), ("end_act", end_act)):
+        for k in np.flatnonzero((flags != 0) & (flags != 1)):
+            raise TableError(f"{where(int(k))}: {name} is {flags[k]}; flags are 0 or 1")
+    for k in np.flatnonzero((st == 0) & (st_act == 0)):
+        raise TableError(
+            f"{where(int(k))}: st_act is 0 at position 0; the chain input always counts as "
+            "activated (ALGORITHM.md §7), so rows from position 0 need st_act=1"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV parsing
+
+
+class _Csv:
+    """The rows of one CSV file with their line numbers, parsed field by field with errors that
+    name the file and line."""
+
+    def __init__(self, path: str | Path, kind: str, layout: Sequence[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TableError(f"{kind} table {self.path} does not exist")
+        with self.path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames
+            if not header:
+                raise TableError(
+                    f"{self.path}: the file is empty; a {kind} table starts with the header "
+                    f"{','.join(layout)}"
+                )
+            reader.fieldnames = [h.strip() for h in header]
+            self.columns = tuple(reader.fieldnames)
+            self.rows = [(reader.line_num, raw) for raw in reader]
+        self.kind = kind
+        if not self.rows:
+            raise TableError(f"{self.path}: the {kind} table has a header but no rows")
+
+    def require(self, columns: Sequence[str], layout: Sequence[str], hint: str = "") -> None:
+        missing = [c for c in columns if c not in self.columns]
+        if missing:
+            raise TableError(
+                f"{self.path}:1: missing column(s) {', '.join(missing)}; a {self.kind} table "
+                f"needs the columns {','.join(layout)}{hint}"
+            )
+
+    @property
+    def lines(self) -> list[int]:
+        return [line for line, _ in self.rows]
+
+    def _field(self, line: int, raw: dict[str | None, str | None], column: str) -> str:
+        value = raw.get(column)
+        if value is None:
+            raise TableError(
+                f"{self.path}:{line}: no value for column {column}: the row has fewer fields "
+                "than the header"
+            )
+        return value.strip()
+
+    def ints(self, column: str) -> list[int]:
+        out = []
+        for line, raw in self.rows:
+            text = self._field(line, raw, column)
+            try:
+                out.append(int(text))
+            except ValueError:
+                raise TableError(
+                    f"{self.path}:{line}: {column} is {text!r}, not an integer position/flag"
+                ) from None
+        return out
+
+    def floats(self, column: str) -> list[float]:
+        out = []
+        for line, raw in self.rows:
+            text = self._field(line, raw, column)
+            try:
+                out.append(float(text))
+            except ValueError:
+                raise TableError(
+                    f"{self.path}:{line}: {column} is {text!r}, not a number"
+                    + (" (an empty field: a missing value)" if not text else "")
+                ) from None
+        return out
+
+    def breaks(self, column: str = "breaks") -> list[tuple[int, ...]]:
+        out = []
+        for line, raw in self.rows:
+            text = self._field(line, raw, column)
+            try:
+                out.append(tuple(int(v) for v in text.split(",")))
+            except ValueError:
+                raise TableError(
+                    f"{self.path}:{line}: {column} is {text!r}, not a comma list of positions "
+                    'such as "0,1,2,4"'
+                ) from None
+        return out
+
+
+def _write(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    with Path(path).open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _num(x: float) -> str:
+    return repr(float(x))
+
+
+def _join(positions: Iterable[int]) -> str:
+    return ",".join(str(int(p)) for p in positions)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tables
+
+
+@dataclass(frozen=True, eq=False)
+class LatencyTable:
+    """``T(i, j)`` (ms, with its stdev) for every valid block ``(i, j)``: convs ``i+1..j`` merged
+    into one. The set of rows is the set of valid blocks."""
+
+    st: np.ndarray
+    end: np.ndarray
+    time: np.ndarray
+    stdev: np.ndarray
+    ids: np.ndarray
+    source: str = "<latency rows>"
+    lines: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        where = _locator(self.source, self.lines)
+        for name, dtype in (("st", np.int64), ("end", np.int64), ("ids", np.int64)):
+            object.__setattr__(self, name, _frozen(getattr(self, name), dtype))
+        for name in ("time", "stdev"):
+            object.__setattr__(self, name, _frozen(getattr(self, name), np.float64))
+        if len(self.st) == 0:
+            raise TableError(f"{self.source}: the latency table has no rows")
+        _check_spans(self.st, self.end, where)
+        _check_values(self.time, "time", where, nonnegative=True)
+        _check_values(self.stdev, "stdev", where, nonnegative=True)
+        _check_unique(self.blocks, "block (st, end)", where)
+        _check_unique([(int(i),) for i in self.ids], "id", where)
+        _check_chain(self.st, self.end, self.source)
+
+    @classmethod
+    def from_rows(
+        cls, rows: Iterable[tuple[int, int, float, float]], source: str = "<latency rows>"
+    ) -> LatencyTable:
+        """Build from ``(st, end, time, stdev)`` rows; ids are the row numbers."""
+        data = list(rows)
+        return cls(
+            st=[r[0] for r in data],
+            end=[r[1] for r in data],
+            time=[r[2] for r in data],
+            stdev=[r[3] for r in data],
+            ids=list(range(len(data))),
+            source=source,
+        )
+
+    @classmethod
+    def read_csv(cls, path: str | Path) -> LatencyTable:
+        """Read ``id,st,end,time,stdev`` (the reference's ``time_*.csv``)."""
+        f = _Csv(path, "latency", LATENCY_COLUMNS)
+        f.require(LATENCY_COLUMNS, LATENCY_COLUMNS)
+        return cls(
+            st=f.ints("st"),
+            end=f.ints("end"),
+            time=f.floats("time"),
+            stdev=f.floats("stdev"),
+            ids=f.ints("id"),
+            source=str(f.path),
+            lines=tuple(f.lines),
+        )
+
+    def write_csv(self, path: str | Path) -> None:
+        """Write ``id,st,end,time,stdev`` in row order, floats in round-trip form."""
+        cols = (self.ids, self.st, self.end)
+        rows = (
+            [*(str(int(c[k])) for c in cols), _num(self.time[k]), _num(self.stdev[k])]
+            for k in range(len(self))
+        )
+        _write(path, LATENCY_COLUMNS, rows)
+
+    def __len__(self) -> int:
+        return len(self.st)
+
+    @property
+    def num_positions(self) -> int:
+        """L: the chain's last position (positions are 0..L)."""
+        return int(self.end.max())
+
+    @cached_property
+    def blocks(self) -> tuple[Block, ...]:
+        """The valid blocks ``(st, end)`` in row order."""
+        return tuple(zip(self.st.tolist(), self.end.tolist(), strict=True))
+
+    @cached_property
+    def index(self) -> dict[Block, int]:
+        """Row of each block."""
+        return {b: k for k, b in enumerate(self.blocks)}
+
+    def time_of(self, st: int, end: int) -> float:
+        """``T(st, end)`` in ms; KeyError if the block is not valid."""
+        return float(self.time[self.index[(st, end)]])
+
+
+@dataclass(frozen=True, eq=False)
+class OptimalLatencyTable:
+    """``T_opt(i, j)``: the fastest tiling of ``(i, j)`` by valid blocks (stage 1, §5), with the
+    tiling's boundaries ``breaks`` from ``i`` to ``j`` inclusive and its summed stdev."""
+
+    st: np.ndarray
+    end: np.ndarray
+    time: np.ndarray
+    stdev: np.ndarray
+    breaks: tuple[tuple[int, ...], ...]
+    ids: np.ndarray
+    source: str = "<optimal latency rows>"
+    lines: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        where = _locator(self.source, self.lines)
+        for name, dtype in (("st", np.int64), ("end", np.int64), ("ids", np.int64)):
+            object.__setattr__(self, name, _frozen(getattr(self, name), dtype))
+        for name in ("time", "stdev"):
+            object.__setattr__(self, name, _frozen(getattr(self, name), np.float64))
+        object.__setattr__(self, "breaks", tuple(tuple(int(p) for p in b) for b in self.breaks))
+        if len(self.st) == 0:
+            raise TableError(f"{self.source}: the optimal latency table has no rows")
+        if len(self.breaks) != len(self.st):
+            raise TableError(f"{self.source}: {len(self.breaks)} break lists for {len(self)} rows")
+        _check_spans(self.st, self.end, where)
+        _check_values(self.time, "time", where, nonnegative=True)
+        _check_values(self.stdev, "stdev", where, nonnegative=True)
+        _check_breaks(self.breaks, self.st, self.end, where)
+        _check_unique(self.blocks, "block (st, end)", where)
+        _check_unique([(int(i),) for i in self.ids], "id", where)
+        _check_chain(self.st, self.end, self.source)
+
+    @classmethod
+    def read_csv(cls, path: str | Path) -> OptimalLatencyTable:
+        """Read ``id,st,end,time,stdev,breaks`` (the reference's ``opt_time_*.csv``)."""
+        f = _Csv(path, "optimal latency", OPT_LATENCY_COLUMNS)
+        f.require(OPT_LATENCY_COLUMNS, OPT_LATENCY_COLUMNS)
+        return cls(
+            st=f.ints("st"),
+            end=f.ints("end"),
+            time=f.floats("time"),
+            stdev=f.floats("stdev"),
+            breaks=f.breaks(),
+            ids=f.ints("id"),
+            source=str(f.path),
+            lines=tuple(f.lines),
+        )
+
+    def write_csv(self, path: str | Path) -> None:
+        """Write ``id,st,end,time,stdev,breaks`` in row order (breaks quoted)."""
+        cols = (self.ids, self.st, self.end)
+        rows = (
+            [
+                *(str(int(c[k])) for c in cols),
+                _num(self.time[k]),
+                _num(self.stdev[k]),
+                _join(self.breaks[k]),
+            ]
+            for k in range(len(self))
+        )
+        _write(path, OPT_LATENCY_COLUMNS, rows)
+
+    def __len__(self) -> int:
+        return len(self.st)
+
+    @property
+    def num_positions(self) -> int:
+        """L: the chain's last position (positions are 0..L)."""
+        return int(self.end.max())
+
+    @cached_property
+    def blocks(self) -> tuple[Block, ...]:
+        """The valid blocks ``(st, end)`` in row order."""
+        return tuple(zip(self.st.tolist(), self.end.tolist(), strict=True))
+
+    @cached_property
+    def index(self) -> dict[Block, int]:
+        """Row of each block."""
+        return {b: k for k, b in enumerate(self.blocks)}
+
+    def time_of(self, st: int, end: int) -> float:
+        """``T_opt(st, end)`` in ms; KeyError if the block is not valid."""
+        return float(self.time[self.index[(st, end)]])
+
+    def breaks_of(self, st: int, end: int) -> tuple[int, ...]:
+        """The boundaries of the fastest tiling of ``(st, end)``, ``st`` and ``end`` included."""
+        return self.breaks[self.index[(st, end)]]
+
+
+@dataclass(frozen=True, eq=False)
+class ImportanceTable:
+    """Raw importance ``h(i, j, x, y)`` per extended block (§6): the score of the network with
+    the activations strictly inside ``(i, j)`` removed and flags ``x``/``y`` for an activation at
+    ``i``/``j``, as a difference to the unmodified network. Its rows are the DP's candidate
+    segments: flag 0 exists only where a row has it."""
+
+    st: np.ndarray
+    end: np.ndarray
+    st_act: np.ndarray
+    end_act: np.ndarray
+    score: np.ndarray
+    score_name: str = DEFAULT_SCORE
+    source: str = "<importance rows>"
+    lines: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        where = _locator(self.source, self.lines)
+        for name in ("st", "end", "st_act", "end_act"):
+            object.__setattr__(self, name, _frozen(getattr(self, name), np.int64))
+        object.__setattr__(self, "score", _frozen(self.score, np.float64))
+        if len(self.st) == 0:
+            raise TableError(f"{self.source}: the importance table has no rows")
+        _check_spans(self.st, self.end, where)
+        _check_flags(self.st, self.st_act, self.end_act, where)
+        _check_values(self.score, self.score_name, where, nonnegative=False)
+        _check_unique(self.keys, "extended block (st, end, st_act, end_act)", where)
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Iterable[tuple[int, int, int, int, float]],
+        score_name: str = DEFAULT_SCORE,
+        source: str = "<importance rows>",
+    ) -> ImportanceTable:
+        """Build from ``(st, end, st_act, end_act, score)`` rows."""
+        data = list(rows)
+        return cls(
+            st=[r[0] for r in data],
+            end=[r[1] for r in data],
+            st_act=[r[2] for r in data],
+            end_act=[r[3] for r in data],
+            score=[r[4] for r in data],
+            score_name=score_name,
+            source=source,
+        )
+
+    @classmethod
+    def read_csv(cls, path: str | Path, score: str = DEFAULT_SCORE) -> ImportanceTable:
+        """Read ``st,end,st_act,end_act,<score>``; other columns (``id``, losses) are ignored."""
+        layout = (*IMPORTANCE_KEYS, score)
+        f = _Csv(path, "importance", layout)
+        hint = ""
+        if score not in f.columns:
+            others = [c for c in f.columns if c not in IMPORTANCE_KEYS and c != "id"]
+            hint = f" (pick the score column with --score; this file has: {', '.join(others)})"
+        f.require(layout, layout, hint)
+        return cls(
+            st=f.ints("st"),
+            end=f.ints("end"),
+            st_act=f.ints("st_act"),
+            end_act=f.ints("end_act"),
+            score=f.floats(score),
+            score_name=score,
+            source=str(f.path),
+            lines=tuple(f.lines),
+        )
+
+    def write_csv(self, path: str | Path) -> None:
+        """Write ``st,end,st_act,end_act,<score>`` in row order."""
+        rows = ([*map(str, self.keys[k]), _num(self.score[k])] for k in range(len(self)))
+        _write(path, (*IMPORTANCE_KEYS, self.score_name), rows)
+
+    def __len__(self) -> int:
+        return len(self.st)
+
+    @property
+    def num_positions(self) -> int:
+        """The last position any row reaches."""
+        return int(self.end.max())
+
+    @cached_property
+    def keys(self) -> tuple[ExtBlock, ...]:
+        """``(st, end, st_act, end_act)`` per row, in row order."""
+        return tuple(
+            zip(
+                self.st.tolist(),
+                self.end.tolist(),
+                self.st_act.tolist(),
+                self.end_act.tolist(),
+                strict=True,
+            )
+        )
+
+    def where(self, k: int) -> str:
+        """``file:line`` (or ``source row n``) of row k, for error messages."""
+        return _locator(self.source, self.lines)(k)
+
+    def single_mean(self) -> float:
+        """Mean score over the single-conv rows (``end = st + 1``); NaN if there are none."""
+        single = self.end - self.st == 1
+        return float(np.mean(self.score[single])) if single.any() else math.nan
+
+
+@dataclass(frozen=True, eq=False)
+class ExtendedImportanceTable:
+    """``I(i, j, x, y)`` (§6): the normalised score ``h − α·μ`` or, if better, a chain of such
+    scores split at positions with flag 0 (``breaks`` lists ``i``, the split points and ``j``).
+    ``alpha`` and ``offset = α·μ`` record the normalisation (NaN when read from a file)."""
+
+    st: np.ndarray
+    end: np.ndarray
+    st_act: np.ndarray
+    end_act: np.ndarray
+    value: np.ndarray
+    breaks: tuple[tuple[int, ...], ...]
+    alpha: float = math.nan
+    offset: float = math.nan
+    source: str = "<extended importance rows>"
+    lines: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        where = _locator(self.source, self.lines)
+        for name in ("st", "end", "st_act", "end_act"):
+            object.__setattr__(self, name, _frozen(getattr(self, name), np.int64))
+        object.__setattr__(self, "value", _frozen(self.value, np.float64))
+        object.__setattr__(self, "breaks", tuple(tuple(int(p) for p in b) for b in self.breaks))
+        if len(self.st) == 0:
+            raise TableError(f"{self.source}: the extended importance table has no rows")
+        if len(self.breaks) != len(self.st):
+            raise TableError(f"{self.source}: {len(self.breaks)} break lists for {len(self)} rows")
+        _check_spans(self.st, self.end, where)
+        _check_flags(self.st, self.st_act, self.end_act, where)
+        _check_values(self.value, "imp", where, nonnegative=False)
+        _check_breaks(self.breaks, self.st, self.end, where)
+        _check_unique(self.keys, "extended block (st, end, st_act, end_act)", where)
+
+    @classmethod
+    def read_csv(cls, path: str | Path) -> ExtendedImportanceTable:
+        """Read ``[id,]st,end,st_act,end_act,imp,breaks`` (the reference's ``ext_importance_*``)."""
+        f = _Csv(path, "extended importance", EXT_IMPORTANCE_COLUMNS)
+        f.require((*IMPORTANCE_KEYS, "imp", "breaks"), EXT_IMPORTANCE_COLUMNS)
+        return cls(
+            st=f.ints("st"),
+            end=f.ints("end"),
+            st_act=f.ints("st_act"),
+            end_act=f.ints("end_act"),
+            value=f.floats("imp"),
+            breaks=f.breaks(),
+            source=str(f.path),
+            lines=tuple(f.lines),
+        )
+
+    def write_csv(self, path: str | Path) -> None:
+        """Write ``id,st,end,st_act,end_act,imp,breaks`` in row order."""
+        rows = (
+            [str(k), *map(str, self.keys[k]), _num(self.value[k]), _join(self.breaks[k])]
+            for k in range(len(self))
+        )
+        _write(path, EXT_IMPORTANCE_COLUMNS, rows)
+
+    def __len__(self) -> int:
+        return len(self.st)
+
+    @property
+    def num_positions(self) -> int:
+        """The last position any row reaches."""
+        return int(self.end.max())
+
+    @cached_property
+    def keys(self) -> tuple[ExtBlock, ...]:
+        """``(st, end, st_act, end_act)`` per row, in row order."""
+        return tuple(
+            zip(
+                self.st.tolist(),
+                self.end.tolist(),
+                self.st_act.tolist(),
+                self.end_act.tolist(),
+                strict=True,
+            )
+        )
+
+    def where(self, k: int) -> str:
+        """``file:line`` (or ``source row n``) of row k, for error messages."""
+        return _locator(self.source, self.lines)(k)
+
+
+def _header(path: str | Path) -> tuple[str, ...]:
+    p = Path(path)
+    if not p.is_file():
+        return ()
+    with p.open(newline="", encoding="utf-8-sig") as fh:
+        return tuple(h.strip() for h in next(csv.reader(fh), []))
+
+
+def read_latency(path: str | Path) -> LatencyTable | OptimalLatencyTable:
+    """A latency table, or an optimal one (used as is) if the file has a ``breaks`` column."""
+    if "breaks" in _header(path):
+        return OptimalLatencyTable.read_csv(path)
+    return LatencyTable.read_csv(path)
+
+
+def read_importance(
+    path: str | Path, score: str = DEFAULT_SCORE
+) -> ImportanceTable | ExtendedImportanceTable:
+    """A raw importance table, or an extended one if it has ``imp,breaks`` but no ``score``."""
+    header = _header(path)
+    if score not in header and {"imp", "breaks"} <= set(header):
+        return ExtendedImportanceTable.read_csv(path)
+    return ImportanceTable.read_csv(path, score)
