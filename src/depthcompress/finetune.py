@@ -1,0 +1,789 @@
+"""Fine-tune a linearized network before merging it (ALGORITHM.md §8.2): SGD (Nesterov) or AdamW
+with per-iteration cosine decay to 0, optional knowledge distillation from the original network,
+a checkpoint every epoch that a rerun resumes from, and DistributedDataParallel when launched by
+``torchrun`` (gloo on CPU, nccl on GPU) with no change to the calling code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .data import batches
+from .errors import DepthCompressError
+from .graph import param_place
+from .linearization import META_KEY
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+FORMAT = "depthcompress-finetune/1"
+LAST = "last.pt"
+BEST = "best.pt"
+OPTIMIZERS = ("sgd", "adamw")
+# config fields that may change between a run and its resumption: they do not change the result
+RESUMABLE_CHANGES = ("num_workers",)
+
+
+class FinetuneError(DepthCompressError):
+    """Fine-tuning was asked for with bad settings, or cannot resume from its checkpoint."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """How to fine-tune (defaults follow ALGORITHM.md §8.2). ``batch_size`` is the global batch:
+    under ``torchrun`` each of the N processes takes ``batch_size / N`` examples per step, so one
+    config gives the same schedule on any number of processes. ``steps_per_epoch=None`` makes an
+    epoch one pass over the data (last short batch dropped); a larger value draws more passes.
+    ``distill`` weighs the teacher's soft labels against the true ones (0 = no distillation)."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    steps_per_epoch: int | None = None
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    distill: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    seed: int = 0
+    num_workers: int = 0
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be ≥ 1, got {self.epochs}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            problems.append(f"steps_per_epoch must be ≥ 1 or None, got {self.steps_per_epoch}")
+        if not self.lr > 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be ≥ 1, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            problems.append(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be ≥ 0, got {self.weight_decay}")
+        if not 0.0 <= self.distill <= 1.0:
+            problems.append(f"distill must be in [0, 1], got {self.distill}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if self.num_workers < 0:
+            problems.append(f"num_workers must be ≥ 0, got {self.num_workers}")
+        if problems:
+            raise FinetuneError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form, as stored in checkpoints."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        """Read a config from its plain-data form; unknown keys are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise FinetuneError(f"unknown fine-tuning settings {unknown}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """One finished epoch: mean training loss over all processes, held-out top-1 accuracy (%)
+    when held-out data was given, wall seconds (training and evaluation), and the learning rate
+    after its last step."""
+
+    epoch: int
+    loss: float
+    accuracy: float | None
+    seconds: float
+    lr: float
+
+
+@dataclass
+class FinetuneResult:
+    """What ``finetune`` did: the trained model (the one passed in, now in eval mode), the
+    per-epoch history (including epochs restored from a checkpoint), and where checkpoints are."""
+
+    model: nn.Module
+    history: list[EpochStats] = field(default_factory=list)
+    resumed_epochs: int = 0
+    best_accuracy: float | None = None
+    last_checkpoint: Path | None = None
+    best_checkpoint: Path | None = None
+
+    @property
+    def train_loss(self) -> float:
+        """Mean training loss of the last epoch."""
+        return self.history[-1].loss if self.history else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# losses and evaluation
+
+
+def training_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    distill: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``distill·CE(softmax(teacher), student) + (1−distill)·CE(labels, student)`` at temperature
+    1 (ALGORITHM.md §8.2); with ``distill=0`` just the (label-smoothed) cross-entropy."""
+    hard = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if distill == 0.0:
+        return hard
+    if teacher_logits is None:
+        raise FinetuneError(f"distill={distill} needs the teacher's logits")
+    soft = F.cross_entropy(logits, teacher_logits.detach().softmax(dim=1))
+    return distill * soft + (1.0 - distill) * hard
+
+
+def _to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.to(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def _correct_count(
+    model: nn.Module,
+    data: Dataset,
+    indices: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool,
+    num_workers: int,
+) -> tuple[int, int]:
+    """Top-1 hits and examples of ``model`` (already in eval mode) on ``data[indices]``."""
+    correct, count = 0, 0
+    with torch.no_grad():
+        for x, y in batches(data, indices, batch_size, num_workers):
+            logits = model(_to_input(x, device, channels_last))
+            correct += int((logits.argmax(1) == y.to(device)).sum())
+            count += len(y)
+    return correct, count
+
+
+def evaluate(
+    model: nn.Module,
+    data: Dataset,
+    batch_size: int = 256,
+    *,
+    channels_last: bool = False,
+    num_workers: int = 0,
+) -> float:
+    """Top-1 accuracy (%) of ``model`` in eval mode on ``data``, on the model's device; the
+    model's train/eval mode is restored afterwards."""
+    n = len(data)  # type: ignore[arg-type]
+    if n == 0:
+        raise FinetuneError("cannot evaluate on an empty dataset")
+    device = param_place(model).get("device", torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        correct, count = _correct_count(
+            model, data, torch.arange(n), batch_size, device, channels_last, num_workers
+        )
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / count
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+@dataclass(frozen=True)
+class _World:
+    """This process's place among the training processes (1 of 1 without torchrun)."""
+
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise FinetuneError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _world(device: str | torch.device | None, distributed: bool) -> _World:
+    """Join the process group ``torchrun`` set up (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``), or
+    use the one already initialised, or run alone (always, when not ``distributed``); pick the
+    device (``cuda:LOCAL_RANK`` when CUDA is there) and the backend to match (nccl for CUDA,
+    gloo for CPU)."""
+    local_rank = _env_int("LOCAL_RANK", 0) if distributed else 0
+    if device is not None:
+        dev = torch.device(device)
+    elif torch.cuda.is_available():
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    else:
+        dev = torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not distributed:
+        return _World(0, 1, dev)
+    if dist.is_available() and dist.is_initialized():
+        return _World(dist.get_rank(), dist.get_world_size(), dev)
+    size = _env_int("WORLD_SIZE", 1)
+    if size <= 1:
+        return _World(0, 1, dev)
+    if not dist.is_available():
+        raise FinetuneError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise FinetuneError(
+            f"WORLD_SIZE={size} but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun "
+            "(python -m torch.distributed.run --nproc_per_node=N script.py)"
+        )
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return _World(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def _all_sum(world: _World, values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over all processes."""
+    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    if world.distributed:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _sync_buffers(world: _World, model: nn.Module) -> None:
+    """Make every process hold the same buffers: BN statistics averaged, the rest (batch
+    counters) taken from rank 0, so checkpoints and returned models agree on all ranks."""
+    if not world.distributed:
+        return
+    with torch.no_grad():
+        for buf in model.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf)
+                buf.div_(world.size)
+            else:
+                dist.broadcast(buf, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# random state
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+
+
+def _seed(seed: int, device: torch.device) -> None:
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    random.seed(seed)
+
+
+@contextmanager
+def _private_rng(device: torch.device) -> Iterator[None]:
+    """Run a block on torch's and Python's global RNGs, then restore their previous states, so
+    fine-tuning neither depends on nor disturbs the caller's random streams."""
+    saved = _rng_state(device)
+    try:
+        yield
+    finally:
+        _set_rng_state(saved, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _network_meta(model: nn.Module) -> dict[str, Any] | None:
+    """The plan a linearized network was built for (None for other modules)."""
+    meta = getattr(model, "meta", None)
+    return meta.get(META_KEY) if isinstance(meta, dict) else None
+
+
+def _save(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, synced, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A fine-tuning checkpoint (``last.pt`` or ``best.pt``) as a dict, tensors on the CPU;
+    ``["model"]`` is the state dict to load into ``linearize(model, chain, plan)``."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FinetuneError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:
+        raise FinetuneError(
+            f"{path} is not a readable checkpoint ({exc}); delete it to start over"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise FinetuneError(f"{path} is not a depthcompress fine-tuning checkpoint ({FORMAT})")
+    return ckpt
+
+
+def _config_mismatch(saved: dict[str, Any], config: FinetuneConfig) -> list[str]:
+    now = config.to_dict()
+    keys = sorted((set(saved) | set(now)) - set(RESUMABLE_CHANGES))
+    return [
+        f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+        for k in keys
+        if saved.get(k) != now.get(k)
+    ]
+
+
+def _check_resumable(
+    ckpt: dict[str, Any], path: Path, config: FinetuneConfig, model: nn.Module
+) -> None:
+    """Refuse a checkpoint written with other settings or for another network."""
+    fix = f"use another checkpoint directory, or delete {path} to start over"
+    diff = _config_mismatch(ckpt.get("config", {}), config)
+    if diff:
+        raise FinetuneError(
+            f"{path} was written with other fine-tuning settings ({'; '.join(diff)}): resume "
+            f"with the same settings, {fix}"
+        )
+    saved, now = ckpt.get("network"), _network_meta(model)
+    if saved is not None and now is not None and saved != now:
+        raise FinetuneError(f"{path} was written for another linearized network (plan): {fix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+
+
+class _Progress:
+    """A rich progress bar per epoch with the running loss, or nothing."""
+
+    def __init__(self, enabled: bool, epochs: int) -> None:
+        self.enabled, self.epochs = enabled, epochs
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+            )
+            self.bar.start()
+        return self
+
+    def start(self, epoch: int, steps: int) -> None:
+        if self.bar is not None:
+            self.task = self.bar.add_task(self._label(epoch, None), total=steps)
+
+    def update(
+        self, epoch: int, done: int, loss: float | None, accuracy: float | None = None
+    ) -> None:
+        if self.bar is not None:
+            text = self._label(epoch, loss)
+            if accuracy is not None:
+                text += f" acc {accuracy:.2f}%"
+            self.bar.update(self.task, completed=done, description=text)
+
+    def _label(self, epoch: int, loss: float | None) -> str:
+        text = f"epoch {epoch}/{self.epochs}"
+        return text + (f" loss {loss:.4f}" if loss is not None else "")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def _cosine(total: int) -> Callable[[int], float]:
+    """Per-iteration cosine decay from 1 to 0 over ``total`` steps, no warm-up."""
+    return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+
+
+def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _epoch_order(sampler: Any, epoch: int, passes: int, length: int) -> torch.Tensor:
+    """This process's example indices for one epoch: ``passes`` shuffles of its share of the
+    data (``DistributedSampler.set_epoch(epoch·passes + p)``), cut to ``length``."""
+    order = []
+    for p in range(passes):
+        sampler.set_epoch(epoch * passes + p)
+        order.append(torch.as_tensor(list(iter(sampler)), dtype=torch.long))
+    return torch.cat(order)[:length]
+
+
+def finetune(
+    model: nn.Module,
+    train_data: Dataset,
+    config: FinetuneConfig,
+    *,
+    teacher: nn.Module | None = None,
+    checkpoint_dir: str | Path | None = None,
+    holdout_data: Dataset | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    distributed: bool = True,
+    on_epoch_end: Callable[[EpochStats], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``model`` **in place** (it is the pipeline's own linearized copy) and return it
+    in eval mode, with its history.
+
+    ``teacher`` (the original network, needed when ``config.distill > 0``) is moved to the
+    device and run in eval mode; its train/eval mode is restored afterwards. With
+    ``checkpoint_dir``, ``last.pt`` is written atomically after every epoch (and ``best.pt`` on
+    the best held-out accuracy) and an existing ``last.pt`` with the same settings is resumed
+    from. Under ``torchrun`` the model runs in DistributedDataParallel, each process reads its
+    share of every batch, and only rank 0 writes checkpoints and shows progress. ``device``
+    defaults to CUDA (``cuda:LOCAL_RANK``) when available, else the CPU. ``distributed=False``
+    trains in this process alone even under ``torchrun`` (for many small independent runs, as
+    importance tables do). ``on_epoch_end`` sees each epoch's stats on every process, after its
+    checkpoint is on disk.
+    """
+    if config.distill > 0 and teacher is None:
+        raise FinetuneError(
+            f"distill={config.distill} needs a teacher: pass teacher=<the original network>, "
+            "or set distill=0"
+        )
+    n = len(train_data)  # type: ignore[arg-type]
+    if n == 0:
+        raise FinetuneError("the training data is empty")
+    if holdout_data is not None and len(holdout_data) == 0:  # type: ignore[arg-type]
+        raise FinetuneError("the held-out data is empty: pass holdout_data=None to skip scoring")
+    world = _world(device, distributed)
+    if config.batch_size % world.size:
+        raise FinetuneError(
+            f"batch_size {config.batch_size} must be divisible by the {world.size} processes "
+            "(it is the global batch, split evenly between them)"
+        )
+    local_batch = config.batch_size // world.size
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(
+        train_data, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed
+    )
+    full = len(sampler) // local_batch
+    if full == 0 and config.steps_per_epoch is None:
+        raise FinetuneError(
+            f"the training data holds {n} examples, fewer than one batch of "
+            f"{config.batch_size}: lower batch_size, or set steps_per_epoch"
+        )
+    steps = config.steps_per_epoch or full
+    passes = math.ceil(steps * local_batch / len(sampler))
+
+    teacher_modes = {m: m.training for m in teacher.modules()} if teacher is not None else {}
+    last = best = None
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        last, best = checkpoint_dir / LAST, checkpoint_dir / BEST
+        if world.main:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    with _private_rng(world.device):
+        model.to(world.device)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if teacher is not None and config.distill > 0:
+            teacher.to(world.device).eval()
+            if config.channels_last:
+                teacher.to(memory_format=torch.channels_last)
+        optimizer = _optimizer(model, config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config.epochs * steps))
+        result = FinetuneResult(model=model, last_checkpoint=last)
+        start = 0
+        if last is not None and last.exists():
+            ckpt = load_checkpoint(last)
+            _check_resumable(ckpt, last, config, model)
+            try:
+                model.load_state_dict(ckpt["model"])
+            except RuntimeError as exc:
+                raise FinetuneError(
+                    f"{last} holds weights of another network ({str(exc).splitlines()[0]}): "
+                    f"use another checkpoint directory, or delete {last} to start over"
+                ) from None
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            start = int(ckpt["epoch"])
+            result.history = [EpochStats(**h) for h in ckpt["history"]]
+            result.best_accuracy = ckpt.get("best_accuracy")
+            rng = ckpt.get("rng") or []
+            if ckpt.get("world_size") == world.size and world.rank < len(rng):
+                _set_rng_state(rng[world.rank], world.device)
+            else:
+                _seed(config.seed + 1000003 * start + world.rank, world.device)
+        else:
+            _seed(config.seed + world.rank, world.device)
+        result.resumed_epochs = start
+
+        net: nn.Module = model
+        if world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [world.device.index] if world.device.type == "cuda" else None
+            net = DistributedDataParallel(model, device_ids=ids)
+
+        try:
+            with _Progress(progress and world.main, config.epochs) as bar:
+                for epoch in range(start, config.epochs):
+                    stats = _train_epoch(
+                        net,
+                        model,
+                        teacher,
+                        train_data,
+                        holdout_data,
+                        config,
+                        world,
+                        optimizer,
+                        scheduler,
+                        sampler,
+                        bar,
+                        epoch,
+                        steps,
+                        passes,
+                        local_batch,
+                    )
+                    result.history.append(stats)
+                    improved = stats.accuracy is not None and (
+                        result.best_accuracy is None or stats.accuracy > result.best_accuracy
+                    )
+                    if improved:
+                        result.best_accuracy = stats.accuracy
+                    if checkpoint_dir is not None:
+                        rng = [_rng_state(world.device)]
+                        if world.distributed:
+                            rng = [None] * world.size
+                            dist.all_gather_object(rng, _rng_state(world.device))
+                        if world.main:
+                            _write_checkpoints(
+                                model,
+                                optimizer,
+                                scheduler,
+                                config,
+                                result,
+                                rng,
+                                world,
+                                last,
+                                best if improved else None,
+                            )
+                        if world.distributed:
+                            dist.barrier()
+                    if on_epoch_end is not None:
+                        on_epoch_end(stats)
+        finally:
+            for mod, mode in teacher_modes.items():
+                mod.training = mode
+    if best is not None and best.exists():
+        result.best_checkpoint = best
+    model.eval()
+    return result
+
+
+def _train_epoch(
+    net: nn.Module,
+    model: nn.Module,
+    teacher: nn.Module | None,
+    train_data: Dataset,
+    holdout_data: Dataset | None,
+    config: FinetuneConfig,
+    world: _World,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    sampler: Any,
+    bar: _Progress,
+    epoch: int,
+    steps: int,
+    passes: int,
+    local_batch: int,
+) -> EpochStats:
+    """One epoch of ``steps`` optimizer steps, then BN sync and held-out evaluation."""
+    began = time.perf_counter()
+    order = _epoch_order(sampler, epoch, passes, steps * local_batch)
+    net.train()
+    bar.start(epoch + 1, steps)
+    total = torch.zeros((), dtype=torch.float64, device=world.device)
+    use_teacher = teacher is not None and config.distill > 0
+    for step, (x, y) in enumerate(batches(train_data, order, local_batch, config.num_workers)):
+        x = _to_input(x, world.device, config.channels_last)
+        y = y.to(world.device, non_blocking=True)
+        teacher_logits = None
+        if use_teacher:
+            assert teacher is not None
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+        loss = training_loss(
+            net(x),
+            y,
+            teacher_logits,
+            distill=config.distill,
+            label_smoothing=config.label_smoothing,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        total += loss.detach()
+        if bar.bar is not None and (step % 10 == 9 or step + 1 == steps):
+            bar.update(epoch + 1, step + 1, float(total) / (step + 1))
+    loss_sum, count = _all_sum(world, [float(total), float(steps)])
+    mean_loss = loss_sum / count
+    if not math.isfinite(mean_loss):
+        raise FinetuneError(
+            f"the training loss became {mean_loss} in epoch {epoch + 1}: lower the lr (or set "
+            "grad_clip); the last checkpoint, if any, is from before this epoch"
+        )
+    _sync_buffers(world, model)
+    accuracy = None
+    if holdout_data is not None:
+        accuracy = _distributed_accuracy(model, holdout_data, config, world)
+    bar.update(epoch + 1, steps, mean_loss, accuracy)
+    return EpochStats(
+        epoch=epoch + 1,
+        loss=mean_loss,
+        accuracy=accuracy,
+        seconds=time.perf_counter() - began,
+        lr=float(optimizer.param_groups[0]["lr"]),
+    )
+
+
+def _distributed_accuracy(
+    model: nn.Module, data: Dataset, config: FinetuneConfig, world: _World
+) -> float:
+    """Held-out top-1 accuracy (%), each process scoring every N-th example."""
+    n = len(data)  # type: ignore[arg-type]
+    if n == 0:
+        raise FinetuneError("the held-out data is empty")
+    model.eval()
+    correct, count = _correct_count(
+        model,
+        data,
+        torch.arange(world.rank, n, world.size),
+        config.batch_size,
+        world.device,
+        config.channels_last,
+        config.num_workers,
+    )
+    model.train()
+    correct_all, count_all = _all_sum(world, [float(correct), float(count)])
+    return 100.0 * correct_all / count_all
+
+
+def _write_checkpoints(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: FinetuneConfig,
+    result: FinetuneResult,
+    rng: list[Any],
+    world: _World,
+    last: Path,
+    best: Path | None,
+) -> None:
+    """Write ``last.pt`` (everything needed to resume) and, if given, ``best.pt`` (weights)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    common = {
+        "format": FORMAT,
+        "epoch": result.history[-1].epoch,
+        "config": config.to_dict(),
+        "network": _network_meta(model),
+        "model": state,
+    }
+    if best is not None:
+        _save({**common, "accuracy": result.best_accuracy}, best)
+    _save(
+        {
+            **common,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng,
+            "world_size": world.size,
+            "history": [asdict(h) for h in result.history],
+            "best_accuracy": result.best_accuracy,
+        },
+        last,
+    )
+
+
+__all__ = [
+    "BEST",
+    "LAST",
+    "EpochStats",
+    "FinetuneConfig",
+    "FinetuneError",
+    "FinetuneResult",
+    "evaluate",
+    "finetune",
+    "load_checkpoint",
+    "training_loss",
+]
