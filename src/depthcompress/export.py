@@ -1,0 +1,71 @@
+"""Export a merged network: a PyTorch file that loads without depthcompress, and ONNX checked
+against PyTorch with ONNX Runtime. Nothing is written if a check fails."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import DepthCompressError
+from .merging import check_close
+
+
+class ExportError(DepthCompressError):
+    """An exported file does not reproduce the network it came from."""
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_torch(module: nn.Module, path: str | Path, example_input: torch.Tensor) -> Path:
+    """Pickle the whole module (``torch.load(path, weights_only=False)`` needs no depthcompress)
+    after checking that the reloaded copy gives the same outputs."""
+    import io
+
+    path = Path(path)
+    module = module.eval()
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    reloaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    with torch.no_grad():
+        check_close(module(example_input), reloaded(example_input), "reloaded file", "network")
+    _atomic_write(path, buf.getvalue())
+    return path
+
+
+def export_onnx(
+    module: nn.Module, path: str | Path, example_input: torch.Tensor, *, tol: float = 1e-4
+) -> float:
+    """Write ``module`` as ONNX (fixed input shape) after checking ONNX Runtime's output against
+    PyTorch's on ``example_input``; returns the error relative to the output scale."""
+    from .backends import to_onnx
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError(
+            "checking the ONNX export needs onnxruntime: pip install 'depthcompress[ort]'"
+        ) from None
+    path = Path(path)
+    module = module.eval()
+    data = to_onnx(module, tuple(example_input.shape))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    x = example_input.detach().cpu().float()
+    (actual,) = session.run(None, {name: x.numpy()})[:1]
+    with torch.no_grad():
+        expected = module.cpu()(x)
+    try:
+        err = check_close(expected, torch.from_numpy(actual), "ONNX Runtime output", "PyTorch", tol)
+    except DepthCompressError as exc:
+        raise ExportError(f"{exc}; {path} was not written") from None
+    _atomic_write(path, data)
+    return err

@@ -1,0 +1,63 @@
+"""Export: a PyTorch file that loads without depthcompress; ONNX that matches PyTorch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import depthcompress as dc
+from depthcompress.export import ExportError, export_onnx, save_torch
+from tests.conftest import randomize_bn
+from tests.test_graph import Functional
+
+
+@pytest.fixture
+def merged():
+    model = randomize_bn(Functional()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    chain = dc.trace(model, x)
+    plan = dc.Plan.for_activations(chain, {3, 5})
+    return dc.merge(dc.linearize(model, chain, plan), chain, plan), x
+
+
+def test_torch_file_loads_without_depthcompress(tmp_path, merged):
+    module, x = merged
+    path = save_torch(module, tmp_path / "merged.pt", x)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(module(x).detach(), tmp_path / "y.pt")
+    code = (
+        "import sys; sys.modules['depthcompress'] = None\n"
+        "import torch\n"
+        f"m = torch.load({str(path)!r}, weights_only=False)\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r}); y = torch.load({str(tmp_path / 'y.pt')!r})\n"
+        "assert (m(x) - y).abs().max() <= 1e-5 * y.abs().max(), 'outputs differ'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_onnx_export_matches_pytorch(tmp_path, merged):
+    pytest.importorskip("onnxruntime")
+    module, x = merged
+    err = export_onnx(module, tmp_path / "merged.onnx", x)
+    assert err <= 1e-4
+    assert (tmp_path / "merged.onnx").stat().st_size > 0
+
+
+def test_onnx_mismatch_writes_nothing(tmp_path, merged, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    module, x = merged
+    import depthcompress.backends as backends
+    from tests.test_graph import Functional as Other
+
+    other = randomize_bn(Other(), seed=9).eval()
+    original = backends.to_onnx
+    monkeypatch.setattr(backends, "to_onnx", lambda m, shape: original(other, shape))
+    with pytest.raises(ExportError, match="was not written"):
+        export_onnx(module, tmp_path / "bad.onnx", x)
+    assert not (tmp_path / "bad.onnx").exists()
