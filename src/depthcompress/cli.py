@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import DepthCompressError
 
@@ -28,7 +29,7 @@ def main() -> None:
 
 def fail(exc: DepthCompressError) -> typer.Exit:
     """Print a depthcompress error as one clear line and return the exit to raise."""
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
     return typer.Exit(code=2)
 
 
@@ -97,3 +98,623 @@ def inspect(
     if json_out is not None:
         json_out.write_text(chain.to_json())
         console.print(f"chain written to {json_out}")
+
+
+def _load_model_with_weights(spec: str, weights: Path | None):  # returns an nn.Module
+    """MODEL as ``depthcompress:NAME`` (built-in) or anything ``inspect`` takes, then weights."""
+    from .errors import ModelSpecError
+
+    if spec.startswith("depthcompress:"):
+        from .models import get_model
+
+        net = get_model(spec.partition(":")[2])
+    else:
+        from .modelspec import load_model
+
+        net = load_model(spec)
+    if weights is not None:
+        import torch
+
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+            net.load_state_dict(state)
+        except Exception as exc:
+            raise ModelSpecError(
+                f"loading weights {weights} into {spec} failed: {type(exc).__name__}: {exc}"
+            ) from None
+    return net
+
+
+@app.command("importance")
+def importance_cmd(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="depthcompress:fashion_mbv2, torchvision:NAME or path/to/file.py:factory"
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="importance table (CSV)")],
+    data: Annotated[
+        str, typer.Option(help="'fashion-mnist' or an ImageFolder directory (its train/ part)")
+    ] = "fashion-mnist",
+    weights: Annotated[
+        Path | None, typer.Option(help="trained weights: a state_dict saved with torch.save")
+    ] = None,
+    steps: Annotated[
+        int, typer.Option(help="fine-tuning steps per entry (fewer = cheaper estimate)")
+    ] = 100,
+    lr: Annotated[float, typer.Option(help="peak learning rate (cosine decay to 0)")] = 0.05,
+    batch_size: Annotated[int, typer.Option(help="fine-tuning batch size")] = 128,
+    holdout: Annotated[
+        int, typer.Option(help="training examples held out to score importance")
+    ] = 10000,
+    holdout_seed: Annotated[int, typer.Option(help="seed choosing the held-out examples")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of re-initialisation and batch order")] = 0,
+    zero_shot: Annotated[
+        bool, typer.Option(help="score without fine-tuning (accuracy drop only; fast)")
+    ] = False,
+    shard: Annotated[
+        str | None, typer.Option(help="K/N: compute only the K-th of N disjoint parts")
+    ] = None,
+    executor: Annotated[str, typer.Option(help="'local' or 'ray'")] = "local",
+    workers: Annotated[int, typer.Option(help="local worker processes (1 thread each)")] = 1,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: start a local Ray)")
+    ] = None,
+    input_shape: Annotated[
+        str | None, typer.Option("--input-shape", help="example input N,C,H,W (default: data's)")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="ImageFolder: crop size (adds the reference augmentation)")
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="valid-block rule: 'general' or 'reference' (paper's stride rule)")
+    ] = "general",
+    max_kernel_size: Annotated[
+        int, typer.Option(help="largest merged kernel allowed in a block (0 = no limit)")
+    ] = 15,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="module name to keep out of the chain (repeatable), e.g. the stem"),
+    ] = None,
+    all_flags: Annotated[
+        bool, typer.Option(help="measure every flag combination, not the reference's subset")
+    ] = False,
+    device: Annotated[str, typer.Option(help="torch device for fine-tuning")] = "cpu",
+    download: Annotated[
+        bool, typer.Option(help="download Fashion-MNIST with torchvision if it is not installed")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Measure the importance table: fine-tune and score the network once per extended block."""
+    import time
+
+    from .data import load_split, sample_shape
+    from .graph import trace
+    from .importance import FinetuneSettings, importance_table, parse_shard
+
+    try:
+        net = _load_model_with_weights(model, weights)
+        channels = _parse_shape(input_shape)[1] if input_shape else 3
+        split = load_split(
+            data,
+            holdout=holdout,
+            seed=holdout_seed,
+            image_size=image_size,
+            channels=channels,
+            download=download,
+        )
+        import torch
+
+        shape = _parse_shape(input_shape) if input_shape else (1, *sample_shape(split.holdout))
+        chain = trace(
+            net,
+            torch.randn(shape),
+            mode=mode,
+            max_kernel_size=max_kernel_size or None,
+            exclude=exclude or (),
+        )
+        settings = FinetuneSettings(
+            steps=0 if zero_shot else steps,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            exclude_zeros=not all_flags,
+        )
+        start = time.perf_counter()
+        result = importance_table(
+            net,
+            chain,
+            split,
+            output,
+            settings=settings,
+            shard=parse_shard(shard) if shard else None,
+            executor=executor,
+            workers=workers,
+            ray_address=ray_address,
+            device=device,
+            progress=progress,
+            model_name=model,
+        )
+    except DepthCompressError as exc:
+        raise fail(exc) from None
+    base = result.meta["base"]["val_acc"]
+    console.print(
+        f"{len(result.rows)} rows in {output} ({result.computed} computed, {result.skipped} "
+        f"already there) in {time.perf_counter() - start:.1f} s; unmodified network: "
+        f"{base:.2f} % on {holdout} held-out training examples (sidecar {output}.json)"
+    )
+
+
+@app.command("importance-merge")
+def importance_merge_cmd(
+    parts: Annotated[list[Path], typer.Argument(help="shard tables written with --shard K/N")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="merged table (CSV)")],
+    allow_missing: Annotated[
+        bool, typer.Option(help="write the table even if some entries are in no part")
+    ] = False,
+) -> None:
+    """Join importance tables of disjoint shards; refuses overlapping or incompatible parts."""
+    from .importance import merge_tables
+
+    try:
+        meta, rows = merge_tables(parts, output, allow_missing=allow_missing)
+    except DepthCompressError as exc:
+        raise fail(exc) from None
+    console.print(
+        f"{len(rows)} of {meta['entries']['count']} entries from {len(parts)} parts "
+        f"written to {output}"
+    )
+
+
+def _trace_for_cli(
+    model: str, input_shape: tuple[int, ...], mode: str, max_kernel_size: int, exclude: list[str]
+):  # returns (nn.Module, ConvChain)
+    """Load MODEL like ``importance`` does and trace it with the ``inspect`` flags."""
+    import torch
+
+    from .graph import trace
+
+    net = _load_model_with_weights(model, None)
+    chain = trace(
+        net,
+        torch.randn(input_shape),
+        mode=mode,
+        max_kernel_size=max_kernel_size or None,
+        exclude=exclude,
+    )
+    return net, chain
+
+
+@app.command("latency")
+def latency_cmd(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="torchvision:NAME, depthcompress:NAME or path/to/file.py:factory; with --whole "
+            "also path/to/model.onnx"
+        ),
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="latency table to write or resume (CSV)")
+    ] = None,
+    whole: Annotated[
+        bool, typer.Option("--whole", help="time the whole network instead of building a table")
+    ] = False,
+    backend: Annotated[
+        str, typer.Option(help="onnxruntime (default), torch, openvino or tensorrt")
+    ] = "onnxruntime",
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads (default: all cores of this machine)")
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option(help="batch size (default: N of --input-shape)")
+    ] = None,
+    warmup: Annotated[int, typer.Option(help="untimed runs before timing")] = 10,
+    reps: Annotated[int, typer.Option(help="timed runs (at most)")] = 100,
+    min_reps: Annotated[int, typer.Option(help="timed runs (at least)")] = 10,
+    max_time: Annotated[
+        float, typer.Option(help="seconds per measurement after which timing stops (≥ min-reps)")
+    ] = 1.0,
+    statistic: Annotated[
+        str,
+        typer.Option(help="table 'time': median, mean, min, p10 or p25 of the timed runs"),
+    ] = "median",
+    passes: Annotated[
+        int,
+        typer.Option(help="sweep the table this many times; each row is the median of passes"),
+    ] = 1,
+    seed: Annotated[int, typer.Option(help="seed of the random block weights")] = 0,
+    device: Annotated[str, typer.Option(help="torch backend: cpu or cuda")] = "cpu",
+    precision: Annotated[str, typer.Option(help="openvino: f32, bf16 or f16")] = "f32",
+    fp16: Annotated[bool, typer.Option(help="tensorrt: build fp16 engines")] = False,
+    force: Annotated[
+        bool, typer.Option(help="discard an existing table at -o and start over")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    input_shape: Annotated[
+        str, typer.Option("--input-shape", help="example input N,C,H,W")
+    ] = "1,3,224,224",
+    mode: Annotated[
+        str, typer.Option(help="valid-block rule: 'general' or 'reference' (paper's stride rule)")
+    ] = "general",
+    max_kernel_size: Annotated[
+        int, typer.Option(help="largest merged kernel allowed in a block (0 = no limit)")
+    ] = 15,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="module name to keep out of the chain (repeatable), e.g. the stem"),
+    ] = None,
+) -> None:
+    """Measure the latency table T(i, j) of MODEL's blocks (resumable), or with --whole the
+    end-to-end latency of a network, on a real backend."""
+    from .backends import Protocol, get_backend
+
+    shape = _parse_shape(input_shape)
+    shape = (batch or shape[0], *shape[1:])
+    if not whole and output is None:
+        raise typer.BadParameter("a table needs -o LATENCY.csv (or pass --whole)")
+    try:
+        runner = get_backend(
+            backend,
+            threads=threads,
+            protocol=Protocol(
+                warmup=warmup,
+                reps=reps,
+                min_reps=min_reps,
+                max_time=max_time,
+                statistic=statistic,
+            ),
+            device=device,
+            precision=precision,
+            fp16=fp16,
+        )
+        if whole:
+            _latency_whole(model, runner, shape)
+        else:
+            _latency_table(
+                model,
+                runner,
+                output,
+                shape,
+                (mode, max_kernel_size, exclude),
+                seed,
+                passes,
+                force,
+                progress,
+            )
+    except DepthCompressError as exc:
+        raise fail(exc) from None
+
+
+def _latency_whole(model: str, runner, shape: tuple[int, ...]) -> None:  # runner: Backend
+    """Print the end-to-end latency of a module or an ONNX file."""
+    target = Path(model) if model.endswith(".onnx") else _load_model_with_weights(model, None)
+    timing = runner.measure(target, shape)
+    info = runner.info()
+    console.print(
+        f"{model}: [bold]{timing.median:.3f} ms[/] median (mean {timing.mean:.3f}, stdev "
+        f"{timing.stdev:.3f}, {timing.reps} runs) on {info['name']} {info['version']} "
+        f"{info['device']}, {info.get('threads', '-')} threads, "
+        + (f"{info['precision']}, " if "precision" in info else "")
+        + f"input {shape}",
+        highlight=False,
+    )
+
+
+def _latency_table(
+    model: str,
+    runner,  # Backend
+    output: Path,
+    shape: tuple[int, ...],
+    chain_flags: tuple[str, int, list[str] | None],
+    seed: int,
+    passes: int,
+    force: bool,
+    progress: bool,
+) -> None:
+    """Build or resume the latency table of MODEL at ``output``."""
+    from .latency import build_latency_table
+
+    mode, max_kernel_size, exclude = chain_flags
+    _, chain = _trace_for_cli(model, (1, *shape[1:]), mode, max_kernel_size, exclude or [])
+    try:
+        result = build_latency_table(
+            chain,
+            runner,
+            output,
+            batch=shape[0],
+            seed=seed,
+            passes=passes,
+            model_name=model,
+            force=force,
+            progress=progress,
+        )
+    except KeyboardInterrupt:
+        console.print(
+            f"[bold yellow]interrupted:[/] the rows measured so far are in {output}; run the "
+            "same command again to resume"
+        )
+        raise typer.Exit(code=130) from None
+    singles = sum(r.time for r in result.rows if r.end == r.st + 1)
+    console.print(
+        f"{len(result.rows)} of {len(chain.blocks)} blocks in {output} ({result.measured} "
+        f"measured in {result.seconds:.1f} s, {result.skipped} already there); Σ single-conv "
+        f"T = {singles:.3f} ms (batch {shape[0]}); settings in {output}.json",
+        highlight=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the two-stage DP over tables (issue 4): numpy only, no torch
+
+
+def _parse_budgets(text: str) -> list[float]:
+    """``25`` → [25]; ``18:30:0.5`` → 18, 18.5, …, 30 (stop included); ``18,20,25`` → a list."""
+    import math
+
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if not step > 0 or stop < start:
+                raise ValueError
+            count = math.floor((stop - start) / step + 1e-9) + 1
+            return [round(start + k * step, 10) for k in range(count)]
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not a budget in ms: give one number (25), START:STOP:STEP (18:30:0.5) "
+            "or a comma list (18,20,25)"
+        ) from None
+
+
+def _positions(values: frozenset[int]) -> str:
+    return " ".join(str(p) for p in sorted(values)) or "-"
+
+
+def _print_solution(sol, score: str, alpha: float) -> None:  # sol: dp.Solution
+    from rich.table import Table
+
+    table = Table(title="segments (stage 2)", header_style="bold")
+    for col in ("segment", "flags", "T_opt (ms)", "importance", "merged blocks (breaks)"):
+        table.add_column(
+            col, justify="left" if col in ("segment", "merged blocks (breaks)") else "right"
+        )
+    for s in sol.segments:
+        table.add_row(
+            f"{s.st}→{s.end}",
+            f"{s.st_act}→{s.end_act}",
+            f"{s.t_opt:.4f}",
+            f"{s.importance:+.4f}",
+            ",".join(map(str, s.breaks)),
+        )
+    console.print(table)
+    plan = sol.plan
+    console.print(f"kept activations A ({len(plan.activations)}): {_positions(plan.activations)}")
+    console.print(
+        f"boundaries S ({len(plan.boundaries)} merged blocks): {_positions(plan.boundaries)}"
+    )
+    sign = "≤" if sol.within_budget else "[bold red]>[/]"
+    console.print(
+        f"latency Σ T_opt = {sol.latency:.4f} ms {sign} budget {sol.budget:g} ms "
+        f"({100 * sol.latency / sol.budget:.1f} % used); importance Σ I = {sol.importance:.4f} "
+        f"(score {score}, alpha {alpha:g})",
+        highlight=False,
+    )
+    if sol.grid is not None:
+        console.print(
+            f"reference rounding: Σ ⌊prec·T_opt⌋ = {sol.grid[0]} ≤ ⌊prec·T0⌋ = {sol.grid[1]}"
+            + ("" if sol.within_budget else "; the real latency exceeds the budget"),
+            highlight=False,
+        )
+
+
+def _write_front_csv(path: Path, result) -> None:  # result: dp.Sweep
+    import csv
+
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(
+            (
+                "budget",
+                "latency",
+                "importance",
+                "num_activations",
+                "num_blocks",
+                "activations",
+                "boundaries",
+            )
+        )
+        for sol in result.solutions:
+            plan = sol.plan
+            writer.writerow(
+                (
+                    repr(sol.budget),
+                    repr(sol.latency),
+                    repr(sol.importance),
+                    len(plan.activations),
+                    len(plan.boundaries),
+                    ",".join(map(str, sorted(plan.activations))),
+                    ",".join(map(str, sorted(plan.boundaries))),
+                )
+            )
+
+
+def _plot_front(path: Path, result, title: str) -> bool:  # result: dp.Sweep
+    """Plot the Pareto front and the sweep's plans; False if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lat = [p[0] for p in result.front]
+    imp = [p[1] for p in result.front]
+    ax.step(lat, imp, where="post", color="0.6", label="Pareto front (every optimal plan)")
+    ax.plot(
+        [s.latency for s in result.solutions],
+        [s.importance for s in result.solutions],
+        "o",
+        ms=4,
+        label="plan per budget",
+    )
+    ax.set_xlabel("latency Σ T_opt (ms, latency-table units)")
+    ax.set_ylabel("summed extended importance Σ I")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+@app.command("opt-time")
+def opt_time_cmd(
+    latency: Annotated[Path, typer.Argument(help="latency table id,st,end,time,stdev (CSV)")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="optimal latency table to write (CSV)")
+    ],
+) -> None:
+    """Stage 1: write T_opt and its break points for every block (reference opt_time layout)."""
+    from .dp import optimal_latency
+    from .tables import LatencyTable
+
+    try:
+        table = LatencyTable.read_csv(latency)
+        opt = optimal_latency(table)
+    except DepthCompressError as exc:
+        raise fail(exc) from None
+    opt.write_csv(output)
+    split = sum(len(b) > 2 for b in opt.breaks)
+    console.print(
+        f"{len(opt)} blocks over positions 0..{opt.num_positions}, {split} of them faster split "
+        f"into smaller blocks (see the breaks column): written to {output}",
+        highlight=False,
+    )
+
+
+@app.command("solve")
+def solve_cmd(
+    latency: Annotated[
+        Path,
+        typer.Option(
+            help="latency table id,st,end,time,stdev; an optimal one (with breaks) is used as is"
+        ),
+    ],
+    importance: Annotated[
+        Path,
+        typer.Option(
+            help="importance table st,end,st_act,end_act,SCORE; its rows are the candidate "
+            "segments (an extended table with imp,breaks is used as is)"
+        ),
+    ],
+    budget: Annotated[
+        str,
+        typer.Option(
+            help="latency budget T0 in ms (Σ T_opt, table units): 25, or a sweep "
+            "START:STOP:STEP such as 18:30:0.5, or a list 18,20,25"
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="plan.json for one budget; for a sweep, the front as CSV (and a PNG beside it)",
+        ),
+    ] = None,
+    alpha: Annotated[
+        float,
+        typer.Option(
+            help="normalisation h - alpha * mean(single-conv h); 1.6 is the paper's "
+            "MobileNetV2-1.0 value (1.2 for MBV2-1.4, 1.4 for VGG19)"
+        ),
+    ] = 1.6,
+    score: Annotated[
+        str,
+        typer.Option(
+            help="importance column: the score difference to the unmodified network "
+            "(e.g. held-out accuracy change in % points)"
+        ),
+    ] = "val_acc",
+    rounding: Annotated[
+        str,
+        typer.Option(
+            help="'exact' (never exceeds the budget) or 'reference' (the paper code's floor "
+            "grid, to reproduce its published plans; may exceed the budget)"
+        ),
+    ] = "exact",
+    prec: Annotated[
+        float, typer.Option(help="grid steps per ms for --rounding reference (MBV2: 20, VGG: 10)")
+    ] = 20.0,
+) -> None:
+    """Stage 2: the most important plan (A, S) within the latency budget, or a sweep's front."""
+    from .dp import DEFAULT_PREC, ROUNDINGS, solve, sweep
+    from .tables import ExtendedImportanceTable, read_importance, read_latency
+
+    if rounding not in ROUNDINGS:
+        raise typer.BadParameter(f"--rounding must be one of {', '.join(ROUNDINGS)}")
+    if not prec > 0:
+        raise typer.BadParameter(f"--prec must be positive (default {DEFAULT_PREC:g})")
+    budgets = _parse_budgets(budget)
+    is_sweep = len(budgets) > 1 or ":" in budget or "," in budget
+    if is_sweep and output is not None and output.suffix.lower() == ".json":
+        raise typer.BadParameter(
+            "a sweep writes its front as CSV (and a PNG beside it): give -o front.csv"
+        )
+    try:
+        lat = read_latency(latency)
+        imp = read_importance(importance, score)
+        if isinstance(imp, ExtendedImportanceTable):
+            console.print(
+                f"{importance} is an extended importance table (imp, breaks): used as is, "
+                "without --alpha and --score"
+            )
+        if not is_sweep:
+            sol = solve(lat, imp, budgets[0], alpha=alpha, rounding=rounding, prec=prec)
+        else:
+            result = sweep(lat, imp, budgets, alpha=alpha, rounding=rounding, prec=prec)
+    except DepthCompressError as exc:
+        raise fail(exc) from None
+    if not is_sweep:
+        import json
+
+        _print_solution(sol, score, alpha)
+        if output is not None:
+            output.write_text(json.dumps(sol.to_dict(), indent=1) + "\n")
+            console.print(f"plan written to {output}")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"budget sweep ({rounding})", header_style="bold")
+    for col in ("budget", "latency", "importance", "|A|", "blocks"):
+        table.add_column(col, justify="right")
+    for sol in result.solutions:
+        table.add_row(
+            f"{sol.budget:g}",
+            f"{sol.latency:.4f}",
+            f"{sol.importance:.4f}",
+            str(len(sol.plan.activations)),
+            str(len(sol.plan.boundaries)),
+        )
+    console.print(table)
+    console.print(f"{len(result.front)} Pareto-optimal plans up to {max(budgets):g} ms")
+    if output is None:
+        return
+    _write_front_csv(output, result)
+    console.print(f"front written to {output}")
+    png = output.with_suffix(".png")
+    title = f"{latency.name} × {importance.name} (alpha {alpha:g}, {rounding})"
+    if _plot_front(png, result, title):
+        console.print(f"plot written to {png}")
+    else:
+        console.print(
+            "note: matplotlib is not installed, so no plot was drawn; "
+            "pip install depthcompress[plot] adds it",
+            markup=False,
+        )

@@ -1,0 +1,778 @@
+"""Importance tables (ALGORITHM.md §6): for every extended block ``(st, end, st_act, end_act)``,
+fine-tune the network with the activations inside the span removed and score it on a held-out
+split of the training data, relative to the unmodified network.
+
+Each entry is an independent job: a table is written row by row (resumable), can be split into
+disjoint shards and merged, and entries can run in local worker processes or as Ray tasks.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import math
+import os
+import pickle
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .data import SplitData, batches, tensor_bytes
+from .errors import DepthCompressError, TableError
+from .graph import ConvChain, symbolic_trace
+from .linearization import linearize
+from .plan import Plan
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+FORMAT = "depthcompress-importance/1"
+SCORE = "val_acc"
+KEY_COLUMNS = ("st", "end", "st_act", "end_act")
+# val_acc and val_loss are differences to the unmodified network (% points, nats); train_loss is
+# the mean fine-tuning loss, steps its length, seconds the entry's wall time
+COLUMNS = (*KEY_COLUMNS, SCORE, "val_loss", "train_loss", "steps", "seconds")
+EXECUTORS = ("local", "ray")
+
+# Defaults chosen by benchmarks/bench_importance.py on Fashion-MNIST (docs/benchmarks.md).
+DEFAULT_STEPS = 100
+DEFAULT_LR = 0.05
+DEFAULT_BATCH_SIZE = 128
+DEFAULT_HOLDOUT = 10000
+
+
+class Entry(NamedTuple):
+    """One extended block: convs ``st+1..end`` with the activations strictly inside removed, and
+    flags for an activation at ``st`` and at ``end``."""
+
+    st: int
+    end: int
+    st_act: int
+    end_act: int
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """How each entry is fine-tuned and scored (recorded beside the table; ``steps=0`` is the
+    zero-shot estimate: no fine-tuning, no re-initialisation). ``threads`` is fixed per entry,
+    whatever the executor, because CPU results depend on it in the last bits."""
+
+    steps: int = DEFAULT_STEPS
+    lr: float = DEFAULT_LR
+    batch_size: int = DEFAULT_BATCH_SIZE
+    seed: int = 0
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    eval_batch_size: int = 1000
+    reinit_single: bool = True
+    exclude_zeros: bool = True
+    channels_last: bool = True
+    loader_workers: int = 0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise DepthCompressError("steps must be ≥ 0 and batch sizes ≥ 1")
+        if not self.lr > 0:
+            raise DepthCompressError(f"lr must be positive, got {self.lr}")
+        if self.threads < 1:
+            raise DepthCompressError(f"threads must be ≥ 1, got {self.threads}")
+
+    @property
+    def zero_shot(self) -> bool:
+        """Whether entries are scored without fine-tuning."""
+        return self.steps == 0
+
+
+@dataclass
+class _Job:
+    """Everything one entry needs, pickled once per worker."""
+
+    net: nn.Module
+    chain: ConvChain
+    data: SplitData
+    settings: FinetuneSettings
+    base: tuple[float, float]
+    device: str
+
+
+# ---------------------------------------------------------------------------------------------
+# entries and their networks
+
+
+def enumerate_entries(chain: ConvChain, *, exclude_zeros: bool = True) -> list[Entry]:
+    """Every extended block the DP needs, sorted by (st, end, st_act, end_act).
+
+    Flags may be 0 only at linear positions; a span from 0 has flag 1 at 0. With
+    ``exclude_zeros`` (the reference) a span gets ``st_act=0`` only if ``st`` is linear and then
+    ``end_act=1``, else ``end_act=0`` only if ``end`` is linear.
+    """
+    linear = set(chain.linear_positions)
+    entries = []
+    for st, end in chain.blocks:
+        if exclude_zeros:
+            if st == 0:
+                flags = [(1, 1)]
+            elif st in linear:
+                flags = [(0, 1), (1, 1)]
+            elif end in linear:
+                flags = [(1, 0), (1, 1)]
+            else:
+                flags = [(1, 1)]
+        else:
+            xs = (0, 1) if st in linear else (1,)
+            ys = (0, 1) if end in linear else (1,)
+            flags = [(x, y) for x in xs for y in ys]
+        entries += [Entry(st, end, x, y) for x, y in flags]
+    return sorted(entries)
+
+
+def entry_activations(chain: ConvChain, entry: Entry) -> frozenset[int]:
+    """The kept activations of an entry's network: A0 minus the span's interior, plus ``st``
+    and ``end`` as flagged."""
+    st, end, st_act, end_act = entry
+    keep = set(chain.activation_positions) - set(range(st + 1, end))
+    keep.discard(st)
+    keep.discard(end)
+    if st_act and st >= 1:
+        keep.add(st)
+    if end_act:
+        keep.add(end)
+    return frozenset(keep)
+
+
+def entry_plan(chain: ConvChain, entry: Entry) -> Plan:
+    """The plan an entry is measured with: the coarsest valid cover keeping its activations."""
+    return Plan.for_activations(chain, entry_activations(chain, entry))
+
+
+def entry_network(
+    model: nn.Module, chain: ConvChain, entry: Entry, *, reinit_single: bool = True
+) -> fx.GraphModule:
+    """The trainable network of an entry; for a single-conv span (nothing removed) its conv and
+    BN are re-initialised, as the reference does, so the entry measures how much that conv
+    matters. Re-initialisation draws from torch's global RNG."""
+    net = linearize(model, chain, entry_plan(chain, entry))
+    if reinit_single and entry.end == entry.st + 1:
+        pos = chain.positions[entry.end]
+        for name in (pos.conv, pos.bn):
+            if name is not None:
+                net.get_submodule(name).reset_parameters()
+    return net
+
+
+def portable_model(model: nn.Module, chain: ConvChain) -> fx.GraphModule:
+    """An eval-mode fx copy of ``model`` made of torch modules only, so worker processes and Ray
+    tasks can unpickle it without importing the user's model code."""
+    net = symbolic_trace(copy.deepcopy(model).eval(), chain.leaf_modules)
+    net._tracer_cls = None  # unpickling re-traces with this class; fx's default needs no args
+    return net
+
+
+def entry_seed(seed: int, entry: Entry) -> int:
+    """A seed for one entry, derived from the global seed and the entry alone (so any shard,
+    worker or order gives the same result)."""
+    text = f"{seed}:{entry.st}:{entry.end}:{entry.st_act}:{entry.end_act}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") % (2**63)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` → ``(K, N)`` with 1 ≤ K ≤ N."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise DepthCompressError(f"shard {text!r} must look like K/N, e.g. 2/4") from None
+    if not 1 <= k <= n:
+        raise DepthCompressError(f"shard {text!r}: need 1 ≤ K ≤ N")
+    return k, n
+
+
+def shard_entries(entries: Sequence[Entry], shard: tuple[int, int] | None) -> list[Entry]:
+    """The K-th of N disjoint parts: entries whose index in the sorted list is K-1 mod N."""
+    if shard is None:
+        return list(entries)
+    k, n = shard
+    return [e for idx, e in enumerate(entries) if idx % n == k - 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuning and scoring
+
+
+def _prepare(net: nn.Module, settings: FinetuneSettings, device: str) -> nn.Module:
+    net = net.to(device)
+    if settings.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def _inputs(x: torch.Tensor, settings: FinetuneSettings, device: str) -> torch.Tensor:
+    x = x.to(device)
+    return x.to(memory_format=torch.channels_last) if settings.channels_last else x
+
+
+def evaluate(
+    net: nn.Module, dataset: Dataset, settings: FinetuneSettings, device: str = "cpu"
+) -> tuple[float, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``net`` (eval mode) on ``dataset``."""
+    net = _prepare(net, settings, device).eval()
+    order = torch.arange(len(dataset))  # type: ignore[arg-type]
+    correct, loss, count = 0, 0.0, 0
+    with torch.no_grad():
+        for x, y in batches(dataset, order, settings.eval_batch_size, settings.loader_workers):
+            logits = net(_inputs(x, settings, device))
+            y = y.to(device)
+            correct += int((logits.argmax(1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            count += len(y)
+    if count == 0:
+        raise DepthCompressError("the held-out split is empty")
+    return 100.0 * correct / count, loss / count
+
+
+def finetune(
+    net: nn.Module, dataset: Dataset, settings: FinetuneSettings, seed: int, device: str = "cpu"
+) -> float:
+    """Fine-tune ``net`` in place for ``settings.steps`` SGD steps (Nesterov, momentum 0.9,
+    cosine decay to 0) on batches drawn by ``seed``; returns the mean training loss."""
+    net = _prepare(net, settings, device).train()
+    steps, bs = settings.steps, settings.batch_size
+    n = len(dataset)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * bs / n))]
+    order = torch.cat(perms)[: steps * bs]
+    opt = torch.optim.SGD(
+        net.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        nesterov=True,
+        weight_decay=settings.weight_decay,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / steps))
+    )
+    total = 0.0
+    for x, y in batches(dataset, order, bs, settings.loader_workers):
+        loss = F.cross_entropy(net(_inputs(x, settings, device)), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += float(loss.detach())
+    return total / steps
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch CPU threads, then restore the previous count."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def measure_entry(job: _Job, entry: Entry) -> dict[str, Any]:
+    """Build, fine-tune and score one entry; returns its table row."""
+    start = time.perf_counter()
+    s = job.settings
+    seed = entry_seed(s.seed, entry)
+    with torch.random.fork_rng(devices=[]), torch_threads(s.threads):
+        torch.manual_seed(seed)
+        net = entry_network(
+            job.net, job.chain, entry, reinit_single=s.reinit_single and s.steps > 0
+        )
+        train_loss = finetune(net, job.data.train, s, seed, job.device) if s.steps else math.nan
+        acc, loss = evaluate(net, job.data.holdout, s, job.device)
+    return {
+        **entry._asdict(),
+        SCORE: round(acc - job.base[0], 10),
+        "val_loss": round(loss - job.base[1], 10),
+        "train_loss": train_loss,
+        "steps": s.steps,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# table files
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON file that records how a table was computed: ``TABLE.csv.json``."""
+    return Path(f"{path}.json")
+
+
+def _sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_sha(model: nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (names, shapes, values)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(tensor_bytes(t))
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    return {"depthcompress": __version__, "torch": torch.__version__}
+
+
+# sidecar keys that must agree for rows to belong to one table
+COMPATIBLE_KEYS = ("format", "score", "model", "data", "settings", "entries", "base", "versions")
+
+
+def table_meta(
+    model: nn.Module,
+    chain: ConvChain,
+    data: SplitData,
+    settings: FinetuneSettings,
+    base: tuple[float, float],
+    entries: Sequence[Entry],
+    *,
+    shard: tuple[int, int] | None,
+    model_name: str,
+) -> dict[str, Any]:
+    """The sidecar of a table: what it was computed from, with which settings."""
+    return {
+        "format": FORMAT,
+        "score": SCORE,
+        "model": {
+            "name": model_name,
+            "weights_sha256": weights_sha(model),
+            "chain_sha256": _sha([chain.signature(), list(chain.barriers), chain.mode]),
+            "num_positions": chain.num_positions,
+            "mode": chain.mode,
+            "exclude": list(chain.exclude),
+        },
+        "data": {k: v for k, v in data.info.items() if k != "root"},
+        "data_root": data.info.get("root"),
+        "settings": asdict(settings),
+        "entries": {"count": len(entries), "sha256": _sha([list(e) for e in entries])},
+        "base": {SCORE: base[0], "val_loss": base[1]},
+        "versions": _versions(),
+        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+        "python": platform.python_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _mismatch(a: dict[str, Any], b: dict[str, Any], keys: Iterable[str]) -> list[str]:
+    """Dotted names of the settings that differ between two sidecars."""
+    out = []
+    for key in keys:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += [f"{key}.{k}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
+        elif va != vb:
+            out.append(key)
+    return out
+
+
+def _describe(a: dict[str, Any], b: dict[str, Any], diff: list[str]) -> str:
+    parts = []
+    for name in diff[:6]:
+        path = name.split(".")
+        va, vb = a, b
+        for p in path:
+            va = va.get(p) if isinstance(va, dict) else None
+            vb = vb.get(p) if isinstance(vb, dict) else None
+        parts.append(f"{name}: {va!r} vs {vb!r}")
+    return "; ".join(parts)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise TableError(
+            f"{path} has no sidecar {side.name}: cannot tell how it was computed; delete it to "
+            "start over, or restore the sidecar"
+        )
+    try:
+        meta = json.loads(side.read_text())
+    except json.JSONDecodeError as exc:
+        raise TableError(f"{side} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise TableError(f"{side} is not a depthcompress importance sidecar ({FORMAT})")
+    return meta
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _format(row: dict[str, Any]) -> list[str]:
+    out = []
+    for col in COLUMNS:
+        v = row[col]
+        if col == "seconds":
+            out.append(f"{v:.3f}")
+        elif isinstance(v, float):
+            out.append(repr(v))
+        else:
+            out.append(str(int(v)))
+    return out
+
+
+def _parse(raw: dict[str, str], where: str) -> dict[str, Any]:
+    try:
+        row: dict[str, Any] = {c: int(raw[c]) for c in (*KEY_COLUMNS, "steps")}
+        row.update({c: float(raw[c]) for c in COLUMNS if c not in row})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TableError(f"{where}: malformed row {raw}: {exc}") from None
+    return row
+
+
+def _repair_tail(path: Path) -> None:
+    """Drop a last line cut short by an interruption (rows are whole lines ending in \\n)."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
+def read_table(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A table's sidecar and its rows (typed), in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise TableError(f"importance table {path} does not exist")
+    meta = _read_meta(path)
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None:
+            return meta, []
+        if tuple(reader.fieldnames) != COLUMNS:
+            raise TableError(f"{path}: expected columns {','.join(COLUMNS)}")
+        rows = [_parse(raw, f"{path}:{n + 2}") for n, raw in enumerate(reader)]
+    return meta, rows
+
+
+def _key(row: dict[str, Any]) -> Entry:
+    return Entry(*(int(row[c]) for c in KEY_COLUMNS))
+
+
+def write_table(path: str | Path, meta: dict[str, Any], rows: Iterable[dict[str, Any]]) -> None:
+    """Write a whole table (sorted by entry) and its sidecar, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        for row in sorted(rows, key=_key):
+            writer.writerow(_format(row))
+    _write_json(sidecar_path(path), meta)
+    os.replace(tmp, path)
+
+
+class _RowWriter:
+    """Appends rows to a table, each flushed and fsynced as soon as it is written."""
+
+    def __init__(self, path: Path) -> None:
+        new = not path.exists() or path.stat().st_size == 0
+        self.fh = path.open("a", newline="")
+        self.writer = csv.writer(self.fh, lineterminator="\n")
+        if new:
+            self.writer.writerow(COLUMNS)
+            self._sync()
+
+    def _sync(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.writer.writerow(_format(row))
+        self._sync()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# executors
+
+
+def _run_local(job: _Job, todo: list[Entry]) -> Iterator[dict[str, Any]]:
+    for entry in todo:
+        yield measure_entry(job, entry)
+
+
+_WORKER_JOB: _Job | None = None
+
+
+def _worker_init(payload: bytes) -> None:
+    global _WORKER_JOB
+    _WORKER_JOB = pickle.loads(payload)
+
+
+def _worker_measure(entry: Entry) -> dict[str, Any]:
+    assert _WORKER_JOB is not None
+    return measure_entry(_WORKER_JOB, entry)
+
+
+def _run_processes(job: _Job, todo: list[Entry], workers: int) -> Iterator[dict[str, Any]]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    payload = pickle.dumps(job)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, ctx, initializer=_worker_init, initargs=(payload,)) as pool:
+        futures = [pool.submit(_worker_measure, e) for e in todo]
+        try:
+            for fut in as_completed(futures):
+                yield fut.result()
+        except BrokenProcessPool:
+            raise DepthCompressError(
+                "a worker process died (its traceback is above): the model or data may not "
+                "load in a fresh process, or memory ran out; finished rows are kept, rerun with "
+                "--workers 1 to see the error in place"
+            ) from None
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+
+_RAY_JOBS: dict[str, _Job] = {}
+
+
+def _ray_measure(token: str, payload: bytes, entry: Entry) -> dict[str, Any]:
+    """Ray task body: unpickle the job once per worker process, then measure one entry."""
+    if token not in _RAY_JOBS:
+        _RAY_JOBS.clear()
+        _RAY_JOBS[token] = pickle.loads(payload)
+    return measure_entry(_RAY_JOBS[token], entry)
+
+
+def _run_ray(job: _Job, todo: list[Entry], address: str | None) -> Iterator[dict[str, Any]]:
+    try:
+        import ray
+    except ImportError:
+        raise DepthCompressError(
+            "--executor ray needs Ray: pip install 'depthcompress[ray]' (or pip install ray)"
+        ) from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    try:
+        payload = pickle.dumps(job)
+        token = hashlib.sha256(payload).hexdigest()
+        ref = ray.put(payload)
+        task = ray.remote(num_cpus=1, max_retries=2)(_ray_measure)
+        pending = [task.remote(token, ref, e) for e in todo]
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(done[0])
+        finally:
+            for p in pending:
+                ray.cancel(p)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+@dataclass
+class TableResult:
+    """What ``importance_table`` did: the table's sidecar, all its rows, and how many were new."""
+
+    path: Path
+    meta: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    computed: int = 0
+    skipped: int = 0
+
+
+def importance_table(
+    model: nn.Module,
+    chain: ConvChain,
+    data: SplitData,
+    path: str | Path,
+    *,
+    settings: FinetuneSettings | None = None,
+    shard: tuple[int, int] | str | None = None,
+    executor: str = "local",
+    workers: int = 1,
+    ray_address: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    model_name: str | None = None,
+    entries: Sequence[Entry] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> TableResult:
+    """Measure every entry of ``chain`` (or of one shard) and write the table at ``path``.
+
+    Rows are appended as they finish; an existing table with a matching sidecar is resumed
+    (finished rows are skipped), a mismatching one is refused. ``entries`` restricts the run to
+    a subset of the enumeration (for benchmarks); ``on_row`` sees each new row.
+    """
+    settings = settings or FinetuneSettings()
+    if isinstance(shard, str):
+        shard = parse_shard(shard)
+    if executor not in EXECUTORS:
+        raise DepthCompressError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if workers < 1:
+        raise DepthCompressError(f"workers must be ≥ 1, got {workers}")
+    path = Path(path)
+    all_entries = enumerate_entries(chain, exclude_zeros=settings.exclude_zeros)
+    if entries is not None:
+        unknown = sorted(set(entries) - set(all_entries))
+        if unknown:
+            raise DepthCompressError(f"entries {unknown[:3]} are not entries of this chain")
+    mine = shard_entries(all_entries, shard)
+    if entries is not None:
+        wanted = set(entries)
+        mine = [e for e in mine if e in wanted]
+    net = portable_model(model, chain)
+
+    done: dict[Entry, dict[str, Any]] = {}
+    if path.exists():
+        old_meta = _read_meta(path)
+        _repair_tail(path)
+        _, rows = read_table(path)
+        base = (old_meta["base"][SCORE], old_meta["base"]["val_loss"])
+        meta = table_meta(
+            model, chain, data, settings, base, all_entries, shard=shard, model_name=""
+        )
+        diff = _mismatch(old_meta, meta, (*COMPATIBLE_KEYS, "shard"))
+        diff = [d for d in diff if d != "model.name"]
+        if diff:
+            raise TableError(
+                f"{path} was computed with other settings ({_describe(old_meta, meta, diff)}): "
+                "resume with the same model, data and flags, or write to a new file"
+            )
+        meta = old_meta
+        done = {_key(r): r for r in rows}
+    else:
+        with torch_threads(settings.threads):
+            base = evaluate(copy.deepcopy(net), data.holdout, settings, device)
+        name = model_name or type(model).__name__
+        meta = table_meta(
+            model, chain, data, settings, base, all_entries, shard=shard, model_name=name
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(sidecar_path(path), meta)
+
+    todo = [e for e in mine if e not in done]
+    job = _Job(net, chain, data, settings, base, device)
+    result = TableResult(path=path, meta=meta, skipped=len(mine) - len(todo))
+    writer = _RowWriter(path)
+    try:
+        if executor == "ray":
+            rows_iter = _run_ray(job, todo, ray_address)
+        elif workers > 1 and len(todo) > 1:
+            rows_iter = _run_processes(job, todo, min(workers, len(todo)))
+        else:
+            rows_iter = _run_local(job, todo)
+        with _Progress(progress, len(mine), len(mine) - len(todo), path.name) as advance:
+            for row in rows_iter:
+                writer.write(row)
+                done[_key(row)] = row
+                result.computed += 1
+                advance()
+                if on_row is not None:
+                    on_row(row)
+    finally:
+        writer.close()
+    mine_set = set(mine)
+    if all(e in done for e in mine):
+        write_table(path, meta, done.values())
+    result.rows = sorted((r for k, r in done.items() if k in mine_set), key=_key)
+    return result
+
+
+class _Progress:
+    """A rich progress bar (rows done / total, elapsed, ETA), or nothing."""
+
+    def __init__(self, enabled: bool, total: int, completed: int, label: str) -> None:
+        self.enabled, self.total, self.completed, self.label = enabled, total, completed, label
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[], None]:
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        self.bar.start()
+        task = self.bar.add_task(self.label, total=self.total, completed=self.completed)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def merge_tables(
+    parts: Sequence[str | Path], out: str | Path, *, allow_missing: bool = False
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Join shard tables into one: refuses parts computed differently, rows present in two
+    parts, and (unless ``allow_missing``) a result missing entries. Writes ``out`` sorted."""
+    if not parts:
+        raise TableError("no tables to merge")
+    metas, rows_by = [], {}
+    origin: dict[Entry, Path] = {}
+    for part in parts:
+        part = Path(part)
+        meta, rows = read_table(part)
+        if metas:
+            diff = [d for d in _mismatch(metas[0], meta, COMPATIBLE_KEYS) if d != "model.name"]
+            if diff:
+                raise TableError(
+                    f"{part} is not compatible with {parts[0]}: {_describe(metas[0], meta, diff)}"
+                )
+        metas.append(meta)
+        for row in rows:
+            key = _key(row)
+            if key in origin:
+                raise TableError(
+                    f"entry {tuple(key)} is in both {origin[key]} and {part}: parts overlap"
+                )
+            origin[key] = part
+            rows_by[key] = row
+    merged = dict(metas[0])
+    total = merged["entries"]["count"]
+    if len(rows_by) < total and not allow_missing:
+        raise TableError(
+            f"the parts hold {len(rows_by)} of {total} entries: run the missing shards (or pass "
+            "--allow-missing to write an incomplete table)"
+        )
+    merged.update(shard=None, merged_from=[str(p) for p in parts])
+    write_table(out, merged, rows_by.values())
+    return merged, sorted(rows_by.values(), key=_key)
