@@ -161,7 +161,10 @@ def importance_cmd(
     executor: Annotated[str, typer.Option(help="'local' or 'ray'")] = "local",
     workers: Annotated[int, typer.Option(help="local worker processes (1 thread each)")] = 1,
     ray_address: Annotated[
-        str | None, typer.Option(help="Ray cluster address (default: start a local Ray)")
+        str | None,
+        typer.Option(
+            help="Ray cluster, e.g. 'auto' or ray://HOST:10001 (default: a new local one)"
+        ),
     ] = None,
     input_shape: Annotated[
         str | None, typer.Option("--input-shape", help="example input N,C,H,W (default: data's)")
