@@ -713,23 +713,9 @@ class _Progress:
     def __enter__(self) -> Callable[[], None]:
         if not self.enabled:
             return lambda: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from .report import progress_bar
 
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-        )
+        self.bar = progress_bar()
         self.bar.start()
         task = self.bar.add_task(self.label, total=self.total, completed=self.completed)
         return lambda: self.bar.advance(task)

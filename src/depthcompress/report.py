@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rich.progress import Progress
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -54,3 +55,25 @@ def chain_table(chain: ConvChain, title: str = "") -> Table:
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape[1:])
+
+
+def progress_bar(*extra: str) -> Progress:
+    """The progress bar every long stage shows: description, bar, done/total, elapsed, ETA,
+    then ``extra`` text columns (format strings over the task, e.g. ``"{task.fields[block]}"``)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        *(TextColumn(text) for text in extra),
+    )
