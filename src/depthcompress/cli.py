@@ -27,6 +27,19 @@ def main() -> None:
     """Trace, measure, solve, fine-tune and merge: see each command's --help."""
 
 
+# The chain options every command that traces a model takes.
+ModeOption = Annotated[
+    str, typer.Option(help="valid-block rule: 'general' or 'reference' (paper's stride rule)")
+]
+MaxKernelOption = Annotated[
+    int, typer.Option(help="largest merged kernel allowed in a block (0 = no limit)")
+]
+ExcludeOption = Annotated[
+    list[str] | None,
+    typer.Option(help="module name to keep out of the chain (repeatable), e.g. the stem"),
+]
+
+
 def fail(exc: DepthCompressError) -> typer.Exit:
     """Print a depthcompress error as one clear line and return the exit to raise."""
     console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
@@ -51,16 +64,9 @@ def inspect(
     input_shape: Annotated[
         str, typer.Option("--input-shape", help="example input N,C,H,W")
     ] = "1,3,224,224",
-    mode: Annotated[
-        str, typer.Option(help="valid-block rule: 'general' or 'reference' (paper's stride rule)")
-    ] = "general",
-    max_kernel_size: Annotated[
-        int, typer.Option(help="largest merged kernel allowed in a block (0 = no limit)")
-    ] = 15,
-    exclude: Annotated[
-        list[str] | None,
-        typer.Option(help="module name to keep out of the chain (repeatable), e.g. the stem"),
-    ] = None,
+    mode: ModeOption = "general",
+    max_kernel_size: MaxKernelOption = 15,
+    exclude: ExcludeOption = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="also write the chain as JSON to this file")
     ] = None,
@@ -172,16 +178,9 @@ def importance_cmd(
     image_size: Annotated[
         int | None, typer.Option(help="ImageFolder: crop size (adds the reference augmentation)")
     ] = None,
-    mode: Annotated[
-        str, typer.Option(help="valid-block rule: 'general' or 'reference' (paper's stride rule)")
-    ] = "general",
-    max_kernel_size: Annotated[
-        int, typer.Option(help="largest merged kernel allowed in a block (0 = no limit)")
-    ] = 15,
-    exclude: Annotated[
-        list[str] | None,
-        typer.Option(help="module name to keep out of the chain (repeatable), e.g. the stem"),
-    ] = None,
+    mode: ModeOption = "general",
+    max_kernel_size: MaxKernelOption = 15,
+    exclude: ExcludeOption = None,
     all_flags: Annotated[
         bool, typer.Option(help="measure every flag combination, not the reference's subset")
     ] = False,
@@ -340,16 +339,9 @@ def latency_cmd(
     input_shape: Annotated[
         str, typer.Option("--input-shape", help="example input N,C,H,W")
     ] = "1,3,224,224",
-    mode: Annotated[
-        str, typer.Option(help="valid-block rule: 'general' or 'reference' (paper's stride rule)")
-    ] = "general",
-    max_kernel_size: Annotated[
-        int, typer.Option(help="largest merged kernel allowed in a block (0 = no limit)")
-    ] = 15,
-    exclude: Annotated[
-        list[str] | None,
-        typer.Option(help="module name to keep out of the chain (repeatable), e.g. the stem"),
-    ] = None,
+    mode: ModeOption = "general",
+    max_kernel_size: MaxKernelOption = 15,
+    exclude: ExcludeOption = None,
 ) -> None:
     """Measure the latency table T(i, j) of MODEL's blocks (resumable), or with --whole the
     end-to-end latency of a network, on a real backend."""

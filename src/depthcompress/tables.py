@@ -240,8 +240,38 @@ def _join(positions: Iterable[int]) -> str:
 # the tables
 
 
+class _BlockRows:
+    """Row accessors shared by the latency and optimal-latency tables (one row per block)."""
+
+    st: np.ndarray
+    end: np.ndarray
+    time: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.st)
+
+    @property
+    def num_positions(self) -> int:
+        """L: the chain's last position (positions are 0..L)."""
+        return int(self.end.max())
+
+    @cached_property
+    def blocks(self) -> tuple[Block, ...]:
+        """The valid blocks ``(st, end)`` in row order."""
+        return tuple(zip(self.st.tolist(), self.end.tolist(), strict=True))
+
+    @cached_property
+    def index(self) -> dict[Block, int]:
+        """Row of each block."""
+        return {b: k for k, b in enumerate(self.blocks)}
+
+    def time_of(self, st: int, end: int) -> float:
+        """The table's time for block ``(st, end)`` in ms; KeyError if the block is not valid."""
+        return float(self.time[self.index[(st, end)]])
+
+
 @dataclass(frozen=True, eq=False)
-class LatencyTable:
+class LatencyTable(_BlockRows):
     """``T(i, j)`` (ms, with its stdev) for every valid block ``(i, j)``: convs ``i+1..j`` merged
     into one. The set of rows is the set of valid blocks."""
 
@@ -307,31 +337,9 @@ class LatencyTable:
         )
         _write(path, LATENCY_COLUMNS, rows)
 
-    def __len__(self) -> int:
-        return len(self.st)
-
-    @property
-    def num_positions(self) -> int:
-        """L: the chain's last position (positions are 0..L)."""
-        return int(self.end.max())
-
-    @cached_property
-    def blocks(self) -> tuple[Block, ...]:
-        """The valid blocks ``(st, end)`` in row order."""
-        return tuple(zip(self.st.tolist(), self.end.tolist(), strict=True))
-
-    @cached_property
-    def index(self) -> dict[Block, int]:
-        """Row of each block."""
-        return {b: k for k, b in enumerate(self.blocks)}
-
-    def time_of(self, st: int, end: int) -> float:
-        """``T(st, end)`` in ms; KeyError if the block is not valid."""
-        return float(self.time[self.index[(st, end)]])
-
 
 @dataclass(frozen=True, eq=False)
-class OptimalLatencyTable:
+class OptimalLatencyTable(_BlockRows):
     """``T_opt(i, j)``: the fastest tiling of ``(i, j)`` by valid blocks (stage 1, §5), with the
     tiling's boundaries ``breaks`` from ``i`` to ``j`` inclusive and its summed stdev."""
 
@@ -392,28 +400,6 @@ class OptimalLatencyTable:
             for k in range(len(self))
         )
         _write(path, OPT_LATENCY_COLUMNS, rows)
-
-    def __len__(self) -> int:
-        return len(self.st)
-
-    @property
-    def num_positions(self) -> int:
-        """L: the chain's last position (positions are 0..L)."""
-        return int(self.end.max())
-
-    @cached_property
-    def blocks(self) -> tuple[Block, ...]:
-        """The valid blocks ``(st, end)`` in row order."""
-        return tuple(zip(self.st.tolist(), self.end.tolist(), strict=True))
-
-    @cached_property
-    def index(self) -> dict[Block, int]:
-        """Row of each block."""
-        return {b: k for k, b in enumerate(self.blocks)}
-
-    def time_of(self, st: int, end: int) -> float:
-        """``T_opt(st, end)`` in ms; KeyError if the block is not valid."""
-        return float(self.time[self.index[(st, end)]])
 
     def breaks_of(self, st: int, end: int) -> tuple[int, ...]:
         """The boundaries of the fastest tiling of ``(st, end)``, ``st`` and ``end`` included."""
