@@ -133,6 +133,112 @@ def _load_model_with_weights(spec: str, weights: Path | None):  # returns an nn.
     return net
 
 
+def _command_line() -> str:
+    """The command that is running, for records a person can re-run."""
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in ["depthcompress", *sys.argv[1:]])
+
+
+@app.command("train")
+def train_cmd(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="depthcompress:fashion_mbv2, torchvision:NAME or path/to/file.py:factory"
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="trained weights (state_dict)")],
+    data: Annotated[
+        str, typer.Option(help="'fashion-mnist' or an ImageFolder directory (its train/ part)")
+    ] = "fashion-mnist",
+    epochs: Annotated[int, typer.Option(help="passes over the training data")] = 10,
+    lr: Annotated[float, typer.Option(help="peak learning rate (cosine decay to 0)")] = 0.1,
+    batch_size: Annotated[int, typer.Option(help="global batch size")] = 128,
+    optimizer: Annotated[str, typer.Option(help="'sgd' (Nesterov) or 'adamw'")] = "sgd",
+    weight_decay: Annotated[float, typer.Option(help="weight decay")] = 4e-5,
+    holdout: Annotated[
+        int,
+        typer.Option(
+            help="training examples held out (never trained on) to score importance later; "
+            "use the same value for compress"
+        ),
+    ] = 10000,
+    holdout_seed: Annotated[int, typer.Option(help="seed choosing the held-out examples")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the initialisation and batch order")] = 0,
+    image_size: Annotated[
+        int | None, typer.Option(help="ImageFolder: crop size (adds the reference augmentation)")
+    ] = None,
+    channels: Annotated[int, typer.Option(help="ImageFolder: 3 (RGB) or 1 (grayscale)")] = 3,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda if any)")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Train MODEL from scratch on DATA (minus the held-out split); resumable, torchrun-ready.
+
+    Checkpoints go to OUTPUT.ckpt/ after every epoch, so an interrupted run resumes where it
+    stopped. The weights and a JSON record (command, accuracy, versions) are written at the end.
+    """
+    import json
+    import time
+
+    import torch
+
+    from .data import load_split, load_test
+    from .finetune import FinetuneConfig, evaluate, finetune
+
+    try:
+        net = _load_model_with_weights(model, None)
+        split = load_split(
+            data, holdout=holdout, seed=holdout_seed, image_size=image_size, channels=channels
+        )
+        test = load_test(data, image_size=image_size, channels=channels)
+        config = FinetuneConfig(
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            optimizer=optimizer,  # type: ignore[arg-type]
+            weight_decay=weight_decay,
+            seed=seed,
+        )
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        result = finetune(
+            net,
+            split.train,
+            config,
+            checkpoint_dir=output.with_name(output.name + ".ckpt"),
+            holdout_data=split.holdout,
+            progress=progress,
+            device=device,
+        )
+        seconds = time.perf_counter() - start
+        held = result.history[-1].accuracy
+        test_acc = evaluate(net, test) if test is not None else None
+    except DepthCompressError as exc:
+        raise fail(exc) from None
+    net = net.cpu().to(memory_format=torch.contiguous_format)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), output)
+    record = {
+        "command": _command_line(),
+        "model": model,
+        "data": split.info,
+        "config": config.to_dict(),
+        "holdout_accuracy": held,
+        "test_accuracy": test_acc,
+        "seconds": round(seconds, 1),
+        "resumed_epochs": result.resumed_epochs,
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+    }
+    output.with_name(output.name + ".json").write_text(json.dumps(record, indent=1) + "\n")
+    test_text = f", test {test_acc:.2f} %" if test_acc is not None else ""
+    console.print(
+        f"trained {model} for {epochs} epochs in {seconds:.0f} s: held-out {held:.2f} %"
+        f"{test_text}; weights in {output} (record in {output}.json)",
+        highlight=False,
+    )
+
+
 @app.command("importance")
 def importance_cmd(
     model: Annotated[
@@ -713,3 +819,270 @@ def solve_cmd(
             "pip install depthcompress[plot] adds it",
             markup=False,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole job (issue 7)
+
+
+def _run_compress(
+    net,  # nn.Module
+    model_name: str,
+    data: str,
+    workdir: Path,
+    settings,  # pipeline.CompressSettings
+    *,
+    holdout: int,
+    holdout_seed: int,
+    input_shape: str | None,
+    image_size: int | None,
+    redo: str | None,
+    progress: bool,
+    download: bool = False,
+) -> None:
+    """Load the data, run ``pipeline.compress`` and print the summary table."""
+    import torch
+
+    from .data import load_split, load_test
+    from .pipeline import compress
+    from .report import summary_table
+
+    channels = _parse_shape(input_shape)[1] if input_shape else 3
+    split = load_split(
+        data,
+        holdout=holdout,
+        seed=holdout_seed,
+        image_size=image_size,
+        channels=channels,
+        download=download,
+    )
+    test = load_test(data, image_size=image_size, channels=channels, download=download)
+    example = torch.randn(_parse_shape(input_shape)) if input_shape else None
+    try:
+        result = compress(
+            net,
+            split,
+            workdir,
+            settings,
+            example_input=example,
+            test_data=test,
+            model_name=model_name,
+            redo=redo,
+            progress=progress,
+            log=lambda m: console.print(m, highlight=False, markup=False),
+            command=_command_line(),
+        )
+    except KeyboardInterrupt:
+        console.print(
+            f"[bold yellow]interrupted:[/] everything finished so far is in {workdir}; run the "
+            "same command again to resume"
+        )
+        raise typer.Exit(code=130) from None
+    console.print(summary_table(result.evaluation, title=f"{model_name}: original vs compressed"))
+    console.print(
+        f"plan: {len(result.plan.activations)} activations kept, "
+        f"{result.original.depth} → {result.compressed.depth} convolutions; "
+        f"stages run now: {', '.join(result.ran) or 'none (all finished before)'}",
+        highlight=False,
+    )
+    console.print(f"report: [bold]{workdir / 'report.md'}[/]", highlight=False)
+
+
+def _compress_settings(**kw):  # returns pipeline.CompressSettings
+    """Build the pipeline's settings from CLI values, turning bad values into one error."""
+    from .backends import Protocol
+    from .finetune import FinetuneConfig
+    from .importance import FinetuneSettings
+    from .pipeline import Budget, CompressSettings
+
+    return CompressSettings(
+        budget=Budget.parse(kw["budget"]),
+        backend=kw["backend"],
+        threads=kw["threads"],
+        batch=kw["batch"],
+        protocol=Protocol(),
+        mode=kw["mode"],
+        max_kernel_size=kw["max_kernel_size"] or None,
+        exclude=tuple(kw["exclude"] or ()),
+        importance=FinetuneSettings(
+            steps=kw["importance_steps"], lr=kw["importance_lr"], seed=kw["seed"]
+        ),
+        workers=kw["workers"],
+        alpha=kw["alpha"],
+        finetune=FinetuneConfig(
+            epochs=kw["epochs"],
+            lr=kw["lr"],
+            batch_size=kw["finetune_batch_size"],
+            optimizer=kw["optimizer"],
+            distill=kw["distill"],
+            seed=kw["seed"],
+        ),
+        device=kw["device"],
+        seed=kw["seed"],
+    )
+
+
+BudgetOption = Annotated[
+    str,
+    typer.Option(
+        help="latency budget: a fraction of the original chain latency such as 0.6x, or T0 in "
+        "ms of the latency table (Σ T_opt)"
+    ),
+]
+WorkdirOption = Annotated[
+    Path, typer.Option(help="folder for every stage's files; a re-run resumes from it")
+]
+RedoOption = Annotated[
+    str | None,
+    typer.Option(
+        help="redo this stage and the later ones (latency, optimal, importance, solve, "
+        "finetune, merge, evaluate); their old files move to WORKDIR/previous/N/"
+    ),
+]
+
+
+@app.command("compress")
+def compress_cmd(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="depthcompress:fashion_mbv2, torchvision:NAME or path/to/file.py:factory"
+        ),
+    ],
+    budget: BudgetOption,
+    workdir: WorkdirOption,
+    data: Annotated[
+        str, typer.Option(help="'fashion-mnist' or an ImageFolder directory (train/ and val/)")
+    ] = "fashion-mnist",
+    weights: Annotated[
+        Path | None, typer.Option(help="trained weights: a state_dict saved with torch.save")
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="latency backend: onnxruntime, torch, openvino or tensorrt")
+    ] = "onnxruntime",
+    batch: Annotated[
+        int, typer.Option(help="batch size of every latency measurement and of the ONNX file")
+    ] = 1,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads of the latency backend (default: all)")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="fine-tuning epochs of the linearized network")] = 3,
+    lr: Annotated[float, typer.Option(help="fine-tuning peak learning rate (cosine)")] = 0.02,
+    optimizer: Annotated[str, typer.Option(help="fine-tuning optimizer: sgd or adamw")] = "sgd",
+    distill: Annotated[
+        float, typer.Option(help="knowledge-distillation weight (0 = off; the paper uses 0.3)")
+    ] = 0.0,
+    finetune_batch_size: Annotated[int, typer.Option(help="fine-tuning batch size")] = 128,
+    importance_steps: Annotated[
+        int, typer.Option(help="fine-tuning steps per importance entry (0 = zero-shot)")
+    ] = 100,
+    importance_lr: Annotated[float, typer.Option(help="importance fine-tuning lr")] = 0.05,
+    workers: Annotated[int, typer.Option(help="importance worker processes")] = 1,
+    alpha: Annotated[float, typer.Option(help="importance normalisation alpha (§6)")] = 1.6,
+    holdout: Annotated[
+        int, typer.Option(help="training examples held out to score importance")
+    ] = 10000,
+    holdout_seed: Annotated[int, typer.Option(help="seed choosing the held-out examples")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
+    input_shape: Annotated[
+        str | None, typer.Option("--input-shape", help="example input N,C,H,W (default: data's)")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="ImageFolder: crop size (adds the reference augmentation)")
+    ] = None,
+    mode: ModeOption = "general",
+    max_kernel_size: MaxKernelOption = 15,
+    exclude: ExcludeOption = None,
+    device: Annotated[str | None, typer.Option(help="torch device for fine-tuning")] = None,
+    redo: RedoOption = None,
+    download: Annotated[
+        bool, typer.Option(help="download Fashion-MNIST with torchvision if it is not installed")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Compress MODEL end to end: latency and importance tables, DP, fine-tune, merge, export.
+
+    Every stage writes its files to --workdir; running the same command again resumes at the
+    first unfinished stage. Ends with a summary table and WORKDIR/report.md.
+    """
+    try:
+        settings = _compress_settings(**locals())
+        net = _load_model_with_weights(model, weights)
+        _run_compress(
+            net,
+            model,
+            data,
+            workdir,
+            settings,
+            holdout=holdout,
+            holdout_seed=holdout_seed,
+            input_shape=input_shape,
+            image_size=image_size,
+            redo=redo,
+            progress=progress,
+            download=download,
+        )
+    except DepthCompressError as exc:
+        raise fail(exc) from None
+
+
+@app.command("demo")
+def demo_cmd(
+    workdir: WorkdirOption = Path("runs/demo"),
+    budget: BudgetOption = "0.6x",
+    epochs: Annotated[int, typer.Option(help="fine-tuning epochs")] = 3,
+    importance_steps: Annotated[int, typer.Option(help="steps per importance entry")] = 25,
+    workers: Annotated[
+        int | None, typer.Option(help="importance worker processes (default: CPU cores, ≤ 4)")
+    ] = None,
+    redo: RedoOption = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Compress the built-in demo: a MobileNetV2-style network trained on Fashion-MNIST.
+
+    Uses the checkpoint the package ships (made by 'depthcompress train'; the command is in
+    weights/fashion_mbv2.pt.json), ONNX Runtime on this CPU at batch 64, and ends with the
+    summary table and the report's path (about 10 minutes on 2 cores).
+    """
+    import os
+
+    from .models import FASHION_MBV2_EXCLUDE, trained_weights
+
+    try:
+        weights = trained_weights("fashion_mbv2")
+        net = _load_model_with_weights("depthcompress:fashion_mbv2", weights)
+        settings = _compress_settings(
+            budget=budget,
+            backend="onnxruntime",
+            threads=None,
+            batch=64,
+            mode="general",
+            max_kernel_size=15,
+            exclude=list(FASHION_MBV2_EXCLUDE),
+            importance_steps=importance_steps,
+            importance_lr=0.05,
+            workers=workers or max(1, min(4, os.cpu_count() or 1)),
+            alpha=1.6,
+            epochs=epochs,
+            lr=0.02,
+            finetune_batch_size=128,
+            optimizer="sgd",
+            distill=0.0,
+            device=None,
+            seed=0,
+        )
+        _run_compress(
+            net,
+            "depthcompress:fashion_mbv2",
+            "fashion-mnist",
+            workdir,
+            settings,
+            holdout=10000,
+            holdout_seed=0,
+            input_shape=None,
+            image_size=None,
+            redo=redo,
+            progress=progress,
+        )
+    except DepthCompressError as exc:
+        raise fail(exc) from None

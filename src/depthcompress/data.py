@@ -282,7 +282,7 @@ def load_split(
     download: bool = False,
 ) -> SplitData:
     """The CLI's ``--data``: ``fashion-mnist`` (training split) or an ImageFolder directory."""
-    if data.lower().replace("_", "-") == "fashion-mnist":
+    if is_fashion_mnist(data):
         split = split_dataset(fashion_mnist("train", download=download), holdout=holdout, seed=seed)
         split.info["name"] = "fashion-mnist:train"
         return split
@@ -342,3 +342,36 @@ def sample_shape(dataset: Dataset) -> tuple[int, ...]:
     """The shape of one input example, e.g. ``(1, 28, 28)``."""
     x, _ = fetch(dataset, torch.tensor([0]))
     return tuple(x.shape[1:])
+
+
+def is_fashion_mnist(data: str) -> bool:
+    """Whether the CLI's ``--data`` names the built-in Fashion-MNIST."""
+    return data.lower().replace("_", "-") == "fashion-mnist"
+
+
+def load_test(
+    data: str, *, image_size: int | None = None, channels: int = 3, download: bool = False
+) -> Dataset | None:
+    """The test set that belongs to ``--data``: Fashion-MNIST's test split, or an ImageFolder's
+    ``val/`` (or ``test/``) folder beside ``train/``; None when the data has no test set."""
+    if is_fashion_mnist(data):
+        return fashion_mnist("test", download=download)
+    root = Path(data)
+    for name in ("val", "test"):
+        if (root / name).is_dir():
+            return image_folder(root / name, train=False, image_size=image_size, channels=channels)
+    return None
+
+
+def num_classes(dataset: Dataset) -> int:
+    """How many classes ``dataset`` has (through Subsets): ImageFolder's class list, or the
+    largest label + 1 of in-memory data."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, ImageTensors):
+        return dataset.num_classes
+    if hasattr(dataset, "classes"):
+        return len(dataset.classes)
+    if isinstance(dataset, TensorDataset):
+        return int(dataset.tensors[1].max()) + 1
+    raise DataError(f"cannot tell how many classes {type(dataset).__name__} has")

@@ -4,6 +4,7 @@ project's demo and benchmark model, small enough to train and fine-tune on a lap
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -96,3 +97,18 @@ def get_model(name: str) -> nn.Module:
     if name not in MODELS:
         raise ModelSpecError(f"depthcompress has no built-in model {name!r}; have {sorted(MODELS)}")
     return MODELS[name]()
+
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def trained_weights(name: str = "fashion_mbv2") -> Path:
+    """The trained checkpoint the package ships for a built-in model (a state_dict written by
+    ``depthcompress train``; the JSON beside it records the command that reproduces it)."""
+    path = WEIGHTS_DIR / f"{name}.pt"
+    if not path.exists():
+        raise ModelSpecError(
+            f"depthcompress ships no trained weights for {name!r} ({path} is missing); train them "
+            f"with 'depthcompress train depthcompress:{name} -o {name}.pt'"
+        )
+    return path

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import Progress
 from rich.table import Table
 
 if TYPE_CHECKING:
     from .graph import ConvChain
+    from .tables import LatencyTable, OptimalLatencyTable
 
 
 def _pair(p: tuple[int, int]) -> str:
@@ -77,3 +81,257 @@ def progress_bar(*extra: str) -> Progress:
         TimeRemainingColumn(),
         *(TextColumn(text) for text in extra),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the work directory's report.md (and its plots)
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{unit}"
+
+
+def _change(before: float | None, after: float | None, spec: str, unit: str = "") -> str:
+    if before is None or after is None:
+        return "–"
+    return f"{after - before:+{spec}}{unit}"
+
+
+def summary_rows(evaluation: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(quantity, original, compressed, change) rows of the final comparison."""
+    a, b = evaluation["original"], evaluation["compressed"]
+    backend = evaluation["backend"]
+    where = f"{backend['name']} {backend.get('device', '')}, batch {evaluation['batch']}".strip()
+    return [
+        (
+            f"accuracy ({evaluation['test_set']}, %)",
+            _fmt(a["accuracy"], ".2f"),
+            _fmt(b["accuracy"], ".2f"),
+            _change(a["accuracy"], b["accuracy"], ".2f", " pp"),
+        ),
+        (
+            f"latency ({where}, ms)",
+            f"{a['latency']:.4f}",
+            f"{b['latency']:.4f}",
+            f"{evaluation['speedup']:.2f}× faster",
+        ),
+        ("depth (convolutions)", str(a["depth"]), str(b["depth"]), f"{b['depth'] - a['depth']:+d}"),
+        ("parameters", f"{a['params']:,}", f"{b['params']:,}", f"{b['params'] / a['params']:.2f}×"),
+    ]
+
+
+def summary_table(evaluation: dict[str, Any], title: str = "original vs compressed") -> Table:
+    """The final comparison as a rich table for the terminal."""
+    table = Table(title=title, header_style="bold")
+    for col in ("", "original", "compressed", "change"):
+        table.add_column(col, justify="left" if not col else "right")
+    for row in summary_rows(evaluation):
+        table.add_row(*row)
+    return table
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def _plot_front(path: Path, front: list[tuple[float, float]], plan: dict[str, Any]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if front:
+        pts = [*front, (max(plan["original_latency"], front[-1][0]), front[-1][1])]
+        ax.step(*zip(*pts, strict=True), where="post", color="0.45", label="Pareto front")
+    ax.plot(plan["latency"], plan["importance"], "o", color="C3", ms=8, label="chosen plan")
+    ax.axvline(plan["budget"], color="C3", ls="--", lw=1, label=f"budget {plan['budget_spec']}")
+    ax.axvline(plan["original_latency"], color="0.3", ls=":", lw=1, label="original")
+    ax.set_xlabel("latency Σ T_opt of the chain (ms, latency-table units)")
+    ax.set_ylabel("summed importance Σ I")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_blocks(path: Path, rows: list[tuple[str, float, float]]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.0))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], 0.4, label="before (separate convs)")
+    ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], 0.4, label="after (merged block)")
+    ax.set_xticks(list(xs), [r[0] for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("latency-table time (ms)")
+    ax.set_title("per-block latency before and after merging", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _read_front(path: Path) -> list[tuple[float, float]]:
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()[1:]
+    return [(float(a), float(b)) for a, b in (line.split(",") for line in lines if line)]
+
+
+def write_report(
+    workdir: str | Path, *, chain: ConvChain, latency: LatencyTable, opt: OptimalLatencyTable
+) -> Path:
+    """Write ``report.md`` (and ``front.png``, ``blocks.png`` when matplotlib is installed) from
+    the files of a finished ``compress`` run in ``workdir``."""
+    wd = Path(workdir)
+    run = json.loads((wd / "run.json").read_text())
+    stages = json.loads((wd / "stages.json").read_text())
+    plan = json.loads((wd / "plan.json").read_text())
+    evaluation = json.loads((wd / "evaluation.json").read_text())
+    ident = run["identity"]
+    kept = set(plan["activations"])
+    bounds = sorted(set(plan["boundaries"]) | {chain.num_positions})
+    blocks = list(zip([0, *bounds[:-1]], bounds, strict=True))
+
+    lines = [f"# depthcompress report: {ident['model']}", ""]
+    lines += _md_table(("", "original", "compressed", "change"), summary_rows(evaluation))
+    pred = evaluation["predicted_speedup"]
+    lines += [
+        "",
+        f"The latency table predicted a chain speed-up of {pred:.2f}× (Σ T of the original "
+        f"chain {plan['original_latency']:.4f} ms → Σ T_opt {plan['latency']:.4f} ms); the "
+        f"whole network measured {evaluation['speedup']:.2f}×. Latency is the best of two "
+        "alternating median measurements of each network.",
+        "",
+        "## Plan",
+        "",
+        f"Budget {plan['budget_spec']} = **{plan['budget']:.4f} ms** (table units; the fastest "
+        f"plan the tables allow is {plan['fastest_latency']:.4f} ms). Chosen plan: Σ T_opt = "
+        f"{plan['latency']:.4f} ms, Σ importance = {plan['importance']:.4f}.",
+        "",
+    ]
+    removable = chain.activation_positions
+    removed = sorted(set(removable) - kept)
+    inserted = sorted(kept - set(removable))
+    lines += [
+        f"- kept activations ({len(kept)}): {', '.join(map(str, sorted(kept))) or 'none'}",
+        f"- removed activations ({len(removed)} of {len(removable)}): "
+        f"{', '.join(map(str, removed)) or 'none'}",
+    ]
+    if inserted:
+        lines.append(f"- activations added at linear positions: {', '.join(map(str, inserted))}")
+    lines += [
+        f"- {chain.num_positions} convolutions of the chain → {len(blocks)} "
+        f"(chain positions 0..{chain.num_positions}; stem/head outside the chain are unchanged)",
+        "",
+    ]
+    rows, plot_rows = [], []
+    for i, j in blocks:
+        g = chain.geometry(i, j)
+        before = sum(latency.time_of(k, k + 1) for k in range(i, j))
+        after = latency.time_of(i, j)
+        names = [chain.positions[k].conv or "?" for k in range(i + 1, j + 1)]
+        convs = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]} ({len(names)})"
+        groups = "dw" if g.groups == g.in_channels and g.groups > 1 else str(g.groups)
+        rows.append(
+            (
+                f"({i}, {j})",
+                convs,
+                f"{g.kernel[0]}×{g.kernel[1]}",
+                _pair(g.stride),
+                groups,
+                "yes" if j in kept else "no",
+                f"{before:.4f}",
+                f"{after:.4f}",
+            )
+        )
+        if j - i > 1:
+            plot_rows.append((f"({i},{j})", before, after))
+    lines += _md_table(
+        (
+            "block",
+            "convs merged",
+            "kernel",
+            "stride",
+            "groups",
+            "act. after",
+            "T before",
+            "T after",
+        ),
+        rows,
+    )
+    lines.append("")
+    if _plot_front(wd / "front.png", _read_front(wd / "front.csv"), plan):
+        lines += ["![latency vs importance: Pareto front and the chosen plan](front.png)", ""]
+    if plot_rows and _plot_blocks(wd / "blocks.png", plot_rows):
+        lines += ["![per-block latency before and after merging](blocks.png)", ""]
+    tune = stages.get("finetune", {})
+    if tune.get("history"):
+        cfg = tune["settings"]["finetune"]
+        lines += [
+            "## Fine-tuning of the linearized network",
+            "",
+            f"{cfg['epochs']} epoch(s), {cfg['optimizer']}, lr {cfg['lr']:g} (cosine), batch "
+            f"{cfg['batch_size']}, distillation weight {cfg['distill']:g}; the last epoch is "
+            "merged.",
+            "",
+        ]
+        lines += _md_table(
+            ("epoch", "train loss", "held-out acc (%)", "seconds"),
+            (
+                (
+                    str(h["epoch"]),
+                    f"{h['loss']:.4f}",
+                    _fmt(h["accuracy"], ".2f"),
+                    f"{h['seconds']:.0f}",
+                )
+                for h in tune["history"]
+            ),
+        )
+        lines.append("")
+    merge = stages.get("merge", {})
+    if "error" in merge:
+        lines += [
+            "## Checks",
+            "",
+            f"- merged vs fine-tuned linearized network on test images: max error "
+            f"{merge['error']:.2e} of the output scale (limit 1e-4)",
+            f"- ONNX Runtime vs PyTorch (merged.onnx): {merge['onnx_error']:.2e}",
+            "",
+        ]
+    lines += ["## How this was produced", "", "```"]
+    lines += [c["command"] for c in run.get("commands", [])]
+    lines += ["```", ""]
+    b = evaluation["backend"]
+    lines.append(
+        f"Backend {b['name']} {b.get('version', '')} on {b.get('device', '')}, "
+        f"{b.get('threads', '-')} threads; input {tuple(evaluation['input_shape'])}."
+    )
+    vers = ", ".join(f"{k} {v}" for k, v in evaluation["versions"].items() if v)
+    lines.append(f"Versions: {vers}.")
+    m = evaluation.get("machine", {})
+    if m:
+        lines.append(f"Machine: {', '.join(f'{k} {v}' for k, v in m.items())}.")
+    lines += [
+        "",
+        "Files: `latency.csv`, `opt_latency.csv`, `importance.csv` (tables), `plan.json`, "
+        "`front.csv`, `finetuned.pt` (fine-tuned linearized weights), `merged.pt` (loads with "
+        "`torch.load(path, weights_only=False)`, no depthcompress needed), `merged.onnx`, "
+        "`evaluation.json`, `stages.json` (settings of each stage).",
+        "",
+    ]
+    path = wd / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,612 @@
+"""The whole job in one resumable call: trace → latency table → optimal latency → importance table
+→ solve → fine-tune the linearized network → merge → verify → export → evaluate → report.
+
+Every stage writes its own file(s) in the work directory and the next stage reads them back, so a
+re-run resumes at the first stage that has not finished (and the latency and importance stages
+resume at their first missing row). ``stages.json`` records, for each finished stage, the settings
+that produced it; a re-run with different settings for a finished stage is refused (nothing is
+overwritten) unless ``redo`` names that stage, which moves it and every later stage's files to
+``previous/N/`` first.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backends import Backend, Protocol, get_backend, machine_info, package_version
+from .data import SplitData, fetch, num_classes
+from .errors import BudgetError, DepthCompressError
+from .finetune import FinetuneConfig, evaluate, finetune
+from .graph import trace
+from .importance import FinetuneSettings, importance_table, weights_sha
+from .latency import build_latency_table, chain_sha
+from .linearization import linearize
+from .merging import check_close, merge
+from .plan import Plan
+
+STAGES = ("latency", "optimal", "importance", "solve", "finetune", "merge", "evaluate")
+MANIFEST = "stages.json"
+RUN = "run.json"
+
+# the files each stage writes, relative to the work directory (report files are always redone)
+STAGE_FILES: dict[str, tuple[str, ...]] = {
+    "latency": ("latency.csv", "latency.csv.json", "latency.csv.passes"),
+    "optimal": ("opt_latency.csv",),
+    "importance": ("importance.csv", "importance.csv.json"),
+    "solve": ("plan.json", "front.csv"),
+    "finetune": ("finetune", "finetuned.pt"),
+    "merge": ("merged.pt", "merged.onnx"),
+    "evaluate": ("evaluation.json",),
+}
+
+
+class WorkdirError(DepthCompressError):
+    """The work directory holds results of another model or of other settings."""
+
+
+# ---------------------------------------------------------------------------------------------
+# budgets
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A latency budget: ``value`` ms of Σ T_opt (table units), or with ``relative`` a fraction of
+    the original chain's latency (Σ of the single-conv entries of the latency table)."""
+
+    value: float
+    relative: bool = False
+
+    @classmethod
+    def parse(cls, text: str | float) -> Budget:
+        """``"12.5"`` → 12.5 ms; ``"0.7x"`` → 70 % of the original chain latency."""
+        raw = str(text).strip().lower()
+        relative = raw.endswith("x")
+        try:
+            value = float(raw[:-1] if relative else raw)
+        except ValueError:
+            raise BudgetError(
+                f"budget {text!r} is neither a latency in ms (e.g. 12.5) nor a fraction of the "
+                "original latency (e.g. 0.7x)"
+            ) from None
+        if not (value > 0 and math.isfinite(value)):
+            raise BudgetError(f"budget {text!r} must be positive")
+        return cls(value, relative)
+
+    def resolve(self, original_ms: float) -> float:
+        """The budget T0 in ms, given the original chain's latency in table units."""
+        return self.value * original_ms if self.relative else self.value
+
+    def __str__(self) -> str:
+        return f"{self.value:g}x" if self.relative else f"{self.value:g} ms"
+
+
+# ---------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressSettings:
+    """Everything ``compress`` needs besides the model and the data. ``batch`` is the batch size
+    the latency table, the end-to-end timing and the ONNX file use: pick the deployment's."""
+
+    budget: Budget
+    backend: str = "onnxruntime"
+    threads: int | None = None
+    batch: int = 1
+    protocol: Protocol = field(default_factory=Protocol)
+    mode: str = "general"
+    max_kernel_size: int | None = 15
+    exclude: tuple[str, ...] = ()
+    importance: FinetuneSettings = field(default_factory=FinetuneSettings)
+    workers: int = 1
+    alpha: float = 1.6
+    finetune: FinetuneConfig = field(
+        default_factory=lambda: FinetuneConfig(epochs=3, lr=0.01, batch_size=128)
+    )
+    device: str | None = None
+    seed: int = 0
+
+    def stage_settings(self) -> dict[str, dict[str, Any]]:
+        """Per stage, the settings that decide its result (later stages include earlier ones)."""
+        lat = {
+            "backend": self.backend,
+            "threads": self.threads,
+            "batch": self.batch,
+            "protocol": asdict(self.protocol),
+            "seed": self.seed,
+        }
+        imp = {"importance": asdict(self.importance)}
+        solve = {**lat, **imp, "budget": str(self.budget), "alpha": self.alpha}
+        tune = {**solve, "finetune": self.finetune.to_dict()}
+        return {
+            "latency": lat,
+            "optimal": lat,
+            "importance": imp,
+            "solve": solve,
+            "finetune": tune,
+            "merge": tune,
+            "evaluate": tune,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass(frozen=True)
+class NetworkStats:
+    """One network as the summary compares it: test accuracy (%), end-to-end latency (ms) on the
+    backend at the settings' batch, depth (convolutions executed) and parameter count."""
+
+    accuracy: float | None
+    latency: float
+    depth: int
+    params: int
+
+
+@dataclass
+class CompressResult:
+    """What ``compress`` produced: the merged network, the plan, both networks' statistics and
+    where every file is."""
+
+    workdir: Path
+    merged: nn.Module
+    plan: Plan
+    budget_ms: float
+    original: NetworkStats
+    compressed: NetworkStats
+    evaluation: dict[str, Any]
+    files: dict[str, Path]
+    ran: list[str] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        """Measured end-to-end speed-up of the merged network over the original."""
+        return self.original.latency / self.compressed.latency
+
+
+# ---------------------------------------------------------------------------------------------
+# the work directory
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WorkdirError(
+            f"{path} is unreadable ({exc}): restore it, or start over in another --workdir"
+        ) from None
+
+
+def _normalised(data: Any) -> Any:
+    return json.loads(json.dumps(data, default=str))
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return out
+
+
+class Workdir:
+    """The work directory: identity of the run (``run.json``), finished stages
+    (``stages.json``), and archiving of stages to redo."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise WorkdirError(f"--workdir {self.path} is a file, not a directory")
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def claim(self, identity: dict[str, Any]) -> None:
+        """Start or resume a run of this model and data; refuse another model's directory."""
+        identity = _normalised(identity)
+        run = self.file(RUN)
+        if run.exists():
+            old = _read_json(run)
+            diff = _diff(old.get("identity", {}), identity)
+            if diff:
+                raise WorkdirError(
+                    f"{self.path} holds a run of a different model or data ("
+                    + "; ".join(diff[:4])
+                    + "): nothing was changed there. Use a new --workdir for this model"
+                )
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        _write_json(run, {"identity": identity, "commands": []})
+
+    def record_command(self, command: str) -> None:
+        run = _read_json(self.file(RUN))
+        run.setdefault("commands", []).append(
+            {"command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        )
+        _write_json(self.file(RUN), run)
+
+    def manifest(self) -> dict[str, Any]:
+        path = self.file(MANIFEST)
+        return _read_json(path) if path.exists() else {}
+
+    def done(self, stage: str, settings: dict[str, Any]) -> bool:
+        """Whether ``stage`` finished with these settings; refuses finished stages whose
+        settings differ (the caller redoes them only when asked)."""
+        entry = self.manifest().get(stage)
+        if entry is None:
+            return False
+        diff = _diff(entry["settings"], _normalised(settings))
+        if diff:
+            raise WorkdirError(
+                f"the {stage} stage in {self.path} was computed with other settings ("
+                + "; ".join(diff[:4])
+                + f"). Pass --redo {stage} to move it and the later stages to "
+                f"{self.path / 'previous'}/ and compute them again, or use another --workdir"
+            )
+        return True
+
+    def finish(self, stage: str, settings: dict[str, Any], **info: Any) -> None:
+        manifest = self.manifest()
+        manifest[stage] = {"settings": _normalised(settings), **info}
+        _write_json(self.file(MANIFEST), manifest)
+
+    def redo(self, stage: str) -> Path | None:
+        """Move ``stage``'s and every later stage's files to ``previous/N/``; returns that
+        folder (None when there was nothing to move)."""
+        if stage not in STAGES:
+            raise WorkdirError(f"--redo must name one of the stages {', '.join(STAGES)}")
+        later = STAGES[STAGES.index(stage) :]
+        manifest = self.manifest()
+        present = [self.file(f) for s in later for f in STAGE_FILES[s] if self.file(f).exists()]
+        if not present and not any(s in manifest for s in later):
+            return None
+        k = 1
+        while self.file(f"previous/{k}").exists():
+            k += 1
+        target = self.file(f"previous/{k}")
+        target.mkdir(parents=True)
+        for p in present:
+            shutil.move(str(p), str(target / p.name))
+        if any(s in manifest for s in later):
+            _write_json(target / MANIFEST, {s: manifest[s] for s in later if s in manifest})
+            _write_json(self.file(MANIFEST), {s: v for s, v in manifest.items() if s not in later})
+        return target
+
+
+# ---------------------------------------------------------------------------------------------
+# checks before anything runs
+
+
+def check_classes(model: nn.Module, example: torch.Tensor, classes: int) -> None:
+    """Refuse a model whose output does not have one score per class of the data."""
+    with torch.no_grad():
+        out = copy.deepcopy(model).eval()(example[:1])
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DepthCompressError(
+            f"the model's output is {shape}, not (batch, classes) scores: compress needs a "
+            "classifier returning one tensor of logits"
+        )
+    if out.shape[1] != classes:
+        raise DepthCompressError(
+            f"the model outputs {out.shape[1]} class scores but the data has {classes} classes: "
+            f"build the model for {classes} classes (e.g. num_classes={classes}) and load "
+            "weights trained on this data"
+        )
+
+
+def network_stats(
+    model: nn.Module, backend: Backend, shape: tuple[int, ...], accuracy: float | None
+) -> NetworkStats:
+    """Latency on ``backend``, convolution count (from a trace) and parameter count."""
+    from .graph import symbolic_trace
+
+    gm = symbolic_trace(copy.deepcopy(model).eval())
+    mods = dict(gm.named_modules())
+    depth = sum(
+        1
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(mods.get(n.target), nn.Conv2d)
+    )
+    params = sum(p.numel() for p in model.parameters())
+    latency = backend.measure(model, shape).median
+    return NetworkStats(accuracy=accuracy, latency=latency, depth=depth, params=params)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+Log = Callable[[str], None]
+
+
+def _files(wd: Workdir) -> dict[str, Path]:
+    names = [f for files in STAGE_FILES.values() for f in files] + ["report.md", RUN, MANIFEST]
+    return {name: wd.file(name) for name in names if wd.file(name).exists()}
+
+
+def compress(
+    model: nn.Module,
+    data: SplitData,
+    workdir: str | Path,
+    settings: CompressSettings,
+    *,
+    example_input: torch.Tensor | None = None,
+    test_data: Any = None,
+    model_name: str = "",
+    redo: str | None = None,
+    progress: bool = True,
+    log: Log | None = None,
+    command: str | None = None,
+) -> CompressResult:
+    """Compress ``model`` to meet ``settings.budget`` on ``settings.backend``, writing every
+    stage to ``workdir`` and resuming what an earlier run left there. ``model`` is not modified.
+
+    ``data`` is the fine-tuning data and its held-out split (importance is scored on the
+    held-out part); ``test_data`` (default: the held-out split) scores the final accuracy of
+    both networks. ``example_input`` (default: one example of the data) fixes the input shape.
+    """
+    say: Log = log or (lambda _m: None)
+    wd = Workdir(workdir)
+    if example_input is None:
+        example_input, _ = fetch(data.holdout, torch.tensor([0]))
+    example_input = example_input[:1].detach().cpu()
+    shape = (settings.batch, *example_input.shape[1:])
+    original = copy.deepcopy(model).cpu().eval()
+
+    classes = num_classes(data.train)
+    check_classes(original, example_input, classes)
+    chain = trace(
+        original,
+        example_input,
+        mode=settings.mode,
+        max_kernel_size=settings.max_kernel_size,
+        exclude=settings.exclude,
+    )
+    if len(chain.blocks) == chain.num_positions:
+        say("note: no two convolutions of this chain can merge; only activations can be removed")
+    identity = {
+        "model": model_name or type(model).__name__,
+        "weights": weights_sha(original),
+        "chain": chain_sha(chain),
+        "input_shape": list(example_input.shape[1:]),
+        "data": data.info,
+        "classes": classes,
+        "mode": settings.mode,
+        "max_kernel_size": settings.max_kernel_size,
+        "exclude": list(settings.exclude),
+    }
+    wd.claim(identity)
+    if redo is not None:
+        moved = wd.redo(redo)
+        if moved is not None:
+            say(f"moved the {redo} stage and later ones to {moved}")
+    stage = settings.stage_settings()
+    ran: list[str] = []
+
+    def start(message: str) -> None:
+        """Announce a stage; the first one to run records the command and the chain."""
+        if not ran:
+            wd.record_command(command or " ".join(sys.argv))
+            wd.file("chain.json").write_text(chain.to_json())
+        say(message)
+
+    runner = get_backend(settings.backend, threads=settings.threads, protocol=settings.protocol)
+
+    # latency table T(i, j)
+    lat_path = wd.file("latency.csv")
+    if not wd.done("latency", stage["latency"]):
+        start(f"[1/7] latency table of {len(chain.blocks)} blocks on {settings.backend}")
+        build_latency_table(
+            chain,
+            runner,
+            lat_path,
+            batch=settings.batch,
+            seed=settings.seed,
+            model_name=identity["model"],
+            progress=progress,
+        )
+        wd.finish("latency", stage["latency"])
+        ran.append("latency")
+    from .dp import min_latency, optimal_latency, solve, sweep
+    from .tables import ImportanceTable, LatencyTable, OptimalLatencyTable
+
+    latency = LatencyTable.read_csv(lat_path)
+
+    opt_path = wd.file("opt_latency.csv")
+    if not wd.done("optimal", stage["optimal"]):
+        start("[2/7] optimal latency table (stage 1)")
+        optimal_latency(latency).write_csv(opt_path)
+        wd.finish("optimal", stage["optimal"])
+        ran.append("optimal")
+    opt = OptimalLatencyTable.read_csv(opt_path)
+
+    imp_path = wd.file("importance.csv")
+    if not wd.done("importance", stage["importance"]):
+        start(f"[3/7] importance table ({settings.workers} worker(s))")
+        importance_table(
+            original,
+            chain,
+            data,
+            imp_path,
+            settings=settings.importance,
+            workers=settings.workers,
+            device=settings.device or "cpu",
+            progress=progress,
+            model_name=identity["model"],
+        )
+        wd.finish("importance", stage["importance"])
+        ran.append("importance")
+    importance = ImportanceTable.read_csv(imp_path)
+
+    original_ms = sum(latency.time_of(k, k + 1) for k in range(chain.num_positions))
+    budget_ms = settings.budget.resolve(original_ms)
+    plan_path = wd.file("plan.json")
+    if not wd.done("solve", stage["solve"]):
+        start(f"[4/7] solve (stage 2) for budget {settings.budget} = {budget_ms:.4f} ms")
+        fastest = min_latency(opt, importance)
+        if budget_ms < fastest - 1e-12:
+            raise BudgetError(
+                f"budget {settings.budget} = {budget_ms:.4f} ms is below the fastest plan the "
+                f"tables allow, {fastest:.4f} ms ({fastest / original_ms:.3f}x of the original "
+                f"{original_ms:.4f} ms): raise --budget to at least "
+                f"{math.ceil(1000 * fastest / original_ms) / 1000:.3f}x. The tables are kept"
+            )
+        sol = solve(opt, importance, budget_ms, alpha=settings.alpha)
+        budgets = sorted({*_grid(fastest, original_ms), budget_ms})
+        front = sweep(opt, importance, budgets, alpha=settings.alpha)
+        _write_front(wd.file("front.csv"), front)
+        _write_json(
+            plan_path,
+            {
+                **sol.to_dict(),
+                "budget_spec": str(settings.budget),
+                "original_latency": original_ms,
+                "fastest_latency": fastest,
+            },
+        )
+        wd.finish("solve", stage["solve"])
+        ran.append("solve")
+    plan_data = _read_json(plan_path)
+    plan = Plan.from_dict(plan_data)
+    plan.validate(chain)
+
+    lin = linearize(original, chain, plan)
+    tuned_path = wd.file("finetuned.pt")
+    if not wd.done("finetune", stage["finetune"]):
+        cfg = settings.finetune
+        start(
+            f"[5/7] fine-tune the linearized network: {cfg.epochs} epoch(s), {cfg.optimizer}, "
+            f"lr {cfg.lr:g}" + (f", distillation {cfg.distill:g}" if cfg.distill else "")
+        )
+        result = finetune(
+            lin,
+            data.train,
+            cfg,
+            teacher=copy.deepcopy(original) if cfg.distill > 0 else None,
+            checkpoint_dir=wd.file("finetune"),
+            holdout_data=data.holdout,
+            progress=progress,
+            device=settings.device,
+            distributed=False,
+        )
+        lin = result.model.cpu().to(memory_format=torch.contiguous_format)
+        torch.save(lin.state_dict(), tuned_path)
+        wd.finish(
+            "finetune",
+            stage["finetune"],
+            history=[asdict(h) for h in result.history],
+            best_accuracy=result.best_accuracy,
+        )
+        ran.append("finetune")
+    else:
+        lin.load_state_dict(torch.load(tuned_path, map_location="cpu", weights_only=True))
+    lin.eval()
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(settings.seed))
+    if not wd.done("merge", stage["merge"]):
+        start("[6/7] merge, verify and export")
+    merged = merge(lin, chain, plan, verify=True)
+    real, _ = fetch(test_data if test_data is not None else data.holdout, torch.arange(8))
+    with torch.no_grad():
+        err = check_close(lin(real), merged(real), "merged network", "fine-tuned linearized one")
+    if not wd.done("merge", stage["merge"]):
+        from .export import export_onnx, save_torch
+
+        save_torch(merged, wd.file("merged.pt"), x)
+        onnx_err = export_onnx(merged, wd.file("merged.onnx"), x)
+        wd.finish("merge", stage["merge"], error=err, onnx_error=onnx_err)
+        ran.append("merge")
+
+    eval_path = wd.file("evaluation.json")
+    if not wd.done("evaluate", stage["evaluate"]):
+        start("[7/7] evaluate accuracy and end-to-end latency of both networks")
+        test = test_data if test_data is not None else data.holdout
+        acc_orig = evaluate(original, test)
+        acc_new = evaluate(merged, test)
+        before = network_stats(original, runner, shape, acc_orig)
+        after = network_stats(merged, runner, shape, acc_new)
+        # measured twice in alternation, so that a slow phase of the machine spoils neither alone
+        before2 = network_stats(original, runner, shape, acc_orig)
+        after2 = network_stats(merged, runner, shape, acc_new)
+        before = replace(before, latency=min(before.latency, before2.latency))
+        after = replace(after, latency=min(after.latency, after2.latency))
+        evaluation = {
+            "original": asdict(before),
+            "compressed": asdict(after),
+            "speedup": before.latency / after.latency,
+            "predicted_speedup": original_ms / plan_data["latency"],
+            "test_set": "test" if test_data is not None else "held-out split",
+            "backend": runner.info(),
+            "batch": settings.batch,
+            "input_shape": list(shape),
+            "machine": machine_info(),
+            "versions": versions(),
+        }
+        _write_json(eval_path, evaluation)
+        wd.finish("evaluate", stage["evaluate"])
+        ran.append("evaluate")
+    evaluation = _read_json(eval_path)
+
+    from .report import write_report
+
+    write_report(wd.path, chain=chain, latency=latency, opt=opt)
+    return CompressResult(
+        workdir=wd.path,
+        merged=merged,
+        plan=plan,
+        budget_ms=budget_ms,
+        original=NetworkStats(**evaluation["original"]),
+        compressed=NetworkStats(**evaluation["compressed"]),
+        evaluation=evaluation,
+        files=_files(wd),
+        ran=ran,
+    )
+
+
+def _grid(fastest: float, original: float, n: int = 40) -> list[float]:
+    """Budgets from the fastest plan to the original latency, for the report's front."""
+    top = max(original, fastest) * 1.0001
+    return [fastest + (top - fastest) * k / (n - 1) for k in range(n)]
+
+
+def _write_front(path: Path, front: Any) -> None:  # front: dp.Sweep
+    lines = ["latency,importance"] + [f"{lat!r},{imp!r}" for lat, imp in front.front]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the software that produced a result."""
+    from . import __version__
+
+    return {
+        "depthcompress": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "onnx": package_version("onnx"),
+        "onnxruntime": package_version("onnxruntime"),
+        "numpy": package_version("numpy"),
+    }

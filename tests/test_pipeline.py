@@ -1,0 +1,335 @@
+"""End to end: ``compress`` runs every stage, resumes after interruptions, refuses bad input
+without losing work, and exports a merged network whose ONNX outputs match PyTorch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from typer.testing import CliRunner
+
+import depthcompress as dc
+from depthcompress import importance as importance_module
+from depthcompress import pipeline
+from depthcompress.backends import Protocol
+from depthcompress.cli import app
+from depthcompress.data import split_dataset
+from depthcompress.errors import BudgetError, DepthCompressError, TraceError
+from depthcompress.finetune import FinetuneConfig
+from depthcompress.importance import FinetuneSettings, read_table
+from depthcompress.models import FashionMBV2
+from depthcompress.pipeline import Budget, CompressSettings, WorkdirError, compress
+from tests.conftest import randomize_bn, rel_err
+
+BLOCKS = ((1, 8, 1), (2, 8, 1), (2, 16, 2))
+
+
+def small_model(seed: int = 0) -> FashionMBV2:
+    """A three-block MobileNetV2-style network (L = 8 positions outside stem and head)."""
+    torch.manual_seed(seed)
+    return randomize_bn(FashionMBV2(blocks=BLOCKS, head_channels=32), seed)
+
+
+def small_data(classes: int = 10):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(320, 1, 28, 28, generator=gen)
+    y = (x[:, 0, :14].mean((1, 2)) > 0).long() + 2 * (x[:, 0, :, :14].mean((1, 2)) > 0).long()
+    y[: classes - 4] = torch.arange(4, classes)  # every class present
+    return split_dataset(TensorDataset(x, y), holdout=64, seed=0, name=f"synthetic{classes}")
+
+
+def settings(budget: str = "0.7x", epochs: int = 2) -> CompressSettings:
+    return CompressSettings(
+        budget=Budget.parse(budget),
+        batch=2,
+        threads=1,
+        protocol=Protocol(warmup=1, reps=3, min_reps=1, max_time=0.02),
+        exclude=("stem", "head"),
+        importance=FinetuneSettings(steps=2, batch_size=32, eval_batch_size=64),
+        finetune=FinetuneConfig(epochs=epochs, lr=0.01, batch_size=32, steps_per_epoch=3),
+    )
+
+
+class Interrupt(Exception):
+    """Stands in for Ctrl-C (a KeyboardInterrupt would stop pytest itself)."""
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, pipeline.CompressResult, list[dict]]:
+    """A workdir run to the end through two simulated interruptions: one in the importance
+    table (after two rows) and one in fine-tuning (after the first epoch)."""
+    wd = tmp_path_factory.mktemp("e2e") / "run"
+    model, data = small_model(), small_data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mp = pytest.MonkeyPatch()
+
+    calls = {"n": 0}
+    measure = importance_module.measure_entry
+
+    def flaky_measure(job, entry):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Interrupt
+        return measure(job, entry)
+
+    mp.setattr(importance_module, "measure_entry", flaky_measure)
+    with pytest.raises(Interrupt):
+        compress(model, data, wd, settings(), progress=False)
+    mp.undo()
+    stages = json.loads((wd / "stages.json").read_text())
+    assert set(stages) == {"latency", "optimal"}
+    _, partial = read_table(wd / "importance.csv")
+    assert len(partial) == 2
+
+    tune = pipeline.finetune
+
+    def interrupted_finetune(*args, **kwargs):
+        def stop(stats):
+            raise Interrupt
+
+        return tune(*args, **kwargs, on_epoch_end=stop)
+
+    mp.setattr(pipeline, "finetune", interrupted_finetune)
+    with pytest.raises(Interrupt):
+        compress(model, data, wd, settings(), progress=False)
+    mp.undo()
+    assert (wd / "finetune" / "last.pt").exists()
+    assert not (wd / "finetuned.pt").exists()
+
+    result = compress(model, data, wd, settings(), progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"compress modified the user's model ({k})"
+    return wd, result, partial
+
+
+def test_every_stage_writes_its_file(finished) -> None:
+    wd, result, _ = finished
+    for name in (
+        "run.json",
+        "chain.json",
+        "stages.json",
+        "latency.csv",
+        "opt_latency.csv",
+        "importance.csv",
+        "plan.json",
+        "front.csv",
+        "finetuned.pt",
+        "merged.pt",
+        "merged.onnx",
+        "evaluation.json",
+        "report.md",
+    ):
+        assert (wd / name).is_file(), name
+    assert set(json.loads((wd / "stages.json").read_text())) == set(pipeline.STAGES)
+    report = (wd / "report.md").read_text()
+    assert "kept activations" in report and "| latency (onnxruntime" in report
+    assert result.ran == ["finetune", "merge", "evaluate"]
+
+
+def test_resumed_runs_keep_what_was_computed(finished) -> None:
+    wd, _, partial = finished
+    _, rows = read_table(wd / "importance.csv")
+    by_key = {importance_module._key(r): r for r in rows}
+    for row in partial:  # the two rows measured before the interruption were not redone
+        assert by_key[importance_module._key(row)] == row
+    history = json.loads((wd / "stages.json").read_text())["finetune"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_a_finished_run_recomputes_nothing(finished) -> None:
+    wd, first, _ = finished
+    again = compress(small_model(), small_data(), wd, settings(), progress=False)
+    assert again.ran == []
+    assert again.plan == first.plan
+
+
+def test_merged_files_match_the_finetuned_network(finished) -> None:
+    wd, result, _ = finished
+    import onnxruntime as ort
+
+    merged = torch.load(wd / "merged.pt", weights_only=False)
+    plan = dc.Plan.load(wd / "plan.json")
+    model = small_model()
+    ch = dc.trace(model, torch.randn(1, 1, 28, 28), exclude=("stem", "head"))
+    lin = dc.linearize(model, ch, plan)
+    lin.load_state_dict(torch.load(wd / "finetuned.pt", weights_only=True))
+    lin.eval()
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = lin(x)
+        assert rel_err(expected, merged(x)) <= 1e-4
+    session = ort.InferenceSession(str(wd / "merged.onnx"), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert rel_err(expected, torch.from_numpy(out)) <= 1e-4
+    assert result.compressed.depth < result.original.depth
+
+
+def test_summary_numbers_are_consistent(finished) -> None:
+    _, result, _ = finished
+    ev = result.evaluation
+    assert ev["speedup"] == pytest.approx(result.original.latency / result.compressed.latency)
+    plan = json.loads((result.workdir / "plan.json").read_text())
+    assert plan["latency"] <= plan["budget"] + 1e-9
+    assert plan["budget"] == pytest.approx(0.7 * plan["original_latency"])
+
+
+# ---------------------------------------------------------------------------------------------
+# settings changes and bad input
+
+
+def copy_of(finished, tmp_path: Path) -> Path:
+    wd = tmp_path / "run"
+    shutil.copytree(finished[0], wd)
+    return wd
+
+
+def snapshot(wd: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(wd)): p.read_bytes() for p in sorted(wd.rglob("*")) if p.is_file()}
+
+
+def test_other_budget_is_refused_then_redone_on_request(finished, tmp_path: Path) -> None:
+    wd = copy_of(finished, tmp_path)
+    before = snapshot(wd)
+    with pytest.raises(WorkdirError, match="--redo solve"):
+        compress(small_model(), small_data(), wd, settings("0.9x"), progress=False)
+    assert snapshot(wd) == before
+    result = compress(small_model(), small_data(), wd, settings("0.9x"), redo="solve")
+    assert result.ran == ["solve", "finetune", "merge", "evaluate"]
+    assert (wd / "previous" / "1" / "plan.json").read_bytes() == before["plan.json"]
+    assert (wd / "latency.csv").read_bytes() == before["latency.csv"]
+
+
+def test_budget_below_the_minimum_keeps_the_tables(finished, tmp_path: Path) -> None:
+    wd = copy_of(finished, tmp_path)
+    with pytest.raises(BudgetError, match=r"raise --budget to at least"):
+        compress(small_model(), small_data(), wd, settings("0.01x"), redo="solve")
+    for name in ("latency.csv", "importance.csv", "opt_latency.csv"):
+        assert (wd / name).read_bytes() == (finished[0] / name).read_bytes()
+    assert set(json.loads((wd / "stages.json").read_text())) == {
+        "latency",
+        "optimal",
+        "importance",
+    }
+
+
+def test_workdir_of_another_model_is_refused(finished, tmp_path: Path) -> None:
+    wd = copy_of(finished, tmp_path)
+    before = snapshot(wd)
+    with pytest.raises(WorkdirError, match="different model"):
+        compress(small_model(seed=1), small_data(), wd, settings(), progress=False)
+    assert snapshot(wd) == before
+
+
+def test_wrong_number_of_classes(tmp_path: Path) -> None:
+    with pytest.raises(DepthCompressError, match="10 class scores but the data has 6 classes"):
+        compress(small_model(), small_data(classes=6), tmp_path / "wd", settings())
+    assert not (tmp_path / "wd").exists()
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            y = y.relu()
+        return self.fc(y.mean((2, 3)))
+
+
+def test_untraceable_model(tmp_path: Path) -> None:
+    with pytest.raises(TraceError):
+        compress(Branchy(), small_data(), tmp_path / "wd", settings())
+    assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "relative"), [("0.7x", 0.7, True), ("12.5", 12.5, False), (" 2X ", 2, True)]
+)
+def test_budget_parsing(text: str, value: float, relative: bool) -> None:
+    b = Budget.parse(text)
+    assert (b.value, b.relative) == (value, relative)
+    assert b.resolve(10.0) == pytest.approx(value * 10 if relative else value)
+
+
+@pytest.mark.parametrize("text", ["fast", "-0.5x", "0", "nanx", ""])
+def test_bad_budgets(text: str) -> None:
+    with pytest.raises(BudgetError, match="budget"):
+        Budget.parse(text)
+
+
+def test_redo_needs_a_stage_name(finished, tmp_path: Path) -> None:
+    wd = copy_of(finished, tmp_path)
+    with pytest.raises(WorkdirError, match="--redo must name one of"):
+        compress(small_model(), small_data(), wd, settings(), redo="everything")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_cli_missing_data_dir(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "compress",
+            "depthcompress:fashion_mbv2",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--budget",
+            "0.7x",
+            "--workdir",
+            str(tmp_path / "wd"),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "nowhere" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "wd").exists()
+
+
+def test_cli_bad_budget(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["compress", "depthcompress:fashion_mbv2", "--budget", "soon", "--workdir", str(tmp_path)],
+    )
+    assert result.exit_code == 2
+    assert "'soon' is neither a latency in ms" in result.output
+
+
+@pytest.mark.parametrize("command", ["compress", "demo", "train"])
+def test_cli_help(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DEPTHCOMPRESS_SLOW"), reason="set DEPTHCOMPRESS_SLOW=1")
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    """The README's demo on the real data, shortened (1 epoch, 5 steps per importance entry)."""
+    result = CliRunner().invoke(
+        app,
+        [
+            "demo",
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--epochs",
+            "1",
+            "--importance-steps",
+            "5",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((tmp_path / "demo" / "evaluation.json").read_text())
+    assert evaluation["compressed"]["depth"] < evaluation["original"]["depth"]
+    assert evaluation["compressed"]["accuracy"] > 80
