@@ -333,3 +333,59 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     evaluation = json.loads((tmp_path / "demo" / "evaluation.json").read_text())
     assert evaluation["compressed"]["depth"] < evaluation["original"]["depth"]
     assert evaluation["compressed"]["accuracy"] > 80
+
+
+# ---------------------------------------------------------------------------------------------
+# --until and torchrun
+
+TORCHRUN_SCRIPT = """
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, {root!r})
+from tests.test_pipeline import settings, small_data, small_model
+from depthcompress.pipeline import compress
+
+torch.set_num_threads(1)
+result = compress(small_model(), small_data(), Path(sys.argv[1]), settings(), progress=False)
+print("RESULT", None if result is None else round(result.speedup, 3))
+"""
+
+
+def test_until_then_torchrun_finetunes_on_two_processes(tmp_path: Path, monkeypatch) -> None:
+    wd = tmp_path / "run"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(WorkdirError, match=r"only fine-tunes.*--until"):
+        compress(small_model(), small_data(), wd, settings(), progress=False)
+    assert not (wd / "stages.json").exists()
+    monkeypatch.delenv("WORLD_SIZE")
+
+    assert compress(small_model(), small_data(), wd, settings(), until="solve") is None
+    assert set(json.loads((wd / "stages.json").read_text())) == {
+        "latency",
+        "optimal",
+        "importance",
+        "solve",
+    }
+    script = tmp_path / "run_compress.py"
+    script.write_text(TORCHRUN_SCRIPT.format(root=str(Path(__file__).resolve().parents[1])))
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    proc = subprocess.run(
+        [*cmd, str(script), str(wd)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("RESULT None") == 1  # rank 1 stops after fine-tuning
+    ckpt = torch.load(wd / "finetune" / "last.pt", weights_only=False)
+    assert ckpt["world_size"] == 2
+    assert (wd / "merged.onnx").exists() and (wd / "report.md").exists()
+    final = compress(small_model(), small_data(), wd, settings(), progress=False)
+    assert final.ran == []

@@ -2,7 +2,8 @@
 
 Trace a CNN into convolution positions (``trace``), choose which activations to keep and which
 convolutions to merge (``Plan``), fine-tune the ``linearize``-d network, then ``merge`` it
-exactly into a shallower one.
+exactly into a shallower one. ``compress`` runs the whole job (tables, DP, fine-tuning, merge,
+export, report) in one resumable call.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from .graph import BlockGeometry, ConvChain, Position, Residual, trace
     from .linearization import linearize
     from .merging import merge
+    from .pipeline import Budget, CompressResult, CompressSettings, compress
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,10 @@ _LAZY = {
     "BlockGeometry": "graph",
     "linearize": "linearization",
     "merge": "merging",
+    "compress": "pipeline",
+    "Budget": "pipeline",
+    "CompressSettings": "pipeline",
+    "CompressResult": "pipeline",
 }
 
 
@@ -50,7 +56,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BlockGeometry",
+    "Budget",
     "BudgetError",
+    "CompressResult",
+    "CompressSettings",
     "ConvChain",
     "DepthCompressError",
     "MergeError",
@@ -62,6 +71,7 @@ __all__ = [
     "Residual",
     "TableError",
     "TraceError",
+    "compress",
     "linearize",
     "merge",
     "trace",

@@ -839,6 +839,7 @@ def _run_compress(
     redo: str | None,
     progress: bool,
     download: bool = False,
+    until: str | None = None,
 ) -> None:
     """Load the data, run ``pipeline.compress`` and print the summary table."""
     import torch
@@ -871,6 +872,7 @@ def _run_compress(
             progress=progress,
             log=lambda m: console.print(m, highlight=False, markup=False),
             command=_command_line(),
+            until=until,
         )
     except KeyboardInterrupt:
         console.print(
@@ -878,6 +880,10 @@ def _run_compress(
             "same command again to resume"
         )
         raise typer.Exit(code=130) from None
+    if result is None:
+        if until is not None:
+            console.print(f"stopped after the {until} stage; its files are in {workdir}")
+        return
     console.print(summary_table(result.evaluation, title=f"{model_name}: original vs compressed"))
     console.print(
         f"plan: {len(result.plan.activations)} activations kept, "
@@ -995,6 +1001,10 @@ def compress_cmd(
     exclude: ExcludeOption = None,
     device: Annotated[str | None, typer.Option(help="torch device for fine-tuning")] = None,
     redo: RedoOption = None,
+    until: Annotated[
+        str | None,
+        typer.Option(help="stop after this stage, e.g. 'solve' before fine-tuning under torchrun"),
+    ] = None,
     download: Annotated[
         bool, typer.Option(help="download Fashion-MNIST with torchvision if it is not installed")
     ] = False,
@@ -1003,7 +1013,8 @@ def compress_cmd(
     """Compress MODEL end to end: latency and importance tables, DP, fine-tune, merge, export.
 
     Every stage writes its files to --workdir; running the same command again resumes at the
-    first unfinished stage. Ends with a summary table and WORKDIR/report.md.
+    first unfinished stage. Ends with a summary table and WORKDIR/report.md. To fine-tune on
+    several processes or GPUs, run it once with --until solve, then again under torchrun.
     """
     try:
         settings = _compress_settings(**locals())
@@ -1021,6 +1032,7 @@ def compress_cmd(
             redo=redo,
             progress=progress,
             download=download,
+            until=until,
         )
     except DepthCompressError as exc:
         raise fail(exc) from None

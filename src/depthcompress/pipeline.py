@@ -361,14 +361,27 @@ def compress(
     progress: bool = True,
     log: Log | None = None,
     command: str | None = None,
-) -> CompressResult:
+    until: str | None = None,
+) -> CompressResult | None:
     """Compress ``model`` to meet ``settings.budget`` on ``settings.backend``, writing every
     stage to ``workdir`` and resuming what an earlier run left there. ``model`` is not modified.
 
     ``data`` is the fine-tuning data and its held-out split (importance is scored on the
     held-out part); ``test_data`` (default: the held-out split) scores the final accuracy of
     both networks. ``example_input`` (default: one example of the data) fixes the input shape.
+
+    ``until`` stops after that stage (returns None), e.g. to compute the tables on one machine
+    and fine-tune elsewhere. Under ``torchrun`` (``WORLD_SIZE`` > 1) only the fine-tuning stage
+    runs, in DistributedDataParallel over all processes: the earlier stages must be finished
+    (run once without torchrun and ``until="solve"``); rank 0 then merges, exports, evaluates
+    and reports, and the other ranks return None after fine-tuning.
     """
+    for flag, value in (("--until", until), ("--redo", redo)):
+        if value is not None and value not in STAGES:
+            raise WorkdirError(f"{flag} must name one of the stages {', '.join(STAGES)}")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    progress = progress and rank == 0
     say: Log = log or (lambda _m: None)
     wd = Workdir(workdir)
     if example_input is None:
@@ -399,6 +412,8 @@ def compress(
         "max_kernel_size": settings.max_kernel_size,
         "exclude": list(settings.exclude),
     }
+    if world > 1 and redo is not None:
+        raise WorkdirError("--redo cannot be used under torchrun: redo without torchrun first")
     wd.claim(identity)
     if redo is not None:
         moved = wd.redo(redo)
@@ -407,19 +422,29 @@ def compress(
     stage = settings.stage_settings()
     ran: list[str] = []
 
-    def start(message: str) -> None:
+    def start(name: str, message: str) -> None:
         """Announce a stage; the first one to run records the command and the chain."""
-        if not ran:
+        if world > 1 and STAGES.index(name) < STAGES.index("finetune"):
+            raise WorkdirError(
+                f"under torchrun ({world} processes) compress only fine-tunes, but the {name} "
+                "stage has not run yet: run the same command once without torchrun and with "
+                "--until solve, then launch it again with torchrun"
+            )
+        if not ran and rank == 0:
             wd.record_command(command or " ".join(sys.argv))
             wd.file("chain.json").write_text(chain.to_json())
-        say(message)
+        if rank == 0:
+            say(message)
+
+    def stop(stage_name: str) -> bool:
+        return until == stage_name
 
     runner = get_backend(settings.backend, threads=settings.threads, protocol=settings.protocol)
 
     # latency table T(i, j)
     lat_path = wd.file("latency.csv")
     if not wd.done("latency", stage["latency"]):
-        start(f"[1/7] latency table of {len(chain.blocks)} blocks on {settings.backend}")
+        start("latency", f"[1/7] latency table of {len(chain.blocks)} blocks on {settings.backend}")
         build_latency_table(
             chain,
             runner,
@@ -434,19 +459,23 @@ def compress(
     from .dp import min_latency, optimal_latency, solve, sweep
     from .tables import ImportanceTable, LatencyTable, OptimalLatencyTable
 
+    if stop("latency"):
+        return None
     latency = LatencyTable.read_csv(lat_path)
 
     opt_path = wd.file("opt_latency.csv")
     if not wd.done("optimal", stage["optimal"]):
-        start("[2/7] optimal latency table (stage 1)")
+        start("optimal", "[2/7] optimal latency table (stage 1)")
         optimal_latency(latency).write_csv(opt_path)
         wd.finish("optimal", stage["optimal"])
         ran.append("optimal")
     opt = OptimalLatencyTable.read_csv(opt_path)
+    if stop("optimal"):
+        return None
 
     imp_path = wd.file("importance.csv")
     if not wd.done("importance", stage["importance"]):
-        start(f"[3/7] importance table ({settings.workers} worker(s))")
+        start("importance", f"[3/7] importance table ({settings.workers} worker(s))")
         importance_table(
             original,
             chain,
@@ -461,12 +490,14 @@ def compress(
         wd.finish("importance", stage["importance"])
         ran.append("importance")
     importance = ImportanceTable.read_csv(imp_path)
+    if stop("importance"):
+        return None
 
     original_ms = sum(latency.time_of(k, k + 1) for k in range(chain.num_positions))
     budget_ms = settings.budget.resolve(original_ms)
     plan_path = wd.file("plan.json")
     if not wd.done("solve", stage["solve"]):
-        start(f"[4/7] solve (stage 2) for budget {settings.budget} = {budget_ms:.4f} ms")
+        start("solve", f"[4/7] solve (stage 2) for budget {settings.budget} = {budget_ms:.4f} ms")
         fastest = min_latency(opt, importance)
         if budget_ms < fastest - 1e-12:
             raise BudgetError(
@@ -493,14 +524,17 @@ def compress(
     plan_data = _read_json(plan_path)
     plan = Plan.from_dict(plan_data)
     plan.validate(chain)
+    if stop("solve"):
+        return None
 
     lin = linearize(original, chain, plan)
     tuned_path = wd.file("finetuned.pt")
     if not wd.done("finetune", stage["finetune"]):
         cfg = settings.finetune
         start(
+            "finetune",
             f"[5/7] fine-tune the linearized network: {cfg.epochs} epoch(s), {cfg.optimizer}, "
-            f"lr {cfg.lr:g}" + (f", distillation {cfg.distill:g}" if cfg.distill else "")
+            f"lr {cfg.lr:g}" + (f", distillation {cfg.distill:g}" if cfg.distill else ""),
         )
         result = finetune(
             lin,
@@ -511,8 +545,10 @@ def compress(
             holdout_data=data.holdout,
             progress=progress,
             device=settings.device,
-            distributed=False,
+            distributed=world > 1,
         )
+        if rank != 0:
+            return None
         lin = result.model.cpu().to(memory_format=torch.contiguous_format)
         torch.save(lin.state_dict(), tuned_path)
         wd.finish(
@@ -525,12 +561,15 @@ def compress(
     else:
         lin.load_state_dict(torch.load(tuned_path, map_location="cpu", weights_only=True))
     lin.eval()
+    if rank != 0 or stop("finetune"):
+        return None
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(settings.seed))
     if not wd.done("merge", stage["merge"]):
-        start("[6/7] merge, verify and export")
+        start("merge", "[6/7] merge, verify and export")
     merged = merge(lin, chain, plan, verify=True)
-    real, _ = fetch(test_data if test_data is not None else data.holdout, torch.arange(8))
+    checked = test_data if test_data is not None else data.holdout
+    real, _ = fetch(checked, torch.arange(min(8, len(checked))))
     with torch.no_grad():
         err = check_close(lin(real), merged(real), "merged network", "fine-tuned linearized one")
     if not wd.done("merge", stage["merge"]):
@@ -540,10 +579,12 @@ def compress(
         onnx_err = export_onnx(merged, wd.file("merged.onnx"), x)
         wd.finish("merge", stage["merge"], error=err, onnx_error=onnx_err)
         ran.append("merge")
+    if stop("merge"):
+        return None
 
     eval_path = wd.file("evaluation.json")
     if not wd.done("evaluate", stage["evaluate"]):
-        start("[7/7] evaluate accuracy and end-to-end latency of both networks")
+        start("evaluate", "[7/7] evaluate accuracy and end-to-end latency of both networks")
         test = test_data if test_data is not None else data.holdout
         acc_orig = evaluate(original, test)
         acc_new = evaluate(merged, test)
