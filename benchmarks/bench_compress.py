@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from bench_importance import machine  # same record of the machine (run from benchmarks/)
 
 import depthcompress as dc
 from depthcompress.backends import Protocol, get_backend
@@ -43,22 +40,6 @@ TABLE_FILES = (
     "importance.csv",
     "importance.csv.json",
 )
-
-
-def machine() -> dict[str, object]:
-    """CPU model, cores, load and versions, for the record."""
-    model = "unknown"
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name"):
-            model = line.split(":", 1)[1].strip()
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "load_avg": [round(v, 2) for v in os.getloadavg()],
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def settings(args: argparse.Namespace, budget: str) -> dc.CompressSettings:

@@ -11,14 +11,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    BackendError,
     BudgetError,
+    DataError,
     DepthCompressError,
+    ExportError,
+    FinetuneError,
     MergeError,
     ModelSpecError,
     NoConvolutionError,
     PlanError,
     TableError,
     TraceError,
+    WorkdirError,
 )
 from .plan import Plan
 
@@ -55,13 +60,17 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "BackendError",
     "BlockGeometry",
     "Budget",
     "BudgetError",
     "CompressResult",
     "CompressSettings",
     "ConvChain",
+    "DataError",
     "DepthCompressError",
+    "ExportError",
+    "FinetuneError",
     "MergeError",
     "ModelSpecError",
     "NoConvolutionError",
@@ -71,6 +80,7 @@ __all__ = [
     "Residual",
     "TableError",
     "TraceError",
+    "WorkdirError",
     "compress",
     "linearize",
     "merge",

@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from .errors import DepthCompressError
+from .errors import BackendError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -35,10 +35,6 @@ ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "trt": "tensorrt", "ov":
 ONNX_OPSET = 17
 WARMUP_SHARE = 0.25
 STATISTICS = ("median", "mean", "min", "p10", "p25")
-
-
-class BackendError(DepthCompressError):
-    """A latency backend is missing, cannot run here, or cannot run this model."""
 
 
 @dataclass(frozen=True)

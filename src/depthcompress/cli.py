@@ -18,6 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -37,6 +38,27 @@ MaxKernelOption = Annotated[
 ExcludeOption = Annotated[
     list[str] | None,
     typer.Option(help="module name to keep out of the chain (repeatable), e.g. the stem"),
+]
+# the model and data options of the commands that train (train, importance, compress)
+ModelArgument = Annotated[
+    str,
+    typer.Argument(help="depthcompress:fashion_mbv2, torchvision:NAME or path/to/file.py:factory"),
+]
+DataOption = Annotated[
+    str,
+    typer.Option(
+        help="'fashion-mnist' or an ImageFolder directory (train/ is used, val/ or test/ tests)"
+    ),
+]
+WeightsOption = Annotated[
+    Path | None, typer.Option(help="trained weights: a state_dict saved with torch.save")
+]
+HoldoutOption = Annotated[
+    int, typer.Option(help="training examples held out (never trained on) to score importance")
+]
+HoldoutSeedOption = Annotated[int, typer.Option(help="seed choosing the held-out examples")]
+ImageSizeOption = Annotated[
+    int | None, typer.Option(help="ImageFolder: crop size (adds the reference augmentation)")
 ]
 
 
@@ -142,33 +164,18 @@ def _command_line() -> str:
 
 @app.command("train")
 def train_cmd(
-    model: Annotated[
-        str,
-        typer.Argument(
-            help="depthcompress:fashion_mbv2, torchvision:NAME or path/to/file.py:factory"
-        ),
-    ],
+    model: ModelArgument,
     output: Annotated[Path, typer.Option("--output", "-o", help="trained weights (state_dict)")],
-    data: Annotated[
-        str, typer.Option(help="'fashion-mnist' or an ImageFolder directory (its train/ part)")
-    ] = "fashion-mnist",
+    data: DataOption = "fashion-mnist",
     epochs: Annotated[int, typer.Option(help="passes over the training data")] = 10,
     lr: Annotated[float, typer.Option(help="peak learning rate (cosine decay to 0)")] = 0.1,
     batch_size: Annotated[int, typer.Option(help="global batch size")] = 128,
     optimizer: Annotated[str, typer.Option(help="'sgd' (Nesterov) or 'adamw'")] = "sgd",
     weight_decay: Annotated[float, typer.Option(help="weight decay")] = 4e-5,
-    holdout: Annotated[
-        int,
-        typer.Option(
-            help="training examples held out (never trained on) to score importance later; "
-            "use the same value for compress"
-        ),
-    ] = 10000,
-    holdout_seed: Annotated[int, typer.Option(help="seed choosing the held-out examples")] = 0,
+    holdout: HoldoutOption = 10000,
+    holdout_seed: HoldoutSeedOption = 0,
     seed: Annotated[int, typer.Option(help="seed of the initialisation and batch order")] = 0,
-    image_size: Annotated[
-        int | None, typer.Option(help="ImageFolder: crop size (adds the reference augmentation)")
-    ] = None,
+    image_size: ImageSizeOption = None,
     channels: Annotated[int, typer.Option(help="ImageFolder: 3 (RGB) or 1 (grayscale)")] = 3,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda if any)")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -241,28 +248,17 @@ def train_cmd(
 
 @app.command("importance")
 def importance_cmd(
-    model: Annotated[
-        str,
-        typer.Argument(
-            help="depthcompress:fashion_mbv2, torchvision:NAME or path/to/file.py:factory"
-        ),
-    ],
+    model: ModelArgument,
     output: Annotated[Path, typer.Option("--output", "-o", help="importance table (CSV)")],
-    data: Annotated[
-        str, typer.Option(help="'fashion-mnist' or an ImageFolder directory (its train/ part)")
-    ] = "fashion-mnist",
-    weights: Annotated[
-        Path | None, typer.Option(help="trained weights: a state_dict saved with torch.save")
-    ] = None,
+    data: DataOption = "fashion-mnist",
+    weights: WeightsOption = None,
     steps: Annotated[
         int, typer.Option(help="fine-tuning steps per entry (fewer = cheaper estimate)")
     ] = 100,
     lr: Annotated[float, typer.Option(help="peak learning rate (cosine decay to 0)")] = 0.05,
     batch_size: Annotated[int, typer.Option(help="fine-tuning batch size")] = 128,
-    holdout: Annotated[
-        int, typer.Option(help="training examples held out to score importance")
-    ] = 10000,
-    holdout_seed: Annotated[int, typer.Option(help="seed choosing the held-out examples")] = 0,
+    holdout: HoldoutOption = 10000,
+    holdout_seed: HoldoutSeedOption = 0,
     seed: Annotated[int, typer.Option(help="seed of re-initialisation and batch order")] = 0,
     zero_shot: Annotated[
         bool, typer.Option(help="score without fine-tuning (accuracy drop only; fast)")
@@ -281,9 +277,7 @@ def importance_cmd(
     input_shape: Annotated[
         str | None, typer.Option("--input-shape", help="example input N,C,H,W (default: data's)")
     ] = None,
-    image_size: Annotated[
-        int | None, typer.Option(help="ImageFolder: crop size (adds the reference augmentation)")
-    ] = None,
+    image_size: ImageSizeOption = None,
     mode: ModeOption = "general",
     max_kernel_size: MaxKernelOption = 15,
     exclude: ExcludeOption = None,
@@ -949,20 +943,11 @@ RedoOption = Annotated[
 
 @app.command("compress")
 def compress_cmd(
-    model: Annotated[
-        str,
-        typer.Argument(
-            help="depthcompress:fashion_mbv2, torchvision:NAME or path/to/file.py:factory"
-        ),
-    ],
+    model: ModelArgument,
     budget: BudgetOption,
     workdir: WorkdirOption,
-    data: Annotated[
-        str, typer.Option(help="'fashion-mnist' or an ImageFolder directory (train/ and val/)")
-    ] = "fashion-mnist",
-    weights: Annotated[
-        Path | None, typer.Option(help="trained weights: a state_dict saved with torch.save")
-    ] = None,
+    data: DataOption = "fashion-mnist",
+    weights: WeightsOption = None,
     backend: Annotated[
         str, typer.Option(help="latency backend: onnxruntime, torch, openvino or tensorrt")
     ] = "onnxruntime",
@@ -985,17 +970,13 @@ def compress_cmd(
     importance_lr: Annotated[float, typer.Option(help="importance fine-tuning lr")] = 0.05,
     workers: Annotated[int, typer.Option(help="importance worker processes")] = 1,
     alpha: Annotated[float, typer.Option(help="importance normalisation alpha (§6)")] = 1.6,
-    holdout: Annotated[
-        int, typer.Option(help="training examples held out to score importance")
-    ] = 10000,
-    holdout_seed: Annotated[int, typer.Option(help="seed choosing the held-out examples")] = 0,
+    holdout: HoldoutOption = 10000,
+    holdout_seed: HoldoutSeedOption = 0,
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
     input_shape: Annotated[
         str | None, typer.Option("--input-shape", help="example input N,C,H,W (default: data's)")
     ] = None,
-    image_size: Annotated[
-        int | None, typer.Option(help="ImageFolder: crop size (adds the reference augmentation)")
-    ] = None,
+    image_size: ImageSizeOption = None,
     mode: ModeOption = "general",
     max_kernel_size: MaxKernelOption = 15,
     exclude: ExcludeOption = None,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
-from .errors import DepthCompressError
+from .errors import DataError
 
 FASHION_MNIST_DEB = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_ENV = "DEPTHCOMPRESS_FASHION_MNIST"
@@ -32,10 +32,6 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-
-
-class DataError(DepthCompressError):
-    """Training data is missing, malformed, or too small for the requested split."""
 
 
 def cache_dir() -> Path:

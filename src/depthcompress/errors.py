@@ -33,3 +33,23 @@ class TableError(DepthCompressError):
 
 class BudgetError(DepthCompressError):
     """A latency budget cannot be met by any plan."""
+
+
+class ExportError(DepthCompressError):
+    """An exported file does not reproduce the network it came from."""
+
+
+class DataError(DepthCompressError):
+    """Training data is missing, malformed, or too small for the requested split."""
+
+
+class FinetuneError(DepthCompressError):
+    """Fine-tuning was asked for with bad settings, or cannot resume from its checkpoint."""
+
+
+class WorkdirError(DepthCompressError):
+    """The work directory holds results of another model or of other settings."""
+
+
+class BackendError(DepthCompressError):
+    """A latency backend is missing, cannot run here, or cannot run this model."""

@@ -9,12 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import DepthCompressError
+from .errors import DepthCompressError, ExportError
 from .merging import check_close
-
-
-class ExportError(DepthCompressError):
-    """An exported file does not reproduce the network it came from."""
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

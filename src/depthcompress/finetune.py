@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import batches
-from .errors import DepthCompressError
+from .errors import FinetuneError
 from .graph import param_place
 from .linearization import META_KEY
 
@@ -35,10 +35,6 @@ BEST = "best.pt"
 OPTIMIZERS = ("sgd", "adamw")
 # config fields that may change between a run and its resumption: they do not change the result
 RESUMABLE_CHANGES = ("num_workers",)
-
-
-class FinetuneError(DepthCompressError):
-    """Fine-tuning was asked for with bad settings, or cannot resume from its checkpoint."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
-import json
 import math
 import os
 import pickle
@@ -31,6 +30,7 @@ from torch import nn
 
 from .data import SplitData, batches, tensor_bytes
 from .errors import DepthCompressError, TableError
+from .files import json_sha, read_sidecar, repair_tail, sidecar_path, write_json
 from .graph import ConvChain, symbolic_trace
 from .linearization import linearize
 from .plan import Plan
@@ -311,15 +311,6 @@ def measure_entry(job: _Job, entry: Entry) -> dict[str, Any]:
 # table files
 
 
-def sidecar_path(path: str | Path) -> Path:
-    """The JSON file that records how a table was computed: ``TABLE.csv.json``."""
-    return Path(f"{path}.json")
-
-
-def _sha(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def weights_sha(model: nn.Module) -> str:
     """SHA-256 of a model's parameters and buffers (names, shapes, values)."""
     h = hashlib.sha256()
@@ -357,7 +348,7 @@ def table_meta(
         "model": {
             "name": model_name,
             "weights_sha256": weights_sha(model),
-            "chain_sha256": _sha([chain.signature(), list(chain.barriers), chain.mode]),
+            "chain_sha256": json_sha([chain.signature(), list(chain.barriers), chain.mode]),
             "num_positions": chain.num_positions,
             "mode": chain.mode,
             "exclude": list(chain.exclude),
@@ -365,7 +356,7 @@ def table_meta(
         "data": {k: v for k, v in data.info.items() if k != "root"},
         "data_root": data.info.get("root"),
         "settings": asdict(settings),
-        "entries": {"count": len(entries), "sha256": _sha([list(e) for e in entries])},
+        "entries": {"count": len(entries), "sha256": json_sha([list(e) for e in entries])},
         "base": {SCORE: base[0], "val_loss": base[1]},
         "versions": _versions(),
         "shard": f"{shard[0]}/{shard[1]}" if shard else None,
@@ -399,25 +390,9 @@ def _describe(a: dict[str, Any], b: dict[str, Any], diff: list[str]) -> str:
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    side = sidecar_path(path)
-    if not side.is_file():
-        raise TableError(
-            f"{path} has no sidecar {side.name}: cannot tell how it was computed; delete it to "
-            "start over, or restore the sidecar"
-        )
-    try:
-        meta = json.loads(side.read_text())
-    except json.JSONDecodeError as exc:
-        raise TableError(f"{side} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise TableError(f"{side} is not a depthcompress importance sidecar ({FORMAT})")
-    return meta
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    return read_sidecar(
+        path, FORMAT, "importance", "delete it to start over, or restore the sidecar"
+    )
 
 
 def _format(row: dict[str, Any]) -> list[str]:
@@ -440,14 +415,6 @@ def _parse(raw: dict[str, str], where: str) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError) as exc:
         raise TableError(f"{where}: malformed row {raw}: {exc}") from None
     return row
-
-
-def _repair_tail(path: Path) -> None:
-    """Drop a last line cut short by an interruption (rows are whole lines ending in \\n)."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with path.open("r+b") as fh:
-            fh.truncate(data.rfind(b"\n") + 1)
 
 
 def read_table(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -479,7 +446,7 @@ def write_table(path: str | Path, meta: dict[str, Any], rows: Iterable[dict[str,
         writer.writerow(COLUMNS)
         for row in sorted(rows, key=_key):
             writer.writerow(_format(row))
-    _write_json(sidecar_path(path), meta)
+    write_json(sidecar_path(path), meta)
     os.replace(tmp, path)
 
 
@@ -650,7 +617,7 @@ def importance_table(
     done: dict[Entry, dict[str, Any]] = {}
     if path.exists():
         old_meta = _read_meta(path)
-        _repair_tail(path)
+        repair_tail(path)
         _, rows = read_table(path)
         base = (old_meta["base"][SCORE], old_meta["base"]["val_loss"])
         meta = table_meta(
@@ -673,7 +640,7 @@ def importance_table(
             model, chain, data, settings, base, all_entries, shard=shard, model_name=name
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(sidecar_path(path), meta)
+        write_json(sidecar_path(path), meta)
 
     todo = [e for e in mine if e not in done]
     job = _Job(net, chain, data, settings, base, device)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
-import json
 import math
 import os
 import platform
@@ -33,6 +31,7 @@ from torch import nn
 
 from .backends import Backend, Timing, machine_info, package_version
 from .errors import TableError
+from .files import json_sha, read_sidecar, repair_tail, sidecar_path, write_json
 from .graph import ConvChain
 from .linearization import make_activation
 
@@ -109,23 +108,14 @@ def block_input_shape(chain: ConvChain, i: int, j: int, batch: int) -> tuple[int
     return (batch, *chain.geometry(i, j).in_shape[1:])
 
 
-def sidecar_path(path: str | Path) -> Path:
-    """The JSON file recording how a table was measured: ``LATENCY.csv.json``."""
-    return Path(f"{path}.json")
-
-
 def passes_path(path: str | Path) -> Path:
     """Per-pass results of a table measured in several passes: ``LATENCY.csv.passes``."""
     return Path(f"{path}.passes")
 
 
-def _sha(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def chain_sha(chain: ConvChain) -> str:
     """Fingerprint of everything that fixes the blocks' geometry."""
-    return _sha([chain.signature(), sorted(chain.barriers), chain.mode, list(chain.blocks)])
+    return json_sha([chain.signature(), sorted(chain.barriers), chain.mode, list(chain.blocks)])
 
 
 def table_meta(
@@ -152,7 +142,7 @@ def table_meta(
             "input_shape": list(chain.input_shape[1:]),
             "activation": chain.insert_activation,
         },
-        "blocks": {"count": len(chain.blocks), "sha256": _sha([list(b) for b in chain.blocks])},
+        "blocks": {"count": len(chain.blocks), "sha256": json_sha([list(b) for b in chain.blocks])},
         "batch": batch,
         "seed": seed,
         "passes": passes,
@@ -197,28 +187,12 @@ def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The sidecar of a latency table; TableError if it is missing or not one."""
-    path = Path(path)
-    side = sidecar_path(path)
-    if not side.is_file():
-        raise TableError(
-            f"{path} has no sidecar {side.name}, so how it was measured is unknown: pass --force "
-            "to measure it again from scratch, or write to a new file with -o"
-        )
-    try:
-        meta = json.loads(side.read_text())
-    except json.JSONDecodeError as exc:
-        raise TableError(f"{side} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise TableError(f"{side} is not a depthcompress latency sidecar ({FORMAT})")
-    return meta
-
-
-def _repair_tail(path: Path) -> None:
-    """Drop a last line cut short by a kill (every complete row ends in a newline)."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with path.open("r+b") as fh:
-            fh.truncate(data.rfind(b"\n") + 1)
+    return read_sidecar(
+        path,
+        FORMAT,
+        "latency",
+        "pass --force to measure it again from scratch, or write to a new file with -o",
+    )
 
 
 def read_rows(path: str | Path) -> list[LatencyRow]:
@@ -265,12 +239,6 @@ def _check_rows(path: Path, rows: list[LatencyRow], blocks: tuple[tuple[int, int
         if r.id in seen:
             raise TableError(f"{path}: block id {r.id} appears twice")
         seen.add(r.id)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def write_sorted(path: Path, rows: Iterable[LatencyRow]) -> None:
@@ -320,7 +288,7 @@ def _read_passes(path: Path, blocks: int, passes: int) -> dict[int, dict[int, tu
     out: dict[int, dict[int, tuple[float, float]]] = {}
     if not path.is_file():
         return out
-    _repair_tail(path)
+    repair_tail(path)
     with path.open(newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
@@ -390,7 +358,7 @@ def build_latency_table(
                 "differently cannot share a table. Write to a new file with -o, or pass --force "
                 "to discard it and start over"
             )
-        _repair_tail(path)
+        repair_tail(path)
         rows = read_rows(path)
         _check_rows(path, rows, chain.blocks)
         done = {r.id: r for r in rows}
@@ -398,7 +366,7 @@ def build_latency_table(
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         passes_path(path).unlink(missing_ok=True)
-        _write_json(sidecar_path(path), meta)
+        write_json(sidecar_path(path), meta)
 
     n = len(chain.blocks)
     stat = backend.protocol.statistic

@@ -28,7 +28,8 @@ from torch import nn
 
 from .backends import Backend, Protocol, get_backend, machine_info, package_version
 from .data import SplitData, fetch, num_classes
-from .errors import BudgetError, DepthCompressError
+from .errors import BudgetError, DepthCompressError, WorkdirError
+from .files import write_json
 from .finetune import FinetuneConfig, evaluate, finetune
 from .graph import trace
 from .importance import FinetuneSettings, importance_table, weights_sha
@@ -51,10 +52,6 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "merge": ("merged.pt", "merged.onnx"),
     "evaluate": ("evaluation.json",),
 }
-
-
-class WorkdirError(DepthCompressError):
-    """The work directory holds results of another model or of other settings."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,12 +179,6 @@ class CompressResult:
 # the work directory
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -239,14 +230,14 @@ class Workdir:
                 )
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        _write_json(run, {"identity": identity, "commands": []})
+        write_json(run, {"identity": identity, "commands": []})
 
     def record_command(self, command: str) -> None:
         run = _read_json(self.file(RUN))
         run.setdefault("commands", []).append(
             {"command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         )
-        _write_json(self.file(RUN), run)
+        write_json(self.file(RUN), run)
 
     def manifest(self) -> dict[str, Any]:
         path = self.file(MANIFEST)
@@ -271,7 +262,7 @@ class Workdir:
     def finish(self, stage: str, settings: dict[str, Any], **info: Any) -> None:
         manifest = self.manifest()
         manifest[stage] = {"settings": _normalised(settings), **info}
-        _write_json(self.file(MANIFEST), manifest)
+        write_json(self.file(MANIFEST), manifest)
 
     def redo(self, stage: str) -> Path | None:
         """Move ``stage``'s and every later stage's files to ``previous/N/``; returns that
@@ -291,8 +282,8 @@ class Workdir:
         for p in present:
             shutil.move(str(p), str(target / p.name))
         if any(s in manifest for s in later):
-            _write_json(target / MANIFEST, {s: manifest[s] for s in later if s in manifest})
-            _write_json(self.file(MANIFEST), {s: v for s, v in manifest.items() if s not in later})
+            write_json(target / MANIFEST, {s: manifest[s] for s in later if s in manifest})
+            write_json(self.file(MANIFEST), {s: v for s, v in manifest.items() if s not in later})
         return target
 
 
@@ -510,7 +501,7 @@ def compress(
         budgets = sorted({*_grid(fastest, original_ms), budget_ms})
         front = sweep(opt, importance, budgets, alpha=settings.alpha)
         _write_front(wd.file("front.csv"), front)
-        _write_json(
+        write_json(
             plan_path,
             {
                 **sol.to_dict(),
@@ -607,7 +598,7 @@ def compress(
             "machine": machine_info(),
             "versions": versions(),
         }
-        _write_json(eval_path, evaluation)
+        write_json(eval_path, evaluation)
         wd.finish("evaluate", stage["evaluate"])
         ran.append("evaluate")
     evaluation = _read_json(eval_path)

@@ -1,0 +1,57 @@
+"""Plain file helpers shared by the resumable stages: atomic JSON writes, the sidecar JSON that
+records how a table was made, repair of a row cut short by a kill, and content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import TableError
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON through a temporary file and a rename, so a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON file that records how a table was computed: ``TABLE.csv.json``."""
+    return Path(f"{path}.json")
+
+
+def read_sidecar(path: str | Path, fmt: str, kind: str, fix: str) -> dict[str, Any]:
+    """The sidecar of the table at ``path``, checked to be a ``fmt`` sidecar; TableError (with
+    ``fix``, what to do about a missing one) if it is missing, unreadable or of another kind."""
+    path = Path(path)
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise TableError(
+            f"{path} has no sidecar {side.name}, so how it was computed is unknown: {fix}"
+        )
+    try:
+        meta = json.loads(side.read_text())
+    except json.JSONDecodeError as exc:
+        raise TableError(f"{side} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise TableError(f"{side} is not a depthcompress {kind} sidecar ({fmt})")
+    return meta
+
+
+def repair_tail(path: str | Path) -> None:
+    """Drop a last line cut short by an interruption (rows are whole lines ending in \\n)."""
+    path = Path(path)
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
+def json_sha(data: Any) -> str:
+    """SHA-256 of a JSON-able value (keys sorted), for fingerprints of settings."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
