@@ -245,33 +245,25 @@ def evaluate(
 def finetune(
     net: nn.Module, dataset: Dataset, settings: FinetuneSettings, seed: int, device: str = "cpu"
 ) -> float:
-    """Fine-tune ``net`` in place for ``settings.steps`` SGD steps (Nesterov, momentum 0.9,
-    cosine decay to 0) on batches drawn by ``seed``; returns the mean training loss."""
-    net = _prepare(net, settings, device).train()
-    steps, bs = settings.steps, settings.batch_size
-    n = len(dataset)  # type: ignore[arg-type]
-    gen = torch.Generator().manual_seed(seed)
-    perms = [torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * bs / n))]
-    order = torch.cat(perms)[: steps * bs]
-    opt = torch.optim.SGD(
-        net.parameters(),
+    """Fine-tune ``net`` in place for ``settings.steps`` SGD steps (Nesterov, cosine decay to
+    0) on batches drawn by ``seed``, in this process alone; returns the mean training loss.
+    This is ``finetune.finetune`` as one epoch of ``steps`` steps."""
+    from .finetune import FinetuneConfig
+    from .finetune import finetune as run
+
+    config = FinetuneConfig(
+        epochs=1,
+        steps_per_epoch=settings.steps,
         lr=settings.lr,
+        batch_size=settings.batch_size,
         momentum=settings.momentum,
-        nesterov=True,
         weight_decay=settings.weight_decay,
+        seed=seed,
+        num_workers=settings.loader_workers,
+        channels_last=settings.channels_last,
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / steps))
-    )
-    total = 0.0
-    for x, y in batches(dataset, order, bs, settings.loader_workers):
-        loss = F.cross_entropy(net(_inputs(x, settings, device)), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        total += float(loss.detach())
-    return total / steps
+    result = run(net, dataset, config, progress=False, device=device, distributed=False)
+    return result.train_loss
 
 
 @contextmanager
