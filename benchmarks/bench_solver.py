@@ -19,8 +19,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from depthcompress.dp import extended_importance, optimal_latency, solve, sweep
 from depthcompress.tables import ImportanceTable, LatencyTable
 
@@ -29,25 +27,6 @@ LATENCY_CSV = ROOT.parent / "shared" / "reference" / "kim2023_mbv2_w1.0_rtx2080t
 LINEAR = frozenset(range(2, 51, 3))
 BUDGET = 25.0
 SWEEP = [18.0 + 0.5 * k for k in range(25)]
-
-
-def synthetic_importance(latency: LatencyTable, seed: int = 0) -> ImportanceTable:
-    """The reference enumeration (exclude_zeros) over the table's blocks with seeded scores."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i, j in latency.blocks:
-        if i == 0:
-            flags = [(1, 1)]
-        elif i in LINEAR:
-            flags = [(0, 1), (1, 1)]
-        elif j in LINEAR:
-            flags = [(1, 0), (1, 1)]
-        else:
-            flags = [(1, 1)]
-        for x, y in flags:
-            drop = abs(rng.normal(0.3, 0.3)) * (j - i) ** 0.8 + 0.2 * rng.random() * (1 - y)
-            rows.append((i, j, x, y, -drop))
-    return ImportanceTable.from_rows(rows)
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -82,7 +61,7 @@ def main() -> None:
     r = args.repeats
 
     latency = LatencyTable.read_csv(LATENCY_CSV)
-    importance = synthetic_importance(latency)
+    importance = ImportanceTable.synthetic(latency.blocks, LINEAR)
     opt = optimal_latency(latency)
     ext = extended_importance(importance)
 

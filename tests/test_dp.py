@@ -52,23 +52,8 @@ def reference_path(name: str) -> Path:
 
 
 def mbv2_importance(latency: LatencyTable, seed: int = 0) -> ImportanceTable:
-    """A seeded synthetic importance table with the reference's enumeration (exclude_zeros)
-    over MobileNetV2's blocks: drops grow with the span, plus noise."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i, j in latency.blocks:
-        if i == 0:
-            flags = [(1, 1)]
-        elif i in MBV2_LINEAR:
-            flags = [(0, 1), (1, 1)]
-        elif j in MBV2_LINEAR:
-            flags = [(1, 0), (1, 1)]
-        else:
-            flags = [(1, 1)]
-        for x, y in flags:
-            drop = abs(rng.normal(0.3, 0.3)) * (j - i) ** 0.8 + 0.2 * rng.random() * (1 - y)
-            rows.append((i, j, x, y, -drop))
-    return ImportanceTable.from_rows(rows)
+    """A seeded synthetic importance table over MobileNetV2's blocks."""
+    return ImportanceTable.synthetic(latency.blocks, MBV2_LINEAR, seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -454,6 +454,30 @@ class ImportanceTable:
         )
 
     @classmethod
+    def synthetic(
+        cls, blocks: Iterable[tuple[int, int]], linear: Iterable[int], seed: int = 0
+    ) -> ImportanceTable:
+        """A seeded synthetic table with the reference's enumeration (exclude_zeros) over
+        ``blocks``, ``linear`` being the positions without an activation: drops grow with the
+        span, plus noise. For solver tests and benchmarks without a trained network."""
+        rng = np.random.default_rng(seed)
+        lin = frozenset(linear)
+        rows = []
+        for i, j in blocks:
+            if i == 0:
+                flags = [(1, 1)]
+            elif i in lin:
+                flags = [(0, 1), (1, 1)]
+            elif j in lin:
+                flags = [(1, 0), (1, 1)]
+            else:
+                flags = [(1, 1)]
+            for x, y in flags:
+                drop = abs(rng.normal(0.3, 0.3)) * (j - i) ** 0.8 + 0.2 * rng.random() * (1 - y)
+                rows.append((i, j, x, y, -drop))
+        return cls.from_rows(rows, source="<synthetic importance>")
+
+    @classmethod
     def read_csv(cls, path: str | Path, score: str = DEFAULT_SCORE) -> ImportanceTable:
         """Read ``st,end,st_act,end_act,<score>``; other columns (``id``, losses) are ignored."""
         layout = (*IMPORTANCE_KEYS, score)
