@@ -389,3 +389,22 @@ def test_until_then_torchrun_finetunes_on_two_processes(tmp_path: Path, monkeypa
     assert (wd / "merged.onnx").exists() and (wd / "report.md").exists()
     final = compress(small_model(), small_data(), wd, settings(), progress=False)
     assert final.ran == []
+
+
+def test_merge_mismatch_aborts_before_export(finished, tmp_path: Path, monkeypatch) -> None:
+    """A merged network that does not reproduce the fine-tuned one is never saved."""
+    wd = copy_of(finished, tmp_path)
+    real_merge = pipeline.merge
+
+    def bad_merge(*args, **kwargs):
+        net = real_merge(*args, **kwargs)
+        conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+        with torch.no_grad():
+            conv.weight.mul_(1.5)
+        return net
+
+    monkeypatch.setattr(pipeline, "merge", bad_merge)
+    with pytest.raises(dc.MergeError, match="merged network"):
+        compress(small_model(), small_data(), wd, settings(), redo="merge")
+    assert not (wd / "merged.pt").exists() and not (wd / "merged.onnx").exists()
+    assert (wd / "previous" / "1" / "merged.onnx").exists()  # the earlier export is kept aside
