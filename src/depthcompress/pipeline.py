@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from .data import SplitData, fetch, num_classes
 from .errors import BudgetError, DepthCompressError, WorkdirError
 from .files import write_json
 from .finetune import FinetuneConfig, evaluate, finetune
-from .graph import trace
+from .graph import ConvChain, trace
 from .importance import FinetuneSettings, importance_table, weights_sha
 from .latency import build_latency_table, chain_sha
 from .linearization import linearize
@@ -410,213 +410,281 @@ def compress(
         moved = wd.redo(redo)
         if moved is not None:
             say(f"moved the {redo} stage and later ones to {moved}")
-    stage = settings.stage_settings()
-    ran: list[str] = []
-
-    def start(name: str, message: str) -> None:
-        """Announce a stage; the first one to run records the command and the chain."""
-        if world > 1 and STAGES.index(name) < STAGES.index("finetune"):
-            raise WorkdirError(
-                f"under torchrun ({world} processes) compress only fine-tunes, but the {name} "
-                "stage has not run yet: run the same command once without torchrun and with "
-                "--until solve, then launch it again with torchrun"
-            )
-        if not ran and rank == 0:
-            wd.record_command(command or " ".join(sys.argv))
-            wd.file("chain.json").write_text(chain.to_json())
-        if rank == 0:
-            say(message)
-
-    def stop(stage_name: str) -> bool:
-        return until == stage_name
-
-    runner = get_backend(settings.backend, threads=settings.threads, protocol=settings.protocol)
-
-    # latency table T(i, j)
-    lat_path = wd.file("latency.csv")
-    if not wd.done("latency", stage["latency"]):
-        start("latency", f"[1/7] latency table of {len(chain.blocks)} blocks on {settings.backend}")
-        build_latency_table(
-            chain,
-            runner,
-            lat_path,
-            batch=settings.batch,
-            seed=settings.seed,
-            model_name=identity["model"],
-            progress=progress,
-        )
-        wd.finish("latency", stage["latency"])
-        ran.append("latency")
-    from .dp import min_latency, optimal_latency, solve, sweep
-    from .tables import ImportanceTable, LatencyTable, OptimalLatencyTable
-
-    if stop("latency"):
-        return None
-    latency = LatencyTable.read_csv(lat_path)
-
-    opt_path = wd.file("opt_latency.csv")
-    if not wd.done("optimal", stage["optimal"]):
-        start("optimal", "[2/7] optimal latency table (stage 1)")
-        optimal_latency(latency).write_csv(opt_path)
-        wd.finish("optimal", stage["optimal"])
-        ran.append("optimal")
-    opt = OptimalLatencyTable.read_csv(opt_path)
-    if stop("optimal"):
-        return None
-
-    imp_path = wd.file("importance.csv")
-    if not wd.done("importance", stage["importance"]):
-        start("importance", f"[3/7] importance table ({settings.workers} worker(s))")
-        importance_table(
-            original,
-            chain,
-            data,
-            imp_path,
-            settings=settings.importance,
-            workers=settings.workers,
-            device=settings.device or "cpu",
-            progress=progress,
-            model_name=identity["model"],
-        )
-        wd.finish("importance", stage["importance"])
-        ran.append("importance")
-    importance = ImportanceTable.read_csv(imp_path)
-    if stop("importance"):
-        return None
-
-    original_ms = sum(latency.time_of(k, k + 1) for k in range(chain.num_positions))
-    budget_ms = settings.budget.resolve(original_ms)
-    plan_path = wd.file("plan.json")
-    if not wd.done("solve", stage["solve"]):
-        start("solve", f"[4/7] solve (stage 2) for budget {settings.budget} = {budget_ms:.4f} ms")
-        fastest = min_latency(opt, importance)
-        if budget_ms < fastest - 1e-12:
-            raise BudgetError(
-                f"budget {settings.budget} = {budget_ms:.4f} ms is below the fastest plan the "
-                f"tables allow, {fastest:.4f} ms ({fastest / original_ms:.3f}x of the original "
-                f"{original_ms:.4f} ms): raise --budget to at least "
-                f"{math.ceil(1000 * fastest / original_ms) / 1000:.3f}x. The tables are kept"
-            )
-        sol = solve(opt, importance, budget_ms, alpha=settings.alpha)
-        budgets = sorted({*_grid(fastest, original_ms), budget_ms})
-        front = sweep(opt, importance, budgets, alpha=settings.alpha)
-        _write_front(wd.file("front.csv"), front)
-        write_json(
-            plan_path,
-            {
-                **sol.to_dict(),
-                "budget_spec": str(settings.budget),
-                "original_latency": original_ms,
-                "fastest_latency": fastest,
-            },
-        )
-        wd.finish("solve", stage["solve"])
-        ran.append("solve")
-    plan_data = _read_json(plan_path)
-    plan = Plan.from_dict(plan_data)
-    plan.validate(chain)
-    if stop("solve"):
-        return None
-
-    lin = linearize(original, chain, plan)
-    tuned_path = wd.file("finetuned.pt")
-    if not wd.done("finetune", stage["finetune"]):
-        cfg = settings.finetune
-        start(
-            "finetune",
-            f"[5/7] fine-tune the linearized network: {cfg.epochs} epoch(s), {cfg.optimizer}, "
-            f"lr {cfg.lr:g}" + (f", distillation {cfg.distill:g}" if cfg.distill else ""),
-        )
-        result = finetune(
-            lin,
-            data.train,
-            cfg,
-            teacher=copy.deepcopy(original) if cfg.distill > 0 else None,
-            checkpoint_dir=wd.file("finetune"),
-            holdout_data=data.holdout,
-            progress=progress,
-            device=settings.device,
-            distributed=world > 1,
-        )
-        if rank != 0:
-            return None
-        lin = result.model.cpu().to(memory_format=torch.contiguous_format)
-        torch.save(lin.state_dict(), tuned_path)
-        wd.finish(
-            "finetune",
-            stage["finetune"],
-            history=[asdict(h) for h in result.history],
-            best_accuracy=result.best_accuracy,
-        )
-        ran.append("finetune")
-    else:
-        lin.load_state_dict(torch.load(tuned_path, map_location="cpu", weights_only=True))
-    lin.eval()
-    if rank != 0 or stop("finetune"):
-        return None
-
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(settings.seed))
-    if not wd.done("merge", stage["merge"]):
-        start("merge", "[6/7] merge, verify and export")
-    merged = merge(lin, chain, plan, verify=True)
-    checked = test_data if test_data is not None else data.holdout
-    real, _ = fetch(checked, torch.arange(min(8, len(checked))))
-    with torch.no_grad():
-        err = check_close(lin(real), merged(real), "merged network", "fine-tuned linearized one")
-    if not wd.done("merge", stage["merge"]):
-        from .export import export_onnx, save_torch
-
-        save_torch(merged, wd.file("merged.pt"), x)
-        onnx_err = export_onnx(merged, wd.file("merged.onnx"), x)
-        wd.finish("merge", stage["merge"], error=err, onnx_error=onnx_err)
-        ran.append("merge")
-    if stop("merge"):
-        return None
-
-    eval_path = wd.file("evaluation.json")
-    if not wd.done("evaluate", stage["evaluate"]):
-        start("evaluate", "[7/7] evaluate accuracy and end-to-end latency of both networks")
-        test = test_data if test_data is not None else data.holdout
-        acc_orig = evaluate(original, test)
-        acc_new = evaluate(merged, test)
-        before = network_stats(original, runner, shape, acc_orig)
-        after = network_stats(merged, runner, shape, acc_new)
-        # measured twice in alternation, so that a slow phase of the machine spoils neither alone
-        before2 = network_stats(original, runner, shape, acc_orig)
-        after2 = network_stats(merged, runner, shape, acc_new)
-        before = replace(before, latency=min(before.latency, before2.latency))
-        after = replace(after, latency=min(after.latency, after2.latency))
-        evaluation = {
-            "original": asdict(before),
-            "compressed": asdict(after),
-            "speedup": before.latency / after.latency,
-            "predicted_speedup": original_ms / plan_data["latency"],
-            "test_set": "test" if test_data is not None else "held-out split",
-            "backend": runner.info(),
-            "batch": settings.batch,
-            "input_shape": list(shape),
-            "machine": machine_info(),
-            "versions": versions(),
-        }
-        write_json(eval_path, evaluation)
-        wd.finish("evaluate", stage["evaluate"])
-        ran.append("evaluate")
-    evaluation = _read_json(eval_path)
-
-    from .report import write_report
-
-    write_report(wd.path, chain=chain, latency=latency, opt=opt)
-    return CompressResult(
-        workdir=wd.path,
-        merged=merged,
-        plan=plan,
-        budget_ms=budget_ms,
-        original=NetworkStats(**evaluation["original"]),
-        compressed=NetworkStats(**evaluation["compressed"]),
-        evaluation=evaluation,
-        files=_files(wd),
-        ran=ran,
+    run = _Run(
+        wd=wd,
+        settings=settings,
+        chain=chain,
+        original=original,
+        data=data,
+        test_data=test_data,
+        shape=shape,
+        model_name=identity["model"],
+        say=say,
+        progress=progress,
+        rank=rank,
+        world=world,
+        command=command or " ".join(sys.argv),
     )
+    steps = (
+        run.latency_stage,
+        run.optimal_stage,
+        run.importance_stage,
+        run.solve_stage,
+        run.finetune_stage,
+        run.merge_stage,
+        run.evaluate_stage,
+    )
+    for name, step in zip(STAGES, steps, strict=True):
+        if not step() or until == name:
+            return None
+    return run.result()
+
+
+@dataclass
+class _Run:
+    """One ``compress`` call: the stages in order, each skipped when ``stages.json`` says it
+    finished with the same settings, each leaving its result on ``self`` for the next."""
+
+    wd: Workdir
+    settings: CompressSettings
+    chain: ConvChain
+    original: nn.Module
+    data: SplitData
+    test_data: Any
+    shape: tuple[int, ...]
+    model_name: str
+    say: Log
+    progress: bool
+    rank: int
+    world: int
+    command: str
+    ran: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stage = self.settings.stage_settings()
+        self.runner = get_backend(
+            self.settings.backend, threads=self.settings.threads, protocol=self.settings.protocol
+        )
+        self.test = self.test_data if self.test_data is not None else self.data.holdout
+
+    def todo(self, name: str, message: str) -> bool:
+        """Whether stage ``name`` must run; if so, announce it (the first stage to run records
+        the command and the chain). Under torchrun only fine-tuning and later stages may run."""
+        if self.wd.done(name, self.stage[name]):
+            return False
+        if self.world > 1 and STAGES.index(name) < STAGES.index("finetune"):
+            raise WorkdirError(
+                f"under torchrun ({self.world} processes) compress only fine-tunes, but the "
+                f"{name} stage has not run yet: run the same command once without torchrun and "
+                "with --until solve, then launch it again with torchrun"
+            )
+        if self.rank == 0:
+            if not self.ran:
+                self.wd.record_command(self.command)
+                self.wd.file("chain.json").write_text(self.chain.to_json())
+            self.say(message)
+        return True
+
+    def finished(self, name: str, **info: Any) -> None:
+        self.wd.finish(name, self.stage[name], **info)
+        self.ran.append(name)
+
+    def latency_stage(self) -> bool:
+        """The latency table T(i, j) (resumable row by row)."""
+        from .tables import LatencyTable
+
+        path = self.wd.file("latency.csv")
+        message = f"[1/7] latency table of {len(self.chain.blocks)} blocks on {self.runner.name}"
+        if self.todo("latency", message):
+            build_latency_table(
+                self.chain,
+                self.runner,
+                path,
+                batch=self.settings.batch,
+                seed=self.settings.seed,
+                model_name=self.model_name,
+                progress=self.progress,
+            )
+            self.finished("latency")
+        self.latency = LatencyTable.read_csv(path)
+        n = self.chain.num_positions
+        self.original_ms = sum(self.latency.time_of(k, k + 1) for k in range(n))
+        return True
+
+    def optimal_stage(self) -> bool:
+        """Stage 1: T_opt and its break points for every block."""
+        from .dp import optimal_latency
+        from .tables import OptimalLatencyTable
+
+        path = self.wd.file("opt_latency.csv")
+        if self.todo("optimal", "[2/7] optimal latency table (stage 1)"):
+            optimal_latency(self.latency).write_csv(path)
+            self.finished("optimal")
+        self.opt = OptimalLatencyTable.read_csv(path)
+        return True
+
+    def importance_stage(self) -> bool:
+        """The importance table I(i, j) (resumable row by row)."""
+        from .tables import ImportanceTable
+
+        path = self.wd.file("importance.csv")
+        message = f"[3/7] importance table ({self.settings.workers} worker(s))"
+        if self.todo("importance", message):
+            importance_table(
+                self.original,
+                self.chain,
+                self.data,
+                path,
+                settings=self.settings.importance,
+                workers=self.settings.workers,
+                device=self.settings.device or "cpu",
+                progress=self.progress,
+                model_name=self.model_name,
+            )
+            self.finished("importance")
+        self.importance = ImportanceTable.read_csv(path)
+        return True
+
+    def solve_stage(self) -> bool:
+        """Stage 2: the plan within the budget, and the Pareto front for the report."""
+        from .dp import min_latency, solve, sweep
+
+        s, original_ms = self.settings, self.original_ms
+        budget_ms = s.budget.resolve(original_ms)
+        path = self.wd.file("plan.json")
+        message = f"[4/7] solve (stage 2) for budget {s.budget} = {budget_ms:.4f} ms"
+        if self.todo("solve", message):
+            fastest = min_latency(self.opt, self.importance)
+            if budget_ms < fastest - 1e-12:
+                raise BudgetError(
+                    f"budget {s.budget} = {budget_ms:.4f} ms is below the fastest plan the "
+                    f"tables allow, {fastest:.4f} ms ({fastest / original_ms:.3f}x of the "
+                    f"original {original_ms:.4f} ms): raise --budget to at least "
+                    f"{math.ceil(1000 * fastest / original_ms) / 1000:.3f}x. The tables are kept"
+                )
+            sol = solve(self.opt, self.importance, budget_ms, alpha=s.alpha)
+            budgets = sorted({*_grid(fastest, original_ms), budget_ms})
+            _write_front(
+                self.wd.file("front.csv"), sweep(self.opt, self.importance, budgets, alpha=s.alpha)
+            )
+            write_json(
+                path,
+                {
+                    **sol.to_dict(),
+                    "budget_spec": str(s.budget),
+                    "original_latency": original_ms,
+                    "fastest_latency": fastest,
+                },
+            )
+            self.finished("solve")
+        self.budget_ms = budget_ms
+        self.plan_data = _read_json(path)
+        self.plan = Plan.from_dict(self.plan_data)
+        self.plan.validate(self.chain)
+        return True
+
+    def finetune_stage(self) -> bool:
+        """Fine-tune the linearized network (resumable per epoch; DDP under torchrun). False on
+        the non-main torchrun ranks, which stop here."""
+        cfg = self.settings.finetune
+        lin = linearize(self.original, self.chain, self.plan)
+        path = self.wd.file("finetuned.pt")
+        message = (
+            f"[5/7] fine-tune the linearized network: {cfg.epochs} epoch(s), {cfg.optimizer}, "
+            f"lr {cfg.lr:g}" + (f", distillation {cfg.distill:g}" if cfg.distill else "")
+        )
+        if self.todo("finetune", message):
+            result = finetune(
+                lin,
+                self.data.train,
+                cfg,
+                teacher=copy.deepcopy(self.original) if cfg.distill > 0 else None,
+                checkpoint_dir=self.wd.file("finetune"),
+                holdout_data=self.data.holdout,
+                progress=self.progress,
+                device=self.settings.device,
+                distributed=self.world > 1,
+            )
+            if self.rank != 0:
+                return False
+            lin = result.model.cpu().to(memory_format=torch.contiguous_format)
+            torch.save(lin.state_dict(), path)
+            self.finished(
+                "finetune",
+                history=[asdict(h) for h in result.history],
+                best_accuracy=result.best_accuracy,
+            )
+        else:
+            lin.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.lin = lin.eval()
+        return self.rank == 0
+
+    def merge_stage(self) -> bool:
+        """Merge, check against the fine-tuned linearized network on real inputs, export."""
+        todo = self.todo("merge", "[6/7] merge, verify and export")
+        self.merged = merge(self.lin, self.chain, self.plan, verify=True)
+        real, _ = fetch(self.test, torch.arange(min(8, len(self.test))))
+        with torch.no_grad():
+            err = check_close(
+                self.lin(real), self.merged(real), "merged network", "fine-tuned linearized one"
+            )
+        if todo:
+            from .export import export_onnx, save_torch
+
+            x = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.settings.seed))
+            save_torch(self.merged, self.wd.file("merged.pt"), x)
+            onnx_err = export_onnx(self.merged, self.wd.file("merged.onnx"), x)
+            self.finished("merge", error=err, onnx_error=onnx_err)
+        return True
+
+    def evaluate_stage(self) -> bool:
+        """Accuracy and end-to-end latency of both networks; then the report."""
+        path = self.wd.file("evaluation.json")
+        message = "[7/7] evaluate accuracy and end-to-end latency of both networks"
+        if self.todo("evaluate", message):
+            acc = (evaluate(self.original, self.test), evaluate(self.merged, self.test))
+            nets = (self.original, self.merged)
+            # each network timed twice in alternation; the faster of its two medians counts, so
+            # a slow phase of a shared machine does not decide the speed-up alone
+            runs = [
+                network_stats(net, self.runner, self.shape, a)
+                for _ in range(2)
+                for net, a in zip(nets, acc, strict=True)
+            ]
+            before = min(runs[0::2], key=lambda r: r.latency)
+            after = min(runs[1::2], key=lambda r: r.latency)
+            evaluation = {
+                "original": asdict(before),
+                "compressed": asdict(after),
+                "speedup": before.latency / after.latency,
+                "predicted_speedup": self.original_ms / self.plan_data["latency"],
+                "test_set": "test" if self.test_data is not None else "held-out split",
+                "backend": self.runner.info(),
+                "batch": self.settings.batch,
+                "input_shape": list(self.shape),
+                "machine": machine_info(),
+                "versions": versions(),
+            }
+            write_json(path, evaluation)
+            self.finished("evaluate")
+        self.evaluation = _read_json(path)
+        from .report import write_report
+
+        write_report(self.wd.path, chain=self.chain, latency=self.latency, opt=self.opt)
+        return True
+
+    def result(self) -> CompressResult:
+        return CompressResult(
+            workdir=self.wd.path,
+            merged=self.merged,
+            plan=self.plan,
+            budget_ms=self.budget_ms,
+            original=NetworkStats(**self.evaluation["original"]),
+            compressed=NetworkStats(**self.evaluation["compressed"]),
+            evaluation=self.evaluation,
+            files=_files(self.wd),
+            ran=self.ran,
+        )
 
 
 def _grid(fastest: float, original: float, n: int = 40) -> list[float]:
