@@ -408,3 +408,64 @@ def test_merge_mismatch_aborts_before_export(finished, tmp_path: Path, monkeypat
         compress(small_model(), small_data(), wd, settings(), redo="merge")
     assert not (wd / "merged.pt").exists() and not (wd / "merged.onnx").exists()
     assert (wd / "previous" / "1" / "merged.onnx").exists()  # the earlier export is kept aside
+
+
+MODEL_FILE = """
+from depthcompress.models import FashionMBV2
+
+
+def build():
+    return FashionMBV2(blocks={blocks!r}, head_channels=32, num_classes=3, in_channels=3)
+"""
+
+
+def test_cli_train_then_compress_an_image_folder(tmp_path: Path) -> None:
+    """The user's path: a model file, an ImageFolder (train/ and val/), depthcompress train,
+    then depthcompress compress, twice (the second run resumes and recomputes nothing)."""
+    from tests.test_data import make_image_folder
+
+    data = tmp_path / "images"
+    make_image_folder(data / "train", classes=3, per_class=24, size=16)
+    make_image_folder(data / "val", classes=3, per_class=4, size=16)
+    (tmp_path / "net.py").write_text(MODEL_FILE.format(blocks=BLOCKS))
+    model = f"{tmp_path / 'net.py'}:build"
+    weights = tmp_path / "net.pt"
+    runner = CliRunner()
+    common = ["--data", str(data), "--holdout", "12", "--no-progress"]
+    result = runner.invoke(
+        app, ["train", model, "-o", str(weights), "--epochs", "1", "--batch-size", "16", *common]
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads(Path(f"{weights}.json").read_text())
+    assert weights.is_file() and record["test_accuracy"] is not None
+    args = [
+        "compress",
+        model,
+        "--weights",
+        str(weights),
+        "--budget",
+        "0.8x",
+        "--workdir",
+        str(tmp_path / "wd"),
+        "--exclude",
+        "stem",
+        "--exclude",
+        "head",
+        "--epochs",
+        "1",
+        "--finetune-batch-size",
+        "16",
+        "--importance-steps",
+        "1",
+        "--threads",
+        "1",
+        *common,
+    ]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "original vs compressed" in first.output and "report:" in first.output
+    evaluation = json.loads((tmp_path / "wd" / "evaluation.json").read_text())
+    assert evaluation["test_set"] == "test"  # the val/ folder
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "none (all finished before)" in again.output
