@@ -186,6 +186,7 @@ def train_cmd(
     stopped. The weights and a JSON record (command, accuracy, versions) are written at the end.
     """
     import json
+    import os
     import time
 
     import torch
@@ -194,6 +195,7 @@ def train_cmd(
     from .finetune import FinetuneConfig, evaluate, finetune
 
     try:
+        torch.manual_seed(seed)  # the initialisation
         net = _load_model_with_weights(model, None)
         split = load_split(
             data, holdout=holdout, seed=holdout_seed, image_size=image_size, channels=channels
@@ -207,7 +209,6 @@ def train_cmd(
             weight_decay=weight_decay,
             seed=seed,
         )
-        torch.manual_seed(seed)
         start = time.perf_counter()
         result = finetune(
             net,
@@ -219,6 +220,8 @@ def train_cmd(
             device=device,
         )
         seconds = time.perf_counter() - start
+        if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun only rank 0 writes
+            return
         held = result.history[-1].accuracy
         test_acc = evaluate(net, test) if test is not None else None
     except DepthCompressError as exc:
@@ -834,6 +837,7 @@ def _run_compress(
     progress: bool,
     download: bool = False,
     until: str | None = None,
+    channels: int = 3,
 ) -> None:
     """Load the data, run ``pipeline.compress`` and print the summary table."""
     import torch
@@ -842,7 +846,7 @@ def _run_compress(
     from .pipeline import compress
     from .report import summary_table
 
-    channels = _parse_shape(input_shape)[1] if input_shape else 3
+    channels = _parse_shape(input_shape)[1] if input_shape else channels
     split = load_split(
         data,
         holdout=holdout,
@@ -977,6 +981,7 @@ def compress_cmd(
         str | None, typer.Option("--input-shape", help="example input N,C,H,W (default: data's)")
     ] = None,
     image_size: ImageSizeOption = None,
+    channels: Annotated[int, typer.Option(help="ImageFolder: 3 (RGB) or 1 (grayscale)")] = 3,
     mode: ModeOption = "general",
     max_kernel_size: MaxKernelOption = 15,
     exclude: ExcludeOption = None,
@@ -1014,6 +1019,7 @@ def compress_cmd(
             progress=progress,
             download=download,
             until=until,
+            channels=channels,
         )
     except DepthCompressError as exc:
         raise fail(exc) from None

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from .backends import Backend, Protocol, get_backend, machine_info, package_version
-from .data import SplitData, fetch, num_classes
-from .errors import BudgetError, DepthCompressError, WorkdirError
+from .data import SplitData, fetch, fingerprint, num_classes
+from .errors import BudgetError, DepthCompressError, TableError, WorkdirError
 from .files import write_json
 from .finetune import FinetuneConfig, evaluate, finetune
 from .graph import ConvChain, trace
@@ -116,6 +116,24 @@ class CompressSettings:
     device: str | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        problems = []
+        if self.batch < 1:
+            problems.append(f"batch must be ≥ 1, got {self.batch}")
+        if self.workers < 1:
+            problems.append(f"workers must be ≥ 1, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be ≥ 1, got {self.threads}")
+        if self.mode not in ("general", "reference"):
+            problems.append(f"mode must be 'general' or 'reference', got {self.mode!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                problems.append(f"device {self.device!r} is not a torch device (cpu, cuda, cuda:1)")
+        if problems:
+            raise DepthCompressError("; ".join(problems))
+
     def stage_settings(self) -> dict[str, dict[str, Any]]:
         """Per stage, the settings that decide its result (later stages include earlier ones)."""
         lat = {
@@ -126,7 +144,8 @@ class CompressSettings:
             "seed": self.seed,
         }
         imp = {"importance": asdict(self.importance)}
-        solve = {**lat, **imp, "budget": str(self.budget), "alpha": self.alpha}
+        budget = {"value": self.budget.value, "relative": self.budget.relative}
+        solve = {**lat, **imp, "budget": budget, "alpha": self.alpha}
         tune = {**solve, "finetune": self.finetune.to_dict()}
         return {
             "latency": lat,
@@ -293,8 +312,16 @@ class Workdir:
 
 def check_classes(model: nn.Module, example: torch.Tensor, classes: int) -> None:
     """Refuse a model whose output does not have one score per class of the data."""
-    with torch.no_grad():
-        out = copy.deepcopy(model).eval()(example[:1])
+    try:
+        with torch.no_grad():
+            out = copy.deepcopy(model).eval()(example[:1])
+    except Exception as exc:
+        raise DepthCompressError(
+            f"the model fails on an input of shape {tuple(example[:1].shape)} taken from the "
+            f"data ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): check "
+            "the data's channels and image size against the model (--channels, --image-size, "
+            "--input-shape)"
+        ) from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise DepthCompressError(
@@ -397,7 +424,7 @@ def compress(
         "weights": weights_sha(original),
         "chain": chain_sha(chain),
         "input_shape": list(example_input.shape[1:]),
-        "data": data.info,
+        "data": {k: v for k, v in data.info.items() if k != "root"},
         "classes": classes,
         "mode": settings.mode,
         "max_kernel_size": settings.max_kernel_size,
@@ -405,11 +432,13 @@ def compress(
     }
     if world > 1 and redo is not None:
         raise WorkdirError("--redo cannot be used under torchrun: redo without torchrun first")
+    if world > 1 and not wd.file(RUN).exists():
+        raise WorkdirError(
+            f"under torchrun compress only fine-tunes, and {wd.path} holds no run yet: run the "
+            "same command once without torchrun and with --until solve first"
+        )
+    runner = get_backend(settings.backend, threads=settings.threads, protocol=settings.protocol)
     wd.claim(identity)
-    if redo is not None:
-        moved = wd.redo(redo)
-        if moved is not None:
-            say(f"moved the {redo} stage and later ones to {moved}")
     run = _Run(
         wd=wd,
         settings=settings,
@@ -424,6 +453,8 @@ def compress(
         rank=rank,
         world=world,
         command=command or " ".join(sys.argv),
+        runner=runner,
+        redo=redo,
     )
     steps = (
         run.latency_stage,
@@ -458,19 +489,33 @@ class _Run:
     rank: int
     world: int
     command: str
+    runner: Backend
+    redo: str | None = None
     ran: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.stage = self.settings.stage_settings()
-        self.runner = get_backend(
-            self.settings.backend, threads=self.settings.threads, protocol=self.settings.protocol
-        )
         self.test = self.test_data if self.test_data is not None else self.data.holdout
+        self.stage["evaluate"] = {
+            **self.stage["evaluate"],
+            "test_set": {
+                "kind": "test" if self.test_data is not None else "held-out split",
+                "size": len(self.test),
+                "fingerprint": fingerprint(self.test),
+            },
+        }
 
     def todo(self, name: str, message: str) -> bool:
         """Whether stage ``name`` must run; if so, announce it (the first stage to run records
-        the command and the chain). Under torchrun only fine-tuning and later stages may run."""
-        if self.wd.done(name, self.stage[name]):
+        the command and the chain). Under torchrun only fine-tuning and later stages may run.
+        The stage named by ``redo`` (and every later one) is moved aside only now, when every
+        earlier stage has been checked, so a refused run moves nothing."""
+        if self.redo == name:
+            moved = self.wd.redo(name)
+            self.redo = None
+            if moved is not None:
+                self.say(f"moved the {name} stage and later ones to {moved}")
+        elif self.wd.done(name, self.stage[name]):
             return False
         if self.world > 1 and STAGES.index(name) < STAGES.index("finetune"):
             raise WorkdirError(
@@ -496,15 +541,18 @@ class _Run:
         path = self.wd.file("latency.csv")
         message = f"[1/7] latency table of {len(self.chain.blocks)} blocks on {self.runner.name}"
         if self.todo("latency", message):
-            build_latency_table(
-                self.chain,
-                self.runner,
-                path,
-                batch=self.settings.batch,
-                seed=self.settings.seed,
-                model_name=self.model_name,
-                progress=self.progress,
-            )
+            try:
+                build_latency_table(
+                    self.chain,
+                    self.runner,
+                    path,
+                    batch=self.settings.batch,
+                    seed=self.settings.seed,
+                    model_name=self.model_name,
+                    progress=self.progress,
+                )
+            except TableError as exc:
+                raise TableError(f"{exc} (with compress: pass --redo latency)") from None
             self.finished("latency")
         self.latency = LatencyTable.read_csv(path)
         n = self.chain.num_positions
@@ -530,17 +578,20 @@ class _Run:
         path = self.wd.file("importance.csv")
         message = f"[3/7] importance table ({self.settings.workers} worker(s))"
         if self.todo("importance", message):
-            importance_table(
-                self.original,
-                self.chain,
-                self.data,
-                path,
-                settings=self.settings.importance,
-                workers=self.settings.workers,
-                device=self.settings.device or "cpu",
-                progress=self.progress,
-                model_name=self.model_name,
-            )
+            try:
+                importance_table(
+                    self.original,
+                    self.chain,
+                    self.data,
+                    path,
+                    settings=self.settings.importance,
+                    workers=self.settings.workers,
+                    device=self.settings.device or "cpu",
+                    progress=self.progress,
+                    model_name=self.model_name,
+                )
+            except TableError as exc:
+                raise TableError(f"{exc} (with compress: pass --redo importance)") from None
             self.finished("importance")
         self.importance = ImportanceTable.read_csv(path)
         return True
@@ -553,15 +604,15 @@ class _Run:
         budget_ms = s.budget.resolve(original_ms)
         path = self.wd.file("plan.json")
         message = f"[4/7] solve (stage 2) for budget {s.budget} = {budget_ms:.4f} ms"
+        fastest = min_latency(self.opt, self.importance)
+        if budget_ms < fastest - 1e-12:  # checked before anything is moved or written
+            raise BudgetError(
+                f"budget {s.budget} = {budget_ms:.4f} ms is below the fastest plan the "
+                f"tables allow, {fastest:.4f} ms ({fastest / original_ms:.3f}x of the "
+                f"original {original_ms:.4f} ms): raise --budget to at least "
+                f"{math.ceil(1000 * fastest / original_ms) / 1000:.3f}x. The tables are kept"
+            )
         if self.todo("solve", message):
-            fastest = min_latency(self.opt, self.importance)
-            if budget_ms < fastest - 1e-12:
-                raise BudgetError(
-                    f"budget {s.budget} = {budget_ms:.4f} ms is below the fastest plan the "
-                    f"tables allow, {fastest:.4f} ms ({fastest / original_ms:.3f}x of the "
-                    f"original {original_ms:.4f} ms): raise --budget to at least "
-                    f"{math.ceil(1000 * fastest / original_ms) / 1000:.3f}x. The tables are kept"
-                )
             sol = solve(self.opt, self.importance, budget_ms, alpha=s.alpha)
             budgets = sorted({*_grid(fastest, original_ms), budget_ms})
             _write_front(

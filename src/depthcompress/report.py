@@ -113,7 +113,8 @@ def summary_rows(evaluation: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"latency ({where}, ms)",
             f"{a['latency']:.4f}",
             f"{b['latency']:.4f}",
-            f"{evaluation['speedup']:.2f}× faster",
+            f"{evaluation['speedup']:.2f}× "
+            + ("faster" if evaluation["speedup"] >= 1 else "(slower)"),
         ),
         ("depth (convolutions)", str(a["depth"]), str(b["depth"]), f"{b['depth'] - a['depth']:+d}"),
         ("parameters", f"{a['params']:,}", f"{b['params']:,}", f"{b['params'] / a['params']:.2f}×"),
