@@ -501,3 +501,44 @@ def test_cli_train_then_compress_an_image_folder(tmp_path: Path) -> None:
     again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
     assert "none (all finished before)" in again.output
+
+
+def test_adopting_an_importance_table_computes_no_row(finished, tmp_path, monkeypatch) -> None:
+    source = finished[0] / "importance.csv"
+
+    def no_measure(job, entry):
+        raise AssertionError("an adopted complete table must not be recomputed")
+
+    monkeypatch.setattr(importance_module, "measure_entry", no_measure)
+    wd = tmp_path / "run"
+    compress(
+        small_model(), small_data(), wd, settings(), until="importance", importance_from=source
+    )
+    assert (wd / "importance.csv").read_bytes() == source.read_bytes()
+
+
+def test_adopting_a_table_of_other_settings_is_refused(finished, tmp_path) -> None:
+    other = replace(settings(), importance=FinetuneSettings(steps=3, batch_size=32))
+    wd = tmp_path / "run"
+    with pytest.raises(dc.TableError, match="--redo importance"):
+        compress(
+            small_model(),
+            small_data(),
+            wd,
+            other,
+            importance_from=finished[0] / "importance.csv",
+            progress=False,
+        )
+    assert not (wd / "importance.csv").exists() and not (wd / "importance.csv.json").exists()
+
+
+def test_example_input_of_another_size(tmp_path: Path) -> None:
+    with pytest.raises(DepthCompressError, match=r"differs from the data's examples \(1, 28, 28\)"):
+        compress(
+            small_model(),
+            small_data(),
+            tmp_path / "wd",
+            settings(),
+            example_input=torch.randn(1, 1, 32, 32),
+        )
+    assert not (tmp_path / "wd").exists()

@@ -838,6 +838,7 @@ def _run_compress(
     download: bool = False,
     until: str | None = None,
     channels: int = 3,
+    importance_from: Path | None = None,
 ) -> None:
     """Load the data, run ``pipeline.compress`` and print the summary table."""
     import torch
@@ -871,6 +872,7 @@ def _run_compress(
             log=lambda m: console.print(m, highlight=False, markup=False),
             command=_command_line(),
             until=until,
+            importance_from=importance_from,
         )
     except KeyboardInterrupt:
         console.print(
@@ -972,6 +974,13 @@ def compress_cmd(
         int, typer.Option(help="fine-tuning steps per importance entry (0 = zero-shot)")
     ] = 100,
     importance_lr: Annotated[float, typer.Option(help="importance fine-tuning lr")] = 0.05,
+    importance_table: Annotated[
+        Path | None,
+        typer.Option(
+            help="adopt an importance table made by 'depthcompress importance' (shards, Ray) "
+            "with the same model, data and settings; only missing rows are computed"
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(help="importance worker processes")] = 1,
     alpha: Annotated[float, typer.Option(help="importance normalisation alpha (§6)")] = 1.6,
     holdout: HoldoutOption = 10000,
@@ -1020,6 +1029,7 @@ def compress_cmd(
             download=download,
             until=until,
             channels=channels,
+            importance_from=importance_table,
         )
     except DepthCompressError as exc:
         raise fail(exc) from None

@@ -13,10 +13,14 @@ from .errors import TableError
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and a rename, so a kill never leaves half a file."""
+    """Write JSON through a temporary file (fsynced) and a rename, so neither a kill nor a power
+    cut leaves half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    with tmp.open("w") as fh:
+        fh.write(json.dumps(data, indent=1, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from .backends import Backend, Protocol, get_backend, machine_info, package_version
 from .data import SplitData, fetch, fingerprint, num_classes
 from .errors import BudgetError, DepthCompressError, TableError, WorkdirError
-from .files import write_json
+from .files import sidecar_path, write_json
 from .finetune import FinetuneConfig, evaluate, finetune
 from .graph import ConvChain, trace
 from .importance import FinetuneSettings, importance_table, weights_sha
@@ -380,6 +380,7 @@ def compress(
     log: Log | None = None,
     command: str | None = None,
     until: str | None = None,
+    importance_from: str | Path | None = None,
 ) -> CompressResult | None:
     """Compress ``model`` to meet ``settings.budget`` on ``settings.backend``, writing every
     stage to ``workdir`` and resuming what an earlier run left there. ``model`` is not modified.
@@ -387,6 +388,10 @@ def compress(
     ``data`` is the fine-tuning data and its held-out split (importance is scored on the
     held-out part); ``test_data`` (default: the held-out split) scores the final accuracy of
     both networks. ``example_input`` (default: one example of the data) fixes the input shape.
+
+    ``importance_from`` adopts an importance table computed elsewhere (``depthcompress
+    importance`` with shards or Ray, same model, data and settings): it is copied into the work
+    directory and resumed, so only its missing rows are computed.
 
     ``until`` stops after that stage (returns None), e.g. to compute the tables on one machine
     and fine-tune elsewhere. Under ``torchrun`` (``WORLD_SIZE`` > 1) only the fine-tuning stage
@@ -402,8 +407,15 @@ def compress(
     progress = progress and rank == 0
     say: Log = log or (lambda _m: None)
     wd = Workdir(workdir)
+    sample, _ = fetch(data.holdout, torch.tensor([0]))
     if example_input is None:
-        example_input, _ = fetch(data.holdout, torch.tensor([0]))
+        example_input = sample
+    elif tuple(example_input.shape[1:]) != tuple(sample.shape[1:]):
+        raise DepthCompressError(
+            f"the example input's shape {tuple(example_input.shape[1:])} (--input-shape) differs "
+            f"from the data's examples {tuple(sample.shape[1:])}: tables and timings would be "
+            "made at another size than fine-tuning uses; give the data's shape or resize the data"
+        )
     example_input = example_input[:1].detach().cpu()
     shape = (settings.batch, *example_input.shape[1:])
     original = copy.deepcopy(model).cpu().eval()
@@ -455,6 +467,7 @@ def compress(
         command=command or " ".join(sys.argv),
         runner=runner,
         redo=redo,
+        importance_from=Path(importance_from) if importance_from is not None else None,
     )
     steps = (
         run.latency_stage,
@@ -491,6 +504,7 @@ class _Run:
     command: str
     runner: Backend
     redo: str | None = None
+    importance_from: Path | None = None
     ran: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -578,6 +592,7 @@ class _Run:
         path = self.wd.file("importance.csv")
         message = f"[3/7] importance table ({self.settings.workers} worker(s))"
         if self.todo("importance", message):
+            adopted = self._adopt_importance(path)
             try:
                 importance_table(
                     self.original,
@@ -591,10 +606,26 @@ class _Run:
                     model_name=self.model_name,
                 )
             except TableError as exc:
+                for p in adopted:  # a refused table leaves no copy behind
+                    p.unlink(missing_ok=True)
                 raise TableError(f"{exc} (with compress: pass --redo importance)") from None
             self.finished("importance")
         self.importance = ImportanceTable.read_csv(path)
         return True
+
+    def _adopt_importance(self, path: Path) -> list[Path]:
+        """Copy ``importance_from`` (and its sidecar) to ``path`` unless a table is there."""
+        source = self.importance_from
+        if source is None or path.exists():
+            return []
+        copies = []
+        for src, dst in ((source, path), (sidecar_path(source), sidecar_path(path))):
+            if not src.is_file():
+                raise TableError(f"--importance-table: {src} does not exist")
+            shutil.copy2(src, dst)
+            copies.append(dst)
+        self.say(f"adopted the importance table {source}")
+        return copies
 
     def solve_stage(self) -> bool:
         """Stage 2: the plan within the budget, and the Pareto front for the report."""
