@@ -336,22 +336,17 @@ def check_classes(model: nn.Module, example: torch.Tensor, classes: int) -> None
         )
 
 
-def network_stats(
-    model: nn.Module, backend: Backend, shape: tuple[int, ...], accuracy: float | None
-) -> NetworkStats:
-    """Latency on ``backend``, convolution count (from a trace) and parameter count."""
+def conv_depth(model: nn.Module) -> int:
+    """How many convolutions a forward pass runs (from a trace: modules called, not owned)."""
     from .graph import symbolic_trace
 
     gm = symbolic_trace(copy.deepcopy(model).eval())
     mods = dict(gm.named_modules())
-    depth = sum(
+    return sum(
         1
         for n in gm.graph.nodes
         if n.op == "call_module" and isinstance(mods.get(n.target), nn.Conv2d)
     )
-    params = sum(p.numel() for p in model.parameters())
-    latency = backend.measure(model, shape).median
-    return NetworkStats(accuracy=accuracy, latency=latency, depth=depth, params=params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,17 +719,22 @@ class _Run:
         path = self.wd.file("evaluation.json")
         message = "[7/7] evaluate accuracy and end-to-end latency of both networks"
         if self.todo("evaluate", message):
-            acc = (evaluate(self.original, self.test), evaluate(self.merged, self.test))
             nets = (self.original, self.merged)
             # each network timed twice in alternation; the faster of its two medians counts, so
             # a slow phase of a shared machine does not decide the speed-up alone
-            runs = [
-                network_stats(net, self.runner, self.shape, a)
-                for _ in range(2)
-                for net, a in zip(nets, acc, strict=True)
-            ]
-            before = min(runs[0::2], key=lambda r: r.latency)
-            after = min(runs[1::2], key=lambda r: r.latency)
+            times: tuple[list[float], list[float]] = ([], [])
+            for _ in range(2):
+                for net, samples in zip(nets, times, strict=True):
+                    samples.append(self.runner.measure(net, self.shape).median)
+            before, after = (
+                NetworkStats(
+                    accuracy=evaluate(net, self.test),
+                    latency=min(samples),
+                    depth=conv_depth(net),
+                    params=sum(p.numel() for p in net.parameters()),
+                )
+                for net, samples in zip(nets, times, strict=True)
+            )
             evaluation = {
                 "original": asdict(before),
                 "compressed": asdict(after),
