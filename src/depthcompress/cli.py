@@ -642,12 +642,10 @@ def _write_front_csv(path: Path, result) -> None:  # result: dp.Sweep
 
 def _plot_front(path: Path, result, title: str) -> bool:  # result: dp.Sweep
     """Plot the Pareto front and the sweep's plans; False if matplotlib is not installed."""
-    try:
-        import matplotlib
+    from .report import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lat = [p[0] for p in result.front]

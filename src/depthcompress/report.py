@@ -137,13 +137,22 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]
     return out
 
 
-def _plot_front(path: Path, front: list[tuple[float, float]], plan: dict[str, Any]) -> bool:
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None when matplotlib is not
+    installed (plots are optional: ``pip install depthcompress[plot]``)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _plot_front(path: Path, front: list[tuple[float, float]], plan: dict[str, Any]) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if front:
@@ -163,12 +172,8 @@ def _plot_front(path: Path, front: list[tuple[float, float]], plan: dict[str, An
 
 
 def _plot_blocks(path: Path, rows: list[tuple[str, float, float]]) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.0))
     xs = range(len(rows))
