@@ -59,3 +59,22 @@ def repair_tail(path: str | Path) -> None:
 def json_sha(data: Any) -> str:
     """SHA-256 of a JSON-able value (keys sorted), for fingerprints of settings."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def nested_diff(
+    old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()
+) -> list[tuple[str, Any, Any]]:
+    """``(dotted name, old value, new value)`` for every setting that differs between two nested
+    dicts (sidecars, stage records), by name; names in ``ignore`` do not count."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(a: dict[str, Any], b: dict[str, Any], prefix: str) -> None:
+        for key in sorted(set(a) | set(b), key=str):
+            va, vb, name = a.get(key), b.get(key), f"{prefix}{key}"
+            if isinstance(va, dict) and isinstance(vb, dict):
+                walk(va, vb, name + ".")
+            elif va != vb and name not in ignore:
+                out.append((name, va, vb))
+
+    walk(old, new, "")
+    return out

@@ -30,7 +30,7 @@ from torch import nn
 
 from .data import SplitData, batches, tensor_bytes
 from .errors import DepthCompressError, TableError
-from .files import json_sha, read_sidecar, repair_tail, sidecar_path, write_json
+from .files import json_sha, nested_diff, read_sidecar, repair_tail, sidecar_path, write_json
 from .graph import ConvChain, symbolic_trace
 from .linearization import linearize
 from .plan import Plan
@@ -357,28 +357,14 @@ def table_meta(
     }
 
 
-def _mismatch(a: dict[str, Any], b: dict[str, Any], keys: Iterable[str]) -> list[str]:
-    """Dotted names of the settings that differ between two sidecars."""
-    out = []
-    for key in keys:
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += [f"{key}.{k}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
-        elif va != vb:
-            out.append(key)
-    return out
-
-
-def _describe(a: dict[str, Any], b: dict[str, Any], diff: list[str]) -> str:
-    parts = []
-    for name in diff[:6]:
-        path = name.split(".")
-        va, vb = a, b
-        for p in path:
-            va = va.get(p) if isinstance(va, dict) else None
-            vb = vb.get(p) if isinstance(vb, dict) else None
-        parts.append(f"{name}: {va!r} vs {vb!r}")
-    return "; ".join(parts)
+def _mismatch(a: dict[str, Any], b: dict[str, Any], keys: Iterable[str]) -> str:
+    """``name: a vs b`` for the settings (first six) that differ between two sidecars under
+    ``keys``, the model's name aside; empty when they agree."""
+    keys = tuple(keys)
+    diff = nested_diff(
+        {k: a.get(k) for k in keys}, {k: b.get(k) for k in keys}, ignore=("model.name",)
+    )
+    return "; ".join(f"{name}: {x!r} vs {y!r}" for name, x, y in diff[:6])
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -616,10 +602,9 @@ def importance_table(
             model, chain, data, settings, base, all_entries, shard=shard, model_name=""
         )
         diff = _mismatch(old_meta, meta, (*COMPATIBLE_KEYS, "shard"))
-        diff = [d for d in diff if d != "model.name"]
         if diff:
             raise TableError(
-                f"{path} was computed with other settings ({_describe(old_meta, meta, diff)}): "
+                f"{path} was computed with other settings ({diff}): "
                 "resume with the same model, data and flags, or write to a new file"
             )
         meta = old_meta
@@ -697,11 +682,9 @@ def merge_tables(
         part = Path(part)
         meta, rows = read_table(part)
         if metas:
-            diff = [d for d in _mismatch(metas[0], meta, COMPATIBLE_KEYS) if d != "model.name"]
+            diff = _mismatch(metas[0], meta, COMPATIBLE_KEYS)
             if diff:
-                raise TableError(
-                    f"{part} is not compatible with {parts[0]}: {_describe(metas[0], meta, diff)}"
-                )
+                raise TableError(f"{part} is not compatible with {parts[0]}: {diff}")
         metas.append(meta)
         for row in rows:
             key = _key(row)

@@ -31,7 +31,7 @@ from torch import nn
 
 from .backends import Backend, Timing, machine_info, package_version
 from .errors import TableError
-from .files import json_sha, read_sidecar, repair_tail, sidecar_path, write_json
+from .files import json_sha, nested_diff, read_sidecar, repair_tail, sidecar_path, write_json
 from .graph import ConvChain
 from .linearization import make_activation
 
@@ -163,26 +163,11 @@ def table_meta(
     }
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``name: old vs new`` for every setting that differs between two sidecars."""
-    a = _flatten({k: old.get(k) for k in COMPATIBLE_KEYS})
-    b = _flatten({k: new.get(k) for k in COMPATIBLE_KEYS})
-    return [
-        f"{k}: {a.get(k)!r} vs {b.get(k)!r}"
-        for k in sorted(set(a) | set(b))
-        if k not in IGNORED and a.get(k) != b.get(k)
-    ]
+    a = {k: old.get(k) for k in COMPATIBLE_KEYS}
+    b = {k: new.get(k) for k in COMPATIBLE_KEYS}
+    return [f"{k}: {x!r} vs {y!r}" for k, x, y in nested_diff(a, b, IGNORED)]
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

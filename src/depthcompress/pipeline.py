@@ -29,7 +29,7 @@ from torch import nn
 from .backends import Backend, Protocol, get_backend, machine_info, package_version
 from .data import SplitData, fetch, fingerprint, num_classes
 from .errors import BudgetError, DepthCompressError, TableError, WorkdirError
-from .files import sidecar_path, write_json
+from .files import nested_diff, sidecar_path, write_json
 from .finetune import FinetuneConfig, evaluate, finetune
 from .graph import ConvChain, trace
 from .importance import FinetuneSettings, importance_table, weights_sha
@@ -211,15 +211,8 @@ def _normalised(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
-def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} → {b!r}")
-    return out
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{name}: {a!r} → {b!r}" for name, a, b in nested_diff(old, new)]
 
 
 class Workdir:
