@@ -192,7 +192,7 @@ def train_cmd(
     import torch
 
     from .data import load_split, load_test
-    from .finetune import FinetuneConfig, evaluate, finetune
+    from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
 
     try:
         torch.manual_seed(seed)  # the initialisation
@@ -220,6 +220,7 @@ def train_cmd(
             device=device,
         )
         seconds = time.perf_counter() - start
+        end_distributed()
         if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun only rank 0 writes
             return
         held = result.history[-1].accuracy

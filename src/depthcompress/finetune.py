@@ -266,6 +266,15 @@ def _world(device: str | torch.device | None, distributed: bool) -> _World:
     return _World(dist.get_rank(), dist.get_world_size(), dev)
 
 
+def end_distributed() -> None:
+    """Wait for every process, then close the process group ``finetune`` joined, if any. Call it
+    when the distributed part of a run is over: a process that exits with the group still open
+    can abort (gloo: "terminate called without an active exception") while others still work."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _all_sum(world: _World, values: list[float]) -> list[float]:
     """Element-wise sum of ``values`` over all processes."""
     t = torch.tensor(values, dtype=torch.float64, device=world.device)

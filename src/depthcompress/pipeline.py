@@ -30,7 +30,7 @@ from .backends import Backend, Protocol, get_backend, machine_info, package_vers
 from .data import SplitData, fetch, fingerprint, num_classes
 from .errors import BudgetError, DepthCompressError, TableError, WorkdirError
 from .files import nested_diff, sidecar_path, write_json
-from .finetune import FinetuneConfig, evaluate, finetune
+from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
 from .graph import ConvChain, trace
 from .importance import FinetuneSettings, importance_table, weights_sha
 from .latency import build_latency_table, chain_sha
@@ -675,6 +675,8 @@ class _Run:
                 device=self.settings.device,
                 distributed=self.world > 1,
             )
+            if self.world > 1:
+                end_distributed()
             if self.rank != 0:
                 return False
             lin = result.model.cpu().to(memory_format=torch.contiguous_format)
