@@ -16,10 +16,11 @@ from depthcompress.cli import app
 from depthcompress.dp import extended_importance
 from depthcompress.tables import ImportanceTable, LatencyTable, OptimalLatencyTable
 
-from .test_dp import mbv2_importance
+from .test_dp import ISSUE_TABLE, mbv2_importance
 
 runner = CliRunner()
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data"
+"""The published reference tables (Kim et al., ICML 2023), vendored: see data/README.md."""
 TIME_CSV = "kim2023_mbv2_w1.0_rtx2080ti_trt_time.csv"
 OPT_CSV = "kim2023_mbv2_w1.0_rtx2080ti_trt_opt_time.csv"
 
@@ -27,8 +28,6 @@ OPT_CSV = "kim2023_mbv2_w1.0_rtx2080ti_trt_opt_time.csv"
 @pytest.fixture
 def tables(tmp_path: Path) -> tuple[Path, Path]:
     """The reference MobileNetV2 latency table and a seeded synthetic importance table."""
-    if not REFERENCE.is_dir():
-        pytest.skip("../shared/reference (the reference tables) is not beside the repository")
     latency = REFERENCE / TIME_CSV
     importance = tmp_path / "importance.csv"
     mbv2_importance(LatencyTable.read_csv(latency)).write_csv(importance)
@@ -49,6 +48,17 @@ def test_opt_time_writes_the_reference_table(tables, tmp_path):
     assert got.breaks == want.breaks
     assert abs(got.time - want.time).max() <= 1e-9
     assert out.read_text().splitlines()[0] == "id,st,end,time,stdev,breaks"
+
+
+def test_opt_time_finds_the_tiling_that_cuts_inside_a_residual(tmp_path):
+    latency = tmp_path / "latency.csv"
+    LatencyTable.from_rows((i, j, t, 0.1) for i, j, t in ISSUE_TABLE).write_csv(latency)
+    out = tmp_path / "opt.csv"
+    result = invoke("opt-time", latency, "-o", out)
+    assert result.exit_code == 0, result.output
+    got = OptimalLatencyTable.read_csv(out)
+    assert got.time_of(0, 4) == 4.0 and got.breaks_of(0, 4) == (0, 1, 2, 3, 4)
+    assert "3 of them faster split" in result.output
 
 
 def test_solve_writes_plan_json_and_a_summary(tables, tmp_path):

@@ -32,7 +32,8 @@ from depthcompress.tables import (
     OptimalLatencyTable,
 )
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data"
+"""The published reference tables (Kim et al., ICML 2023), vendored: see data/README.md."""
 TIME_CSV = "kim2023_mbv2_w1.0_rtx2080ti_trt_time.csv"
 OPT_CSV = "kim2023_mbv2_w1.0_rtx2080ti_trt_opt_time.csv"
 MBV2_LINEAR = frozenset(range(2, 51, 3))
@@ -46,8 +47,6 @@ SETTINGS = settings(
 
 
 def reference_path(name: str) -> Path:
-    if not REFERENCE.is_dir():
-        pytest.skip("../shared/reference (the reference tables) is not beside the repository")
     return REFERENCE / name
 
 
@@ -160,15 +159,91 @@ def test_stage1_reproduces_the_reference_opt_table():
     assert (got.ids == expected.ids).all()
 
 
+ISSUE_TABLE = (
+    (0, 1, 1.0),
+    (1, 2, 1.0),
+    (2, 3, 1.0),
+    (3, 4, 1.0),
+    (0, 2, 5.0),
+    (2, 4, 10.0),
+    (0, 4, 10.0),
+)
+"""Residual (2, 4): (0, 3) and (1, 3) are not blocks, so the fastest tiling of (0, 4), four
+single convs, starts with a cut inside no valid prefix block; the reference recursion gives 10."""
+
+
+def test_stage1_finds_a_tiling_whose_prefix_is_no_block():
+    latency = LatencyTable.from_rows((i, j, t, 0.1) for i, j, t in ISSUE_TABLE)
+    opt = optimal_latency(latency)
+    assert opt.time_of(0, 4) == 4.0
+    assert opt.breaks_of(0, 4) == (0, 1, 2, 3, 4)
+    assert opt.stdev[opt.index[0, 4]] == pytest.approx(0.4)
+    assert opt.time_of(0, 2) == 2.0 and opt.breaks_of(0, 2) == (0, 1, 2)
+    assert opt.time_of(2, 4) == 2.0 and opt.breaks_of(2, 4) == (2, 3, 4)
+    assert opt.time_of(1, 2) == 1.0 and opt.breaks_of(1, 2) == (1, 2)
+
+
+def test_stage1_ties_keep_the_unsplit_block_then_the_smallest_last_break():
+    rows = [(0, 1, 1.0), (1, 2, 1.0), (2, 3, 1.0), (0, 2, 2.0), (1, 3, 2.0), (0, 3, 3.0)]
+    opt = optimal_latency(LatencyTable.from_rows((i, j, t, 0.0) for i, j, t in rows))
+    assert opt.breaks_of(0, 2) == (0, 2) and opt.breaks_of(0, 3) == (0, 3)
+    rows[-1] = (0, 3, 3.5)
+    opt = optimal_latency(LatencyTable.from_rows((i, j, t, 0.0) for i, j, t in rows))
+    assert opt.breaks_of(0, 3) == (0, 1, 3)
+
+
 def tilings(blocks: set[tuple[int, int]], i: int, j: int) -> list[tuple[int, ...]]:
-    """Tilings of (i, j) by valid blocks whose every prefix (i, k) is a valid block too: the
-    reference's recursion T_opt(i,k) + T(k,j) needs (i,k) valid (on MobileNetV2 and VGG this is
-    every tiling)."""
-    out = [(i, j)] if (i, j) in blocks else []
-    for k in range(i + 1, j):
-        if (i, k) in blocks and (k, j) in blocks:
-            out += [(*head, j) for head in tilings(blocks, i, k)]
-    return out
+    """Every tiling of (i, j) by valid blocks, as its break points."""
+    if i == j:
+        return [(j,)]
+    return [
+        (i, *rest)
+        for k in range(i + 1, j + 1)
+        if (i, k) in blocks
+        for rest in tilings(blocks, k, j)
+    ]
+
+
+@st.composite
+def residual_chains(draw) -> LatencyTable:
+    """A random chain 0..n with random residuals: a block is valid when it nests with or avoids
+    every residual (the V2 rule); single convs always; random positive latencies."""
+    n = draw(st.integers(1, 8))
+    residuals = draw(
+        st.lists(
+            st.tuples(st.integers(0, n - 1), st.integers(2, 4)).map(
+                lambda r: (r[0], min(n, r[0] + r[1]))
+            ),
+            max_size=3,
+        )
+    )
+    rows = []
+    for i in range(n):
+        for j in range(i + 1, n + 1):
+            crosses = any(i < a < j < b or a < i < b < j for a, b in residuals)
+            if j == i + 1 or (not crosses and draw(st.booleans())):
+                t = draw(st.floats(0.01, 5.0, allow_nan=False) | st.sampled_from([0.25, 0.5, 1.0]))
+                rows.append((i, j, t, t / 10))
+    return LatencyTable.from_rows(rows)
+
+
+@SETTINGS
+@given(latency=residual_chains())
+def test_stage1_is_the_fastest_of_all_tilings(latency):
+    opt = optimal_latency(latency)
+    blocks = set(latency.blocks)
+    for (i, j), t_opt, breaks in zip(opt.blocks, opt.time.tolist(), opt.breaks, strict=True):
+        sums = []
+        for tiling in tilings(blocks, i, j):
+            total = 0.0
+            for a, b in itertools.pairwise(tiling):
+                total += latency.time_of(a, b)
+            sums.append(total)
+        assert t_opt == pytest.approx(min(sums), rel=1e-12)
+        assert breaks in tilings(blocks, i, j)
+        assert sum(latency.time_of(a, b) for a, b in itertools.pairwise(breaks)) == pytest.approx(
+            t_opt, rel=1e-12
+        )
 
 
 @SETTINGS
@@ -177,14 +252,12 @@ def test_stage1_is_the_fastest_tiling(n, seed):
     latency, _ = random_instance(random.Random(seed), n, all_flags=False)
     opt = optimal_latency(latency)
     blocks = set(latency.blocks)
-    for (i, j), t_opt, breaks in zip(opt.blocks, opt.time, opt.breaks, strict=True):
-        sums = []
-        for tiling in tilings(blocks, i, j):
-            total = 0.0
-            for a, b in itertools.pairwise(tiling):
-                total += latency.time_of(a, b)
-            sums.append(total)
-        assert t_opt == min(sums)
+    for (i, j), t_opt, breaks in zip(opt.blocks, opt.time.tolist(), opt.breaks, strict=True):
+        sums = [
+            sum(latency.time_of(a, b) for a, b in itertools.pairwise(t))
+            for t in tilings(blocks, i, j)
+        ]
+        assert t_opt == pytest.approx(min(sums), rel=1e-12)
         assert breaks in tilings(blocks, i, j)
 
 

@@ -1,9 +1,9 @@
 """The two-stage dynamic programme (ALGORITHM.md §5–§7, §11): pure functions over the tables of
 ``depthcompress.tables``.
 
-* Stage 1, ``optimal_latency``: ``T_opt(i, j)``, the fastest tiling of each block by valid
-  blocks, exactly as the reference computes it (ties keep the unsplit block, then the smallest
-  split point).
+* Stage 1, ``optimal_latency``: ``T_opt(i, j)``, the fastest of all tilings of each block by
+  valid blocks (a shortest path; ties keep the unsplit block, then the smallest last split
+  point, which reproduces the reference's tables).
 * ``normalize_importance`` and ``extended_importance``: ``h̃ = h − α·mean(single-conv h)`` and the
   paper's Algorithm 3.
 * Stage 2, ``solve``: choose segment endpoints and flags maximising ``Σ I`` subject to
@@ -130,28 +130,46 @@ class Sweep:
 
 
 def optimal_latency(latency: LatencyTable) -> OptimalLatencyTable:
-    """Stage 1 (§5): ``T_opt(i, j)`` and its break points for every block, for stage 2's costs."""
-    time = dict(zip(latency.blocks, latency.time.tolist(), strict=True))
-    dev = dict(zip(latency.blocks, latency.stdev.tolist(), strict=True))
-    opt: dict[tuple[int, int], float] = {}
-    opt_dev: dict[tuple[int, int], float] = {}
-    brk: dict[tuple[int, int], tuple[int, ...]] = {}
-    for i, j in sorted(latency.blocks):
-        best, best_dev, arg = time[i, j], dev[i, j], j
-        for k in range(i + 1, j):
-            if (i, k) in opt and (k, j) in time:
-                cand = opt[i, k] + time[k, j]
-                if cand < best:
-                    best, best_dev, arg = cand, opt_dev[i, k] + dev[k, j], k
-        opt[i, j], opt_dev[i, j] = best, best_dev
-        brk[i, j] = (i, j) if arg == j else (*brk[i, arg], j)
+    """Stage 1 (§5): ``T_opt(i, j)``, the exact minimum over every tiling of ``[i, j]`` by valid
+    blocks (a shortest path from each start ``i``), and its break points, for stage 2's costs.
+
+    Ties keep the unsplit block, then the smallest last break point: on tables where every
+    tiling's prefixes are valid blocks (the paper's MobileNetV2 and VGG) this is the reference's
+    recursion bit for bit; elsewhere it also finds tilings that cut inside a residual first.
+    """
+    ending: dict[int, list[tuple[int, float, float]]] = {}
+    for (i, j), t, d in zip(
+        latency.blocks, latency.time.tolist(), latency.stdev.tolist(), strict=True
+    ):
+        ending.setdefault(j, []).append((i, t, d))
+    for into in ending.values():
+        into.sort()
+    wanted: dict[int, set[int]] = {}
+    for i, j in latency.blocks:
+        wanted.setdefault(i, set()).add(j)
+    found: dict[tuple[int, int], tuple[float, float, tuple[int, ...]]] = {}
+    for i, ends in wanted.items():
+        best: dict[int, tuple[float, float, int]] = {i: (0.0, 0.0, i)}
+        for p in range(i + 1, max(ends) + 1):
+            for a, t, d in ending.get(p, ()):
+                head = best.get(a) if a >= i else None
+                if head is not None:
+                    cand = head[0] + t
+                    if p not in best or cand < best[p][0]:
+                        best[p] = (cand, head[1] + d, a)
+        for j in ends:
+            breaks, p = [j], j
+            while p != i:
+                p = best[p][2]
+                breaks.append(p)
+            found[i, j] = (best[j][0], best[j][1], tuple(reversed(breaks)))
     blocks = latency.blocks
     return OptimalLatencyTable(
         st=latency.st,
         end=latency.end,
-        time=[opt[b] for b in blocks],
-        stdev=[opt_dev[b] for b in blocks],
-        breaks=[brk[b] for b in blocks],
+        time=[found[b][0] for b in blocks],
+        stdev=[found[b][1] for b in blocks],
+        breaks=[found[b][2] for b in blocks],
         ids=latency.ids,
         source=latency.source,
         lines=latency.lines,
