@@ -17,11 +17,13 @@ from depthcompress import BudgetError, Plan, TableError
 from depthcompress.dp import (
     BUDGET_SLACK,
     IMPORTANCE_TIE,
+    Budget,
     extended_importance,
     min_latency,
     normalize_importance,
     optimal_boundaries,
     optimal_latency,
+    original_latency,
     solve,
     sweep,
 )
@@ -387,8 +389,8 @@ def test_budget_below_the_fastest_plan_names_the_minimum():
     with pytest.raises(BudgetError, match=r"2\.25 ms"):
         solve(latency, imp, 2.2)
     assert solve(latency, imp, 2.25).latency == 2.25
-    with pytest.raises(BudgetError, match="finite"):
-        solve(latency, imp, math.nan)
+    with pytest.raises(BudgetError, match=r"finite number of ms, got nan$"):
+        solve(latency, imp, np.float64(math.nan))
     with pytest.raises(BudgetError, match="at least one budget"):
         sweep(latency, imp, [])
     with pytest.raises(ValueError, match="rounding"):
@@ -574,3 +576,44 @@ def test_mbv2_exact_never_worse_within_the_same_budget(mbv2):
         assert grid.grid is not None and grid.grid[0] <= grid.grid[1]
         if grid.latency <= t0:
             assert exact.importance >= grid.importance - IMPORTANCE_TIE
+
+
+# ---------------------------------------------------------------------------------------------
+# budgets: one syntax for solve and compress
+
+
+def test_budget_syntax_for_one_budget_a_sweep_and_a_list():
+    assert Budget.parse("25") == Budget(25.0) and Budget.parse(" 0.7X ") == Budget(0.7, True)
+    assert str(Budget.parse("0.7x")) == "0.7x" and str(Budget.parse("12.5")) == "12.5 ms"
+    assert Budget.parse_many("18:19:0.5") == (Budget(18.0), Budget(18.5), Budget(19.0))
+    fractions = Budget.parse_many("0.5x:0.9x:0.1x")
+    assert [b.value for b in fractions] == [0.5, 0.6, 0.7, 0.8, 0.9]
+    assert all(b.relative for b in fractions)
+    assert Budget.parse_many("20,0.6x") == (Budget(20.0), Budget(0.6, True))
+    for text, message in [
+        ("0.5x:0.9x:0.1", "mixes ms and fractions"),
+        ("1:2", "three parts"),
+        ("2:1:1", "stops before it starts"),
+        ("1:2:0", "'0' must be positive"),
+        (",", "is empty"),
+        ("soon", "neither a latency in ms"),
+    ]:
+        with pytest.raises(BudgetError, match=message):
+            Budget.parse_many(text)
+
+
+def test_a_fractional_budget_is_of_the_single_conv_sum():
+    latency = LatencyTable.from_rows((i, j, t, 0.0) for i, j, t in ISSUE_TABLE)
+    assert original_latency(latency) == 4.0
+    assert original_latency(optimal_latency(latency)) == 4.0
+    assert Budget.parse("0.75x").resolve(original_latency(latency)) == 3.0
+    imp = ImportanceTable.from_rows([(i, j, 1, 1, 0.0) for i, j, _ in ISSUE_TABLE])
+    with pytest.raises(BudgetError, match=r"takes 4\.0 ms .*1\.000x of the original chain latency"):
+        solve(latency, imp, 3.0)
+
+
+def test_budget_is_the_same_class_everywhere():
+    import depthcompress as dc
+    from depthcompress import pipeline
+
+    assert dc.Budget is Budget and pipeline.Budget is Budget

@@ -50,6 +50,77 @@ ROUNDINGS: tuple[str, ...] = ("exact", "reference")
 
 
 # ---------------------------------------------------------------------------------------------
+# budgets
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A latency budget: ``value`` ms of Σ T_opt (table units), or with ``relative`` a fraction of
+    the original chain's latency (Σ of the single-conv entries of the latency table)."""
+
+    value: float
+    relative: bool = False
+
+    @classmethod
+    def parse(cls, text: str | float) -> Budget:
+        """``"12.5"`` → 12.5 ms; ``"0.7x"`` → 70 % of the original chain latency."""
+        raw = str(text).strip().lower()
+        relative = raw.endswith("x")
+        try:
+            value = float(raw[:-1] if relative else raw)
+        except ValueError:
+            raise BudgetError(
+                f"budget {str(text)!r} is neither a latency in ms (e.g. 12.5) nor a fraction of "
+                "the original chain latency (e.g. 0.7x)"
+            ) from None
+        if not (value > 0 and math.isfinite(value)):
+            raise BudgetError(f"budget {str(text)!r} must be positive and finite")
+        return cls(value, relative)
+
+    @classmethod
+    def parse_many(cls, text: str) -> tuple[Budget, ...]:
+        """One budget, a sweep ``START:STOP:STEP`` (stop included; ``18:30:0.5`` in ms or
+        ``0.5x:0.9x:0.1x`` in fractions, all three parts alike) or a comma list ``20,0.7x``."""
+        raw = str(text).strip()
+        if ":" not in raw:
+            items = [cls.parse(v) for v in raw.split(",") if v.strip()]
+            if not items:
+                raise BudgetError(f"budget {raw!r} is empty: give one, e.g. 25 or 0.7x")
+            return tuple(items)
+        parts = raw.split(":")
+        if len(parts) != 3:
+            raise BudgetError(
+                f"budget sweep {raw!r} needs three parts START:STOP:STEP (18:30:0.5 or "
+                "0.5x:0.9x:0.1x)"
+            )
+        start, stop, step = (cls.parse(v) for v in parts)
+        if not start.relative == stop.relative == step.relative:
+            raise BudgetError(
+                f"budget sweep {raw!r} mixes ms and fractions: write all three parts in ms "
+                "(18:30:0.5) or all three as fractions (0.5x:0.9x:0.1x)"
+            )
+        if stop.value < start.value:
+            raise BudgetError(f"budget sweep {raw!r} stops before it starts")
+        count = math.floor((stop.value - start.value) / step.value + 1e-9) + 1
+        return tuple(
+            cls(round(start.value + k * step.value, 10), start.relative) for k in range(count)
+        )
+
+    def resolve(self, original_ms: float) -> float:
+        """The budget T0 in ms, given the original chain's latency in table units."""
+        return self.value * original_ms if self.relative else self.value
+
+    def __str__(self) -> str:
+        return f"{self.value:g}x" if self.relative else f"{self.value:g} ms"
+
+
+def original_latency(latency: LatencyTable | OptimalLatencyTable) -> float:
+    """The original chain's latency Σ T(k−1, k) over the single-conv blocks: what ``0.7x`` of a
+    budget is a fraction of."""
+    return float(sum(latency.time_of(k - 1, k) for k in range(1, latency.num_positions + 1)))
+
+
+# ---------------------------------------------------------------------------------------------
 # results
 
 
@@ -344,7 +415,7 @@ def _check_budget(budget: float) -> float:
     except (TypeError, ValueError):
         raise BudgetError(f"the budget must be a number of ms, got {budget!r}") from None
     if not math.isfinite(value):
-        raise BudgetError(f"the budget must be a finite number of ms, got {budget!r}")
+        raise BudgetError(f"the budget must be a finite number of ms, got {value}")
     return value
 
 
@@ -357,9 +428,17 @@ def _check_rounding(rounding: str, prec: float) -> None:
 
 def _too_tight(problem: _Problem, budget: float, note: str = "") -> BudgetError:
     fastest = _fastest(problem)
+    original = original_latency(problem.opt)
+    share = (
+        f"; {math.ceil(1000 * fastest / original) / 1000:.3f}x of the original chain latency "
+        f"Σ T(k-1,k) = {original:.4f} ms"
+        if original > 0
+        else ""
+    )
     return BudgetError(
         f"no plan fits the budget {budget:g} ms{note}: the fastest plan these tables allow "
-        f"takes {fastest!r} ms (Σ T_opt over its segments); use a budget of at least that"
+        f"takes {float(fastest)!r} ms (Σ T_opt over its segments{share}); use a budget of at "
+        "least that"
     )
 
 
