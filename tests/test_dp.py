@@ -17,11 +17,13 @@ from depthcompress import BudgetError, Plan, TableError
 from depthcompress.dp import (
     BUDGET_SLACK,
     IMPORTANCE_TIE,
+    Budget,
     extended_importance,
     min_latency,
     normalize_importance,
     optimal_boundaries,
     optimal_latency,
+    original_latency,
     solve,
     sweep,
 )
@@ -32,7 +34,8 @@ from depthcompress.tables import (
     OptimalLatencyTable,
 )
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data"
+"""The published reference tables (Kim et al., ICML 2023), vendored: see data/README.md."""
 TIME_CSV = "kim2023_mbv2_w1.0_rtx2080ti_trt_time.csv"
 OPT_CSV = "kim2023_mbv2_w1.0_rtx2080ti_trt_opt_time.csv"
 MBV2_LINEAR = frozenset(range(2, 51, 3))
@@ -46,8 +49,6 @@ SETTINGS = settings(
 
 
 def reference_path(name: str) -> Path:
-    if not REFERENCE.is_dir():
-        pytest.skip("../shared/reference (the reference tables) is not beside the repository")
     return REFERENCE / name
 
 
@@ -160,15 +161,91 @@ def test_stage1_reproduces_the_reference_opt_table():
     assert (got.ids == expected.ids).all()
 
 
+ISSUE_TABLE = (
+    (0, 1, 1.0),
+    (1, 2, 1.0),
+    (2, 3, 1.0),
+    (3, 4, 1.0),
+    (0, 2, 5.0),
+    (2, 4, 10.0),
+    (0, 4, 10.0),
+)
+"""Residual (2, 4): (0, 3) and (1, 3) are not blocks, so the fastest tiling of (0, 4), four
+single convs, starts with a cut inside no valid prefix block; the reference recursion gives 10."""
+
+
+def test_stage1_finds_a_tiling_whose_prefix_is_no_block():
+    latency = LatencyTable.from_rows((i, j, t, 0.1) for i, j, t in ISSUE_TABLE)
+    opt = optimal_latency(latency)
+    assert opt.time_of(0, 4) == 4.0
+    assert opt.breaks_of(0, 4) == (0, 1, 2, 3, 4)
+    assert opt.stdev[opt.index[0, 4]] == pytest.approx(0.4)
+    assert opt.time_of(0, 2) == 2.0 and opt.breaks_of(0, 2) == (0, 1, 2)
+    assert opt.time_of(2, 4) == 2.0 and opt.breaks_of(2, 4) == (2, 3, 4)
+    assert opt.time_of(1, 2) == 1.0 and opt.breaks_of(1, 2) == (1, 2)
+
+
+def test_stage1_ties_keep_the_unsplit_block_then_the_smallest_last_break():
+    rows = [(0, 1, 1.0), (1, 2, 1.0), (2, 3, 1.0), (0, 2, 2.0), (1, 3, 2.0), (0, 3, 3.0)]
+    opt = optimal_latency(LatencyTable.from_rows((i, j, t, 0.0) for i, j, t in rows))
+    assert opt.breaks_of(0, 2) == (0, 2) and opt.breaks_of(0, 3) == (0, 3)
+    rows[-1] = (0, 3, 3.5)
+    opt = optimal_latency(LatencyTable.from_rows((i, j, t, 0.0) for i, j, t in rows))
+    assert opt.breaks_of(0, 3) == (0, 1, 3)
+
+
 def tilings(blocks: set[tuple[int, int]], i: int, j: int) -> list[tuple[int, ...]]:
-    """Tilings of (i, j) by valid blocks whose every prefix (i, k) is a valid block too: the
-    reference's recursion T_opt(i,k) + T(k,j) needs (i,k) valid (on MobileNetV2 and VGG this is
-    every tiling)."""
-    out = [(i, j)] if (i, j) in blocks else []
-    for k in range(i + 1, j):
-        if (i, k) in blocks and (k, j) in blocks:
-            out += [(*head, j) for head in tilings(blocks, i, k)]
-    return out
+    """Every tiling of (i, j) by valid blocks, as its break points."""
+    if i == j:
+        return [(j,)]
+    return [
+        (i, *rest)
+        for k in range(i + 1, j + 1)
+        if (i, k) in blocks
+        for rest in tilings(blocks, k, j)
+    ]
+
+
+@st.composite
+def residual_chains(draw) -> LatencyTable:
+    """A random chain 0..n with random residuals: a block is valid when it nests with or avoids
+    every residual (the V2 rule); single convs always; random positive latencies."""
+    n = draw(st.integers(1, 8))
+    residuals = draw(
+        st.lists(
+            st.tuples(st.integers(0, n - 1), st.integers(2, 4)).map(
+                lambda r: (r[0], min(n, r[0] + r[1]))
+            ),
+            max_size=3,
+        )
+    )
+    rows = []
+    for i in range(n):
+        for j in range(i + 1, n + 1):
+            crosses = any(i < a < j < b or a < i < b < j for a, b in residuals)
+            if j == i + 1 or (not crosses and draw(st.booleans())):
+                t = draw(st.floats(0.01, 5.0, allow_nan=False) | st.sampled_from([0.25, 0.5, 1.0]))
+                rows.append((i, j, t, t / 10))
+    return LatencyTable.from_rows(rows)
+
+
+@SETTINGS
+@given(latency=residual_chains())
+def test_stage1_is_the_fastest_of_all_tilings(latency):
+    opt = optimal_latency(latency)
+    blocks = set(latency.blocks)
+    for (i, j), t_opt, breaks in zip(opt.blocks, opt.time.tolist(), opt.breaks, strict=True):
+        sums = []
+        for tiling in tilings(blocks, i, j):
+            total = 0.0
+            for a, b in itertools.pairwise(tiling):
+                total += latency.time_of(a, b)
+            sums.append(total)
+        assert t_opt == pytest.approx(min(sums), rel=1e-12)
+        assert breaks in tilings(blocks, i, j)
+        assert sum(latency.time_of(a, b) for a, b in itertools.pairwise(breaks)) == pytest.approx(
+            t_opt, rel=1e-12
+        )
 
 
 @SETTINGS
@@ -177,14 +254,12 @@ def test_stage1_is_the_fastest_tiling(n, seed):
     latency, _ = random_instance(random.Random(seed), n, all_flags=False)
     opt = optimal_latency(latency)
     blocks = set(latency.blocks)
-    for (i, j), t_opt, breaks in zip(opt.blocks, opt.time, opt.breaks, strict=True):
-        sums = []
-        for tiling in tilings(blocks, i, j):
-            total = 0.0
-            for a, b in itertools.pairwise(tiling):
-                total += latency.time_of(a, b)
-            sums.append(total)
-        assert t_opt == min(sums)
+    for (i, j), t_opt, breaks in zip(opt.blocks, opt.time.tolist(), opt.breaks, strict=True):
+        sums = [
+            sum(latency.time_of(a, b) for a, b in itertools.pairwise(t))
+            for t in tilings(blocks, i, j)
+        ]
+        assert t_opt == pytest.approx(min(sums), rel=1e-12)
         assert breaks in tilings(blocks, i, j)
 
 
@@ -314,8 +389,8 @@ def test_budget_below_the_fastest_plan_names_the_minimum():
     with pytest.raises(BudgetError, match=r"2\.25 ms"):
         solve(latency, imp, 2.2)
     assert solve(latency, imp, 2.25).latency == 2.25
-    with pytest.raises(BudgetError, match="finite"):
-        solve(latency, imp, math.nan)
+    with pytest.raises(BudgetError, match=r"finite number of ms, got nan$"):
+        solve(latency, imp, np.float64(math.nan))
     with pytest.raises(BudgetError, match="at least one budget"):
         sweep(latency, imp, [])
     with pytest.raises(ValueError, match="rounding"):
@@ -501,3 +576,44 @@ def test_mbv2_exact_never_worse_within_the_same_budget(mbv2):
         assert grid.grid is not None and grid.grid[0] <= grid.grid[1]
         if grid.latency <= t0:
             assert exact.importance >= grid.importance - IMPORTANCE_TIE
+
+
+# ---------------------------------------------------------------------------------------------
+# budgets: one syntax for solve and compress
+
+
+def test_budget_syntax_for_one_budget_a_sweep_and_a_list():
+    assert Budget.parse("25") == Budget(25.0) and Budget.parse(" 0.7X ") == Budget(0.7, True)
+    assert str(Budget.parse("0.7x")) == "0.7x" and str(Budget.parse("12.5")) == "12.5 ms"
+    assert Budget.parse_many("18:19:0.5") == (Budget(18.0), Budget(18.5), Budget(19.0))
+    fractions = Budget.parse_many("0.5x:0.9x:0.1x")
+    assert [b.value for b in fractions] == [0.5, 0.6, 0.7, 0.8, 0.9]
+    assert all(b.relative for b in fractions)
+    assert Budget.parse_many("20,0.6x") == (Budget(20.0), Budget(0.6, True))
+    for text, message in [
+        ("0.5x:0.9x:0.1", "mixes ms and fractions"),
+        ("1:2", "three parts"),
+        ("2:1:1", "stops before it starts"),
+        ("1:2:0", "'0' must be positive"),
+        (",", "is empty"),
+        ("soon", "neither a latency in ms"),
+    ]:
+        with pytest.raises(BudgetError, match=message):
+            Budget.parse_many(text)
+
+
+def test_a_fractional_budget_is_of_the_single_conv_sum():
+    latency = LatencyTable.from_rows((i, j, t, 0.0) for i, j, t in ISSUE_TABLE)
+    assert original_latency(latency) == 4.0
+    assert original_latency(optimal_latency(latency)) == 4.0
+    assert Budget.parse("0.75x").resolve(original_latency(latency)) == 3.0
+    imp = ImportanceTable.from_rows([(i, j, 1, 1, 0.0) for i, j, _ in ISSUE_TABLE])
+    with pytest.raises(BudgetError, match=r"takes 4\.0 ms .*1\.000x of the original chain latency"):
+        solve(latency, imp, 3.0)
+
+
+def test_budget_is_the_same_class_everywhere():
+    import depthcompress as dc
+    from depthcompress import pipeline
+
+    assert dc.Budget is Budget and pipeline.Budget is Budget

@@ -61,3 +61,32 @@ def test_onnx_mismatch_writes_nothing(tmp_path, merged, monkeypatch):
     with pytest.raises(ExportError, match="was not written"):
         export_onnx(module, tmp_path / "bad.onnx", x)
     assert not (tmp_path / "bad.onnx").exists()
+
+
+class Poisoned(torch.nn.Module):
+    """A network whose output holds one non-finite value."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        mask = torch.zeros_like(y)
+        mask[..., 0, 0] = 1.0
+        return torch.where(mask > 0, torch.full_like(y, self.value), y)
+
+
+def test_torch_file_of_a_network_giving_nan_is_not_written(tmp_path):
+    with pytest.raises(ExportError, match="the network produced non-finite values") as info:
+        save_torch(Poisoned(float("nan")), tmp_path / "nan.pt", torch.randn(2, 3, 8, 8))
+    assert "nan.pt was not written" in str(info.value)
+    assert not (tmp_path / "nan.pt").exists()
+
+
+def test_onnx_export_of_a_network_giving_inf_is_not_written(tmp_path):
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ExportError, match="PyTorch network produced non-finite values"):
+        export_onnx(Poisoned(float("inf")), tmp_path / "inf.onnx", torch.randn(2, 3, 8, 8))
+    assert not (tmp_path / "inf.onnx").exists()

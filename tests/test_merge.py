@@ -157,3 +157,40 @@ def test_plan_for_activations_is_the_coarsest_valid_cover(mbv2):
     assert {5, 11, 14}.issubset(plan.boundaries)  # hard boundaries; (11, 14) keeps its skip bump
     with pytest.raises(dc.PlanError, match="not positions"):
         dc.Plan.for_activations(chain, {0})
+
+
+def test_merge_refuses_a_network_that_gives_nan(mbv2):
+    model, chain, _ = mbv2
+    plan = plan_merging(chain, (5, 8))
+    linear = dc.linearize(model, chain, plan).eval()
+    with torch.no_grad():
+        linear.get_submodule(chain.positions[6].conv).weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(dc.MergeError, match="linearized network produced non-finite values"):
+        dc.merge(linear, chain, plan)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_close_refuses_non_finite_outputs_on_either_side(bad):
+    from depthcompress.merging import check_close
+
+    good = torch.ones(2, 3)
+    poisoned = good.clone()
+    poisoned[1, 2] = bad
+    with pytest.raises(
+        dc.MergeError, match=r"the merged network produced non-finite values \(1 of 6"
+    ):
+        check_close(good, poisoned, "merged network", "linearized network")
+    with pytest.raises(dc.MergeError, match="the linearized network produced non-finite values"):
+        check_close(poisoned, good, "merged network", "linearized network")
+    with pytest.raises(dc.ExportError, match=r"x\.pt was not written"):
+        check_close(
+            (good, poisoned),
+            (good, good),
+            "file",
+            "net",
+            error=dc.ExportError,
+            outcome="x.pt was not written",
+        )
+    assert (
+        check_close((good, {"y": good}), (good, {"y": good}), "merged network", "linearized") == 0.0
+    )

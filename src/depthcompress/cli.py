@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import DepthCompressError
+from .errors import BudgetError, DepthCompressError
 
 app = typer.Typer(
     help="Make a trained CNN shallower and faster: latency-aware depth compression "
@@ -550,22 +550,16 @@ def _latency_table(
 # the two-stage DP over tables (issue 4): numpy only, no torch
 
 
-def _parse_budgets(text: str) -> list[float]:
-    """``25`` → [25]; ``18:30:0.5`` → 18, 18.5, …, 30 (stop included); ``18,20,25`` → a list."""
-    import math
+def _parse_budgets(text: str) -> tuple:  # tuple[dp.Budget, ...]
+    """``--budget`` of solve: the syntax of ``dp.Budget.parse_many`` (ms or fractions ``0.7x``)."""
+    from .dp import Budget
 
     try:
-        if ":" in text:
-            start, stop, step = (float(v) for v in text.split(":"))
-            if not step > 0 or stop < start:
-                raise ValueError
-            count = math.floor((stop - start) / step + 1e-9) + 1
-            return [round(start + k * step, 10) for k in range(count)]
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
+        return Budget.parse_many(text)
+    except BudgetError as exc:
         raise typer.BadParameter(
-            f"{text!r} is not a budget in ms: give one number (25), START:STOP:STEP (18:30:0.5) "
-            "or a comma list (18,20,25)"
+            f"{exc} (a sweep is 18:30:0.5 or 0.5x:0.9x:0.1x, a list 18,20,25 or 0.6x,0.7x)",
+            param_hint="'--budget'",
         ) from None
 
 
@@ -713,8 +707,10 @@ def solve_cmd(
     budget: Annotated[
         str,
         typer.Option(
-            help="latency budget T0 in ms (Σ T_opt, table units): 25, or a sweep "
-            "START:STOP:STEP such as 18:30:0.5, or a list 18,20,25"
+            help="latency budget T0 as in compress: ms of Σ T_opt (table units) such as 25, "
+            "or a fraction of the original chain latency Σ T(k-1,k) such as 0.7x; a sweep "
+            "START:STOP:STEP with the stop included, all in ms (18:30:0.5) or all fractions "
+            "(0.5x:0.9x:0.1x); or a comma list (18,20,25 or 0.6x,0.7x)"
         ),
     ],
     output: Annotated[
@@ -751,15 +747,15 @@ def solve_cmd(
     ] = 20.0,
 ) -> None:
     """Stage 2: the most important plan (A, S) within the latency budget, or a sweep's front."""
-    from .dp import DEFAULT_PREC, ROUNDINGS, solve, sweep
+    from .dp import DEFAULT_PREC, ROUNDINGS, original_latency, solve, sweep
     from .tables import ExtendedImportanceTable, read_importance, read_latency
 
     if rounding not in ROUNDINGS:
         raise typer.BadParameter(f"--rounding must be one of {', '.join(ROUNDINGS)}")
     if not prec > 0:
         raise typer.BadParameter(f"--prec must be positive (default {DEFAULT_PREC:g})")
-    budgets = _parse_budgets(budget)
-    is_sweep = len(budgets) > 1 or ":" in budget or "," in budget
+    specs = _parse_budgets(budget)
+    is_sweep = len(specs) > 1 or ":" in budget or "," in budget
     if is_sweep and output is not None and output.suffix.lower() == ".json":
         raise typer.BadParameter(
             "a sweep writes its front as CSV (and a PNG beside it): give -o front.csv"
@@ -772,6 +768,13 @@ def solve_cmd(
                 f"{importance} is an extended importance table (imp, breaks): used as is, "
                 "without --alpha and --score"
             )
+        original = original_latency(lat)
+        budgets = [b.resolve(original) for b in specs]
+        if any(b.relative for b in specs):
+            console.print(
+                f"fractions are of the original chain latency Σ T(k-1,k) = {original:.4f} ms",
+                highlight=False,
+            )
         if not is_sweep:
             sol = solve(lat, imp, budgets[0], alpha=alpha, rounding=rounding, prec=prec)
         else:
@@ -783,17 +786,18 @@ def solve_cmd(
 
         _print_solution(sol, score, alpha)
         if output is not None:
-            output.write_text(json.dumps(sol.to_dict(), indent=1) + "\n")
+            data = {**sol.to_dict(), "budget_spec": str(specs[0]), "original_latency": original}
+            output.write_text(json.dumps(data, indent=1) + "\n")
             console.print(f"plan written to {output}")
         return
     from rich.table import Table
 
     table = Table(title=f"budget sweep ({rounding})", header_style="bold")
-    for col in ("budget", "latency", "importance", "|A|", "blocks"):
+    for col in ("budget (ms)", "latency", "importance", "|A|", "blocks"):
         table.add_column(col, justify="right")
-    for sol in result.solutions:
+    for spec, sol in zip(specs, result.solutions, strict=True):
         table.add_row(
-            f"{sol.budget:g}",
+            f"{spec} = {sol.budget:.4f}" if spec.relative else f"{sol.budget:g}",
             f"{sol.latency:.4f}",
             f"{sol.importance:.4f}",
             str(len(sol.plan.activations)),

@@ -1,9 +1,9 @@
 """The two-stage dynamic programme (ALGORITHM.md §5–§7, §11): pure functions over the tables of
 ``depthcompress.tables``.
 
-* Stage 1, ``optimal_latency``: ``T_opt(i, j)``, the fastest tiling of each block by valid
-  blocks, exactly as the reference computes it (ties keep the unsplit block, then the smallest
-  split point).
+* Stage 1, ``optimal_latency``: ``T_opt(i, j)``, the fastest of all tilings of each block by
+  valid blocks (a shortest path; ties keep the unsplit block, then the smallest last split
+  point, which reproduces the reference's tables).
 * ``normalize_importance`` and ``extended_importance``: ``h̃ = h − α·mean(single-conv h)`` and the
   paper's Algorithm 3.
 * Stage 2, ``solve``: choose segment endpoints and flags maximising ``Σ I`` subject to
@@ -47,6 +47,77 @@ MAX_GRID = 10_000_000
 
 Rounding = Literal["exact", "reference"]
 ROUNDINGS: tuple[str, ...] = ("exact", "reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# budgets
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A latency budget: ``value`` ms of Σ T_opt (table units), or with ``relative`` a fraction of
+    the original chain's latency (Σ of the single-conv entries of the latency table)."""
+
+    value: float
+    relative: bool = False
+
+    @classmethod
+    def parse(cls, text: str | float) -> Budget:
+        """``"12.5"`` → 12.5 ms; ``"0.7x"`` → 70 % of the original chain latency."""
+        raw = str(text).strip().lower()
+        relative = raw.endswith("x")
+        try:
+            value = float(raw[:-1] if relative else raw)
+        except ValueError:
+            raise BudgetError(
+                f"budget {str(text)!r} is neither a latency in ms (e.g. 12.5) nor a fraction of "
+                "the original chain latency (e.g. 0.7x)"
+            ) from None
+        if not (value > 0 and math.isfinite(value)):
+            raise BudgetError(f"budget {str(text)!r} must be positive and finite")
+        return cls(value, relative)
+
+    @classmethod
+    def parse_many(cls, text: str) -> tuple[Budget, ...]:
+        """One budget, a sweep ``START:STOP:STEP`` (stop included; ``18:30:0.5`` in ms or
+        ``0.5x:0.9x:0.1x`` in fractions, all three parts alike) or a comma list ``20,0.7x``."""
+        raw = str(text).strip()
+        if ":" not in raw:
+            items = [cls.parse(v) for v in raw.split(",") if v.strip()]
+            if not items:
+                raise BudgetError(f"budget {raw!r} is empty: give one, e.g. 25 or 0.7x")
+            return tuple(items)
+        parts = raw.split(":")
+        if len(parts) != 3:
+            raise BudgetError(
+                f"budget sweep {raw!r} needs three parts START:STOP:STEP (18:30:0.5 or "
+                "0.5x:0.9x:0.1x)"
+            )
+        start, stop, step = (cls.parse(v) for v in parts)
+        if not start.relative == stop.relative == step.relative:
+            raise BudgetError(
+                f"budget sweep {raw!r} mixes ms and fractions: write all three parts in ms "
+                "(18:30:0.5) or all three as fractions (0.5x:0.9x:0.1x)"
+            )
+        if stop.value < start.value:
+            raise BudgetError(f"budget sweep {raw!r} stops before it starts")
+        count = math.floor((stop.value - start.value) / step.value + 1e-9) + 1
+        return tuple(
+            cls(round(start.value + k * step.value, 10), start.relative) for k in range(count)
+        )
+
+    def resolve(self, original_ms: float) -> float:
+        """The budget T0 in ms, given the original chain's latency in table units."""
+        return self.value * original_ms if self.relative else self.value
+
+    def __str__(self) -> str:
+        return f"{self.value:g}x" if self.relative else f"{self.value:g} ms"
+
+
+def original_latency(latency: LatencyTable | OptimalLatencyTable) -> float:
+    """The original chain's latency Σ T(k−1, k) over the single-conv blocks: what ``0.7x`` of a
+    budget is a fraction of."""
+    return float(sum(latency.time_of(k - 1, k) for k in range(1, latency.num_positions + 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,28 +201,46 @@ class Sweep:
 
 
 def optimal_latency(latency: LatencyTable) -> OptimalLatencyTable:
-    """Stage 1 (§5): ``T_opt(i, j)`` and its break points for every block, for stage 2's costs."""
-    time = dict(zip(latency.blocks, latency.time.tolist(), strict=True))
-    dev = dict(zip(latency.blocks, latency.stdev.tolist(), strict=True))
-    opt: dict[tuple[int, int], float] = {}
-    opt_dev: dict[tuple[int, int], float] = {}
-    brk: dict[tuple[int, int], tuple[int, ...]] = {}
-    for i, j in sorted(latency.blocks):
-        best, best_dev, arg = time[i, j], dev[i, j], j
-        for k in range(i + 1, j):
-            if (i, k) in opt and (k, j) in time:
-                cand = opt[i, k] + time[k, j]
-                if cand < best:
-                    best, best_dev, arg = cand, opt_dev[i, k] + dev[k, j], k
-        opt[i, j], opt_dev[i, j] = best, best_dev
-        brk[i, j] = (i, j) if arg == j else (*brk[i, arg], j)
+    """Stage 1 (§5): ``T_opt(i, j)``, the exact minimum over every tiling of ``[i, j]`` by valid
+    blocks (a shortest path from each start ``i``), and its break points, for stage 2's costs.
+
+    Ties keep the unsplit block, then the smallest last break point: on tables where every
+    tiling's prefixes are valid blocks (the paper's MobileNetV2 and VGG) this is the reference's
+    recursion bit for bit; elsewhere it also finds tilings that cut inside a residual first.
+    """
+    ending: dict[int, list[tuple[int, float, float]]] = {}
+    for (i, j), t, d in zip(
+        latency.blocks, latency.time.tolist(), latency.stdev.tolist(), strict=True
+    ):
+        ending.setdefault(j, []).append((i, t, d))
+    for into in ending.values():
+        into.sort()
+    wanted: dict[int, set[int]] = {}
+    for i, j in latency.blocks:
+        wanted.setdefault(i, set()).add(j)
+    found: dict[tuple[int, int], tuple[float, float, tuple[int, ...]]] = {}
+    for i, ends in wanted.items():
+        best: dict[int, tuple[float, float, int]] = {i: (0.0, 0.0, i)}
+        for p in range(i + 1, max(ends) + 1):
+            for a, t, d in ending.get(p, ()):
+                head = best.get(a) if a >= i else None
+                if head is not None:
+                    cand = head[0] + t
+                    if p not in best or cand < best[p][0]:
+                        best[p] = (cand, head[1] + d, a)
+        for j in ends:
+            breaks, p = [j], j
+            while p != i:
+                p = best[p][2]
+                breaks.append(p)
+            found[i, j] = (best[j][0], best[j][1], tuple(reversed(breaks)))
     blocks = latency.blocks
     return OptimalLatencyTable(
         st=latency.st,
         end=latency.end,
-        time=[opt[b] for b in blocks],
-        stdev=[opt_dev[b] for b in blocks],
-        breaks=[brk[b] for b in blocks],
+        time=[found[b][0] for b in blocks],
+        stdev=[found[b][1] for b in blocks],
+        breaks=[found[b][2] for b in blocks],
         ids=latency.ids,
         source=latency.source,
         lines=latency.lines,
@@ -326,7 +415,7 @@ def _check_budget(budget: float) -> float:
     except (TypeError, ValueError):
         raise BudgetError(f"the budget must be a number of ms, got {budget!r}") from None
     if not math.isfinite(value):
-        raise BudgetError(f"the budget must be a finite number of ms, got {budget!r}")
+        raise BudgetError(f"the budget must be a finite number of ms, got {value}")
     return value
 
 
@@ -339,9 +428,17 @@ def _check_rounding(rounding: str, prec: float) -> None:
 
 def _too_tight(problem: _Problem, budget: float, note: str = "") -> BudgetError:
     fastest = _fastest(problem)
+    original = original_latency(problem.opt)
+    share = (
+        f"; {math.ceil(1000 * fastest / original) / 1000:.3f}x of the original chain latency "
+        f"Σ T(k-1,k) = {original:.4f} ms"
+        if original > 0
+        else ""
+    )
     return BudgetError(
         f"no plan fits the budget {budget:g} ms{note}: the fastest plan these tables allow "
-        f"takes {fastest!r} ms (Σ T_opt over its segments); use a budget of at least that"
+        f"takes {float(fastest)!r} ms (Σ T_opt over its segments{share}); use a budget of at "
+        "least that"
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import DepthCompressError, ExportError
+from .errors import ExportError
 from .merging import check_close
 
 
@@ -21,7 +21,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def save_torch(module: nn.Module, path: str | Path, example_input: torch.Tensor) -> Path:
     """Pickle the whole module (``torch.load(path, weights_only=False)`` needs no depthcompress)
-    after checking that the reloaded copy gives the same outputs."""
+    after checking that the reloaded copy gives the same, finite outputs."""
     import io
 
     path = Path(path)
@@ -30,7 +30,14 @@ def save_torch(module: nn.Module, path: str | Path, example_input: torch.Tensor)
     torch.save(module, buf)
     reloaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
     with torch.no_grad():
-        check_close(module(example_input), reloaded(example_input), "reloaded file", "network")
+        check_close(
+            module(example_input),
+            reloaded(example_input),
+            "reloaded file",
+            "network",
+            error=ExportError,
+            outcome=f"{path} was not written",
+        )
     _atomic_write(path, buf.getvalue())
     return path
 
@@ -39,7 +46,7 @@ def export_onnx(
     module: nn.Module, path: str | Path, example_input: torch.Tensor, *, tol: float = 1e-4
 ) -> float:
     """Write ``module`` as ONNX (fixed input shape) after checking ONNX Runtime's output against
-    PyTorch's on ``example_input``; returns the error relative to the output scale."""
+    PyTorch's on ``example_input`` (both finite); returns the error relative to the output scale."""
     from .backends import to_onnx
 
     try:
@@ -59,9 +66,14 @@ def export_onnx(
     (actual,) = session.run(None, {name: x.numpy()})[:1]
     with torch.no_grad():
         expected = module.cpu()(x)
-    try:
-        err = check_close(expected, torch.from_numpy(actual), "ONNX Runtime output", "PyTorch", tol)
-    except DepthCompressError as exc:
-        raise ExportError(f"{exc}; {path} was not written") from None
+    err = check_close(
+        expected,
+        torch.from_numpy(actual),
+        "ONNX Runtime export",
+        "PyTorch network",
+        tol,
+        error=ExportError,
+        outcome=f"{path} was not written",
+    )
     _atomic_write(path, data)
     return err

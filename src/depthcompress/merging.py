@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .errors import MergeError
+from .errors import DepthCompressError, MergeError
 from .graph import ConvChain, Residual, example_input_for, param_place
 from .kernels import ConvSpec, add_shortcut, bn_scale_shift, merge_chain, spec_from_conv, to_conv2d
 from .linearization import META_KEY, fused_residuals, linearized_plan
@@ -27,7 +27,8 @@ def merge(
 
     ``linearized`` must come from ``linearize(model, chain, plan)`` (fine-tuned or not) and is
     left unchanged. With ``verify`` the result is compared with ``linearized`` on a random input
-    and a MergeError is raised if they differ by more than 1e-4 of the output scale.
+    and a MergeError is raised if they differ by more than 1e-4 of the output scale or either
+    output holds NaN or Inf.
     """
     built_for = linearized_plan(linearized)
     if built_for != plan:
@@ -72,25 +73,53 @@ def merge(
 
 
 def check_close(
-    expected: object, actual: object, what: str, against: str, tol: float = MERGE_TOLERANCE
+    expected: object,
+    actual: object,
+    what: str,
+    against: str,
+    tol: float = MERGE_TOLERANCE,
+    *,
+    error: type[DepthCompressError] = MergeError,
+    outcome: str = "nothing was returned",
 ) -> float:
-    """Max abs error relative to output scale; raise MergeError above ``tol``."""
+    """Max abs error of ``actual`` (``what``) against ``expected`` (``against``) relative to the
+    output scale; raise ``error`` above ``tol`` or when either output holds NaN or Inf, since a
+    numerical gate must never pass on garbage. ``outcome`` ends the message (what was not done)."""
     worst = 0.0
     for a, b in zip(tree_leaves(expected), tree_leaves(actual), strict=True):
         if not isinstance(a, torch.Tensor):
             continue
+        if not isinstance(b, torch.Tensor):
+            raise error(f"{what} output is a {type(b).__name__} where the {against} gave a tensor")
         if a.shape != b.shape:
-            raise MergeError(f"{what} output shape {tuple(b.shape)} != {against} {tuple(a.shape)}")
-        scale = a.detach().abs().max().item()
-        err = (a.detach() - b.detach()).abs().max().item()
+            raise error(f"{what} output shape {tuple(b.shape)} != {against} {tuple(a.shape)}")
+        a, b = a.detach(), b.detach()
+        _check_finite(a, against, what, error, outcome)
+        _check_finite(b, what, against, error, outcome)
+        scale = a.abs().max().item() if a.numel() else 0.0
+        err = (a - b).abs().max().item() if a.numel() else 0.0
         rel = err / scale if scale > 0 else err
-        worst = max(worst, rel)
+        if not rel <= worst:
+            worst = rel
     if not worst <= tol:
-        raise MergeError(
-            f"{what} differs from the {against} by {worst:.3g} of the output scale (limit {tol}):"
-            " the merge is not exact; nothing was returned. Please report this with the model."
+        raise error(
+            f"{what} differs from the {against} by {worst:.3g} of the output scale (limit {tol:g})"
+            f"; {outcome}. Please report this with the model."
         )
     return worst
+
+
+def _check_finite(
+    out: torch.Tensor, who: str, other: str, error: type[DepthCompressError], outcome: str
+) -> None:
+    """Refuse an output holding NaN or Inf, naming the network that produced it."""
+    bad = int((~torch.isfinite(out)).sum().item())
+    if bad:
+        raise error(
+            f"the {who} produced non-finite values ({bad} of {out.numel()} outputs are NaN or "
+            f"Inf), so it cannot be checked against the {other}: look for NaN/Inf in its weights "
+            f"(e.g. a fine-tuning that diverged) or its input; {outcome}."
+        )
 
 
 def _device(module: nn.Module) -> torch.device:

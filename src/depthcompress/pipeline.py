@@ -28,6 +28,7 @@ from torch import nn
 
 from .backends import Backend, Protocol, get_backend, machine_info, package_version
 from .data import SplitData, fetch, fingerprint, num_classes
+from .dp import Budget
 from .errors import BudgetError, DepthCompressError, TableError, WorkdirError
 from .files import nested_diff, sidecar_path, write_json
 from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
@@ -52,42 +53,6 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "merge": ("merged.pt", "merged.onnx"),
     "evaluate": ("evaluation.json",),
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# budgets
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A latency budget: ``value`` ms of Σ T_opt (table units), or with ``relative`` a fraction of
-    the original chain's latency (Σ of the single-conv entries of the latency table)."""
-
-    value: float
-    relative: bool = False
-
-    @classmethod
-    def parse(cls, text: str | float) -> Budget:
-        """``"12.5"`` → 12.5 ms; ``"0.7x"`` → 70 % of the original chain latency."""
-        raw = str(text).strip().lower()
-        relative = raw.endswith("x")
-        try:
-            value = float(raw[:-1] if relative else raw)
-        except ValueError:
-            raise BudgetError(
-                f"budget {text!r} is neither a latency in ms (e.g. 12.5) nor a fraction of the "
-                "original latency (e.g. 0.7x)"
-            ) from None
-        if not (value > 0 and math.isfinite(value)):
-            raise BudgetError(f"budget {text!r} must be positive")
-        return cls(value, relative)
-
-    def resolve(self, original_ms: float) -> float:
-        """The budget T0 in ms, given the original chain's latency in table units."""
-        return self.value * original_ms if self.relative else self.value
-
-    def __str__(self) -> str:
-        return f"{self.value:g}x" if self.relative else f"{self.value:g} ms"
 
 
 # ---------------------------------------------------------------------------------------------

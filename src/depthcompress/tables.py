@@ -74,8 +74,8 @@ def _check_values(
     if nonnegative:
         for k in np.flatnonzero(values < 0):
             raise TableError(
-                f"{where(int(k))}: {column} is negative ({values[k]!r}); times are durations "
-                "in ms and must be ≥ 0"
+                f"{where(int(k))}: {column} is negative ({float(values[k]):g}); times are "
+                "durations in ms and must be ≥ 0"
             )
 
 
