@@ -893,8 +893,12 @@ __all__ = [
     "FinetuneResult",
     "autocast",
     "check_amp",
+    "cuda_count",
     "evaluate",
     "finetune",
     "load_checkpoint",
+    "loader_workers",
+    "pick_device",
+    "process_group_backend",
     "training_loss",
 ]
