@@ -508,7 +508,7 @@ def execution_plan(
     if dev.type == "cpu":
         load = workers * (threads + loader_workers)
         note = None
-        if load > cpu_count:
+        if load > cpu_count and workers > 1:
             note = (
                 f"{workers} importance worker(s) × ({threads} thread(s) + {loader_workers} loader "
                 f"process(es)) = {load} exceed the {cpu_count} CPU cores, so entries slow each "
