@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,9 +26,12 @@ from depthcompress.finetune import (
     EpochStats,
     FinetuneConfig,
     FinetuneError,
+    check_amp,
     evaluate,
     finetune,
     load_checkpoint,
+    pick_device,
+    process_group_backend,
     training_loss,
 )
 
@@ -279,6 +283,214 @@ def test_best_checkpoint_tracks_holdout_accuracy(linear, data, tmp_path) -> None
     assert result.best_checkpoint == tmp_path / BEST
     assert best["accuracy"] == result.best_accuracy
     assert best["epoch"] == max(result.history, key=lambda h: h.accuracy).epoch
+
+
+# --- GPU choices: mixed precision, memory format, loader workers, devices -----------------------
+
+BF16 = FinetuneConfig(epochs=2, lr=0.05, batch_size=32, amp="bf16")
+
+
+def test_cpu_defaults_are_the_float32_contiguous_in_process_run(model, chain, plan, data) -> None:
+    assert CONFIG.channels_last is None and CONFIG.num_workers is None and CONFIG.amp is None
+    resolved = CONFIG.for_device(torch.device("cpu"))
+    assert resolved.channels_last is False and resolved.num_workers == 0
+    default = dc.linearize(model, chain, plan)
+    finetune(default, data, CONFIG, progress=False)
+    explicit = dc.linearize(model, chain, plan)
+    old = FinetuneConfig(epochs=2, lr=0.05, batch_size=32, channels_last=False, num_workers=0)
+    finetune(explicit, data, old, progress=False)
+    assert state_equal(default, explicit)  # the CPU default is the former behaviour, bit for bit
+
+
+def test_cuda_defaults_follow_the_device(monkeypatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    cuda = CONFIG.for_device(torch.device("cuda", 0))
+    assert cuda.channels_last is True and cuda.num_workers == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert CONFIG.for_device(torch.device("cuda", 0)).num_workers == 2
+    asked = FinetuneConfig(epochs=1, lr=0.1, batch_size=8, channels_last=False, num_workers=1)
+    assert asked.for_device(torch.device("cuda", 0)) == asked
+
+
+def test_amp_settings_are_validated(linear, data, tmp_path) -> None:
+    with pytest.raises(FinetuneError, match="amp must be 'bf16', 'fp16' or None"):
+        FinetuneConfig(epochs=1, lr=0.1, batch_size=8, amp="fp32")  # type: ignore[arg-type]
+    with pytest.raises(FinetuneError, match="num_workers"):
+        FinetuneConfig(epochs=1, lr=0.1, batch_size=8, num_workers=-1)
+    fp16 = FinetuneConfig(epochs=1, lr=0.05, batch_size=32, amp="fp16")
+    with pytest.raises(FinetuneError, match=r"fp16 needs a CUDA device.*--amp bf16") as err:
+        finetune(linear, data, fp16, checkpoint_dir=tmp_path / "ck", progress=False)
+    assert "Traceback" not in str(err.value)
+    assert not (tmp_path / "ck").exists()  # refused before anything was written
+    check_amp("bf16", "cpu")  # allowed on the CPU
+    check_amp(None, "cuda:0")
+
+
+def test_bf16_on_the_cpu_trains_and_resumes(model, chain, plan, data, tmp_path) -> None:
+    whole = dc.linearize(model, chain, plan)
+    one_go = finetune(
+        whole, data, BF16, checkpoint_dir=tmp_path / "a", holdout_data=data, progress=False
+    )
+    losses = [h.loss for h in one_go.history]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    fp32 = dc.linearize(model, chain, plan)
+    finetune(fp32, data, CONFIG, progress=False)
+    assert not state_equal(whole, fp32)  # autocast was on
+    assert all(p.dtype == torch.float32 for p in whole.parameters())  # weights stay float32
+    ckpt = load_checkpoint(tmp_path / "a" / LAST)
+    assert ckpt["config"]["amp"] == "bf16" and ckpt["scaler"] is None  # bf16 needs no scaler
+
+    def crash(stats: EpochStats) -> None:
+        if stats.epoch == 1:
+            raise Crash
+
+    first = dc.linearize(model, chain, plan)
+    with pytest.raises(Crash):
+        finetune(
+            first,
+            data,
+            BF16,
+            checkpoint_dir=tmp_path / "b",
+            holdout_data=data,
+            progress=False,
+            on_epoch_end=crash,
+        )
+    again = dc.linearize(model, chain, plan)
+    resumed = finetune(
+        again, data, BF16, checkpoint_dir=tmp_path / "b", holdout_data=data, progress=False
+    )
+    assert resumed.resumed_epochs == 1 and state_equal(again, whole)
+    assert [h.loss for h in resumed.history] == losses
+    with pytest.raises(FinetuneError, match="amp: 'bf16' in the checkpoint, None now"):
+        finetune(
+            dc.linearize(model, chain, plan),
+            data,
+            CONFIG,
+            checkpoint_dir=tmp_path / "b",
+            progress=False,
+        )
+
+
+def test_fp16_gradient_scaler_state_is_checkpointed(
+    model, chain, plan, data, tmp_path, monkeypatch
+) -> None:
+    """The scaler path, run on the CPU by lifting the CUDA-only rule (CPU autocast has fp16)."""
+    import depthcompress.finetune as ft
+
+    monkeypatch.setattr(ft, "check_amp", lambda amp, device: None)
+    fp16 = FinetuneConfig(epochs=2, lr=0.05, batch_size=32, amp="fp16", grad_clip=5.0)
+    whole = dc.linearize(model, chain, plan)
+    one_go = finetune(whole, data, fp16, checkpoint_dir=tmp_path / "a", progress=False)
+    assert all(math.isfinite(h.loss) for h in one_go.history)
+    scaler = load_checkpoint(tmp_path / "a" / LAST)["scaler"]
+    assert scaler is not None and scaler["scale"] > 0 and "_growth_tracker" in scaler
+
+    def crash(stats: EpochStats) -> None:
+        if stats.epoch == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        finetune(
+            dc.linearize(model, chain, plan),
+            data,
+            fp16,
+            checkpoint_dir=tmp_path / "b",
+            progress=False,
+            on_epoch_end=crash,
+        )
+    again = dc.linearize(model, chain, plan)
+    finetune(again, data, fp16, checkpoint_dir=tmp_path / "b", progress=False)
+    assert state_equal(again, whole)
+    assert load_checkpoint(tmp_path / "b" / LAST)["scaler"] == scaler
+
+
+def test_evaluate_under_autocast(linear, data) -> None:
+    plain = evaluate(linear, data)
+    assert abs(evaluate(linear, data, amp="bf16") - plain) <= 5.0
+    with pytest.raises(FinetuneError, match="fp16 needs a CUDA device"):
+        evaluate(linear, data, amp="fp16")
+
+
+def test_device_of_each_process() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device
+    assert pick_device(None, 0, 0) == cpu and pick_device("cpu", 3, 2) == cpu
+    assert pick_device(None, 1, 2) == cuda("cuda", 1)
+    assert pick_device("cuda", 0, 1) == cuda("cuda", 0)
+    assert pick_device("cuda", 3, 4) == cuda("cuda", 3)  # torchrun rank 3 on its own GPU
+    assert pick_device("cuda:1", 0, 2) == cuda("cuda", 1)
+    with pytest.raises(FinetuneError, match="no CUDA GPU"):
+        pick_device("cuda", 0, 0)
+    with pytest.raises(FinetuneError, match=r"cuda:3' does not exist.*cuda:0 to cuda:0"):
+        pick_device("cuda:3", 0, 1)
+    with pytest.raises(FinetuneError, match=r"no GPU of its own.*--nproc_per_node"):
+        pick_device("cuda", 2, 2)
+    with pytest.raises(FinetuneError, match="not a torch device"):
+        pick_device("gpu0", 0, 1)
+    assert process_group_backend(cuda("cuda", 0)) == "nccl"
+    assert process_group_backend(cpu) == "gloo"
+
+
+def test_world_sets_an_indexed_cuda_device(monkeypatch) -> None:
+    """``device="cuda"`` reaches ``torch.cuda.set_device`` as ``cuda:LOCAL_RANK`` (an index-less
+    device made it raise "Expected a torch.device with a specified index")."""
+    import depthcompress.finetune as ft
+
+    chosen: list[torch.device] = []
+
+    def set_device(dev: torch.device) -> None:
+        if dev.index is None:
+            raise ValueError("Expected a torch.device with a specified index")
+        chosen.append(dev)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    world = ft._world("cuda", distributed=True)
+    assert world.device == torch.device("cuda", 1) and chosen == [world.device]
+    assert ft._world("cuda", distributed=False).device == torch.device("cuda", 0)  # alone: 0
+    assert ft._world(None, distributed=True).device == torch.device("cuda", 1)
+
+
+def test_batches_are_pinned_for_cuda(data, monkeypatch) -> None:
+    from depthcompress.data import batches
+
+    pinned: list[torch.Size] = []
+
+    def pin(self: torch.Tensor) -> torch.Tensor:
+        pinned.append(self.shape)
+        return self.clone()
+
+    order = torch.arange(40)
+    plain = list(batches(data, order, 16))
+    assert not pinned
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    got = list(batches(data, order, 16, pin_memory=True))
+    assert len(pinned) == 2 * len(got) == 6
+    pairs = [(a, b) for (x, y), (u, v) in zip(plain, got, strict=True) for a, b in ((x, u), (y, v))]
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_compress_settings_refuse_fp16_without_a_gpu(monkeypatch) -> None:
+    from depthcompress.cli import _compress_settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    kw = dict(
+        budget="0.6x", backend="onnxruntime", threads=None, batch=1, mode="general",
+        max_kernel_size=15, exclude=None, importance_steps=2, importance_lr=0.05, workers=1,
+        alpha=1.6, epochs=1, lr=0.01, finetune_batch_size=32, optimizer="sgd", distill=0.0,
+        device=None, seed=0, loader_workers=None,
+    )  # fmt: skip
+    with pytest.raises(dc.DepthCompressError, match="fp16 needs a CUDA device"):
+        _compress_settings(**kw, amp="fp16")
+    settings = _compress_settings(**kw, amp="bf16")
+    assert settings.importance.amp == settings.finetune.amp == "bf16"
+    stages = settings.stage_settings()
+    assert stages["importance"]["importance"]["amp"] == "bf16"
+    assert stages["finetune"]["finetune"]["amp"] == "bf16"  # a changed --amp refuses a resume
+    demo = _compress_settings(**kw, amp="bf16", importance_amp=None)
+    assert demo.importance.amp is None and demo.finetune.amp == "bf16"
 
 
 # --- two processes ---------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from torch.utils.data import TensorDataset
 
 import depthcompress as dc
 from depthcompress.data import DataError, ImageTensors, fashion_mnist, split_dataset
-from depthcompress.errors import TableError
+from depthcompress.errors import DepthCompressError, TableError
+from depthcompress.finetune import cuda_count as dc_cuda_count
 from depthcompress.importance import (
     COLUMNS,
     Entry,
@@ -25,6 +26,7 @@ from depthcompress.importance import (
     entry_network,
     entry_plan,
     enumerate_entries,
+    execution_plan,
     importance_table,
     merge_tables,
     read_table,
@@ -364,6 +366,99 @@ def test_ray_executor_on_a_local_instance(
     assert same(scores(path), scores(whole)[:3])
 
 
+# --- devices and precision -------------------------------------------------------------------
+
+
+def test_execution_plan_on_the_cpu() -> None:
+    plan = execution_plan("cpu", 3, cuda_count=0, cpu_count=4)
+    assert plan.devices == ("cpu",) * 3 and plan.workers == 3 and plan.note is None
+    assert execution_plan("cpu", 1, cuda_count=2, cpu_count=1).devices == ("cpu",)
+    busy = execution_plan("cpu", 4, cuda_count=0, cpu_count=4, loader_workers=1)
+    assert busy.workers == 4  # what was asked, with a warning
+    assert busy.note is not None and "exceed the 4 CPU cores" in busy.note
+    assert "lower --workers to 2" in busy.note
+
+
+def test_execution_plan_never_shares_a_gpu_between_processes() -> None:
+    alone = execution_plan("cuda", 1, cuda_count=1, cpu_count=16)
+    assert alone.devices == ("cuda:0",) and alone.note is None
+    one = execution_plan("cuda", 4, cuda_count=1, cpu_count=16)
+    assert one.devices == ("cuda:0",)  # in this process, one entry after another
+    assert one.note is not None and "one after another on cuda:0" in one.note
+    assert "--device cuda" not in one.note  # nothing else to suggest with one GPU
+    spread = execution_plan("cuda", 2, cuda_count=2, cpu_count=16)
+    assert spread.devices == ("cuda:0", "cuda:1") and spread.note is None
+    fewer = execution_plan("cuda", 4, cuda_count=2, cpu_count=16)
+    assert fewer.devices == ("cuda:0", "cuda:1")
+    assert fewer.note is not None and "2 worker processes" in fewer.note
+    more = execution_plan("cuda", 2, cuda_count=4, cpu_count=16)
+    assert more.devices == ("cuda:0", "cuda:1")
+    pinned = execution_plan("cuda:1", 2, cuda_count=2, cpu_count=16)
+    assert pinned.devices == ("cuda:1",)
+    assert pinned.note is not None and "--device cuda to run one worker on each" in pinned.note
+    with pytest.raises(DepthCompressError, match="no CUDA GPU"):
+        execution_plan("cuda", 2, cuda_count=0, cpu_count=16)
+    with pytest.raises(DepthCompressError, match="does not exist"):
+        execution_plan("cuda:3", 1, cuda_count=1, cpu_count=16)
+    with pytest.raises(DepthCompressError, match="workers must be"):
+        execution_plan("cuda", 0, cuda_count=1, cpu_count=16)
+
+
+def test_importance_table_follows_the_plan_of_the_machine(
+    model: Tiny, chain: dc.ConvChain, data, tmp_path: Path, monkeypatch
+) -> None:
+    """With torch's view of the machine monkeypatched: a GPU request on a machine without one is
+    refused before a file is written; an oversubscribed CPU is reported through ``log``."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = tmp_path / "gpu.csv"
+    with pytest.raises(DepthCompressError, match="no CUDA GPU"):
+        importance_table(model, chain, data, path, settings=SETTINGS, device="cuda", progress=False)
+    assert not path.exists() and not sidecar_path(path).exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    plan = execution_plan("cuda", 3, cuda_count=dc_cuda_count(), cpu_count=8)
+    assert plan.devices == ("cuda:0",)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    notes: list[str] = []
+    entries = enumerate_entries(chain)[:1]
+    importance_table(
+        model,
+        chain,
+        data,
+        tmp_path / "cpu.csv",
+        settings=SETTINGS,
+        workers=2,
+        entries=entries,
+        progress=False,
+        log=notes.append,
+    )
+    assert len(notes) == 1 and "exceed the 1 CPU cores" in notes[0]
+
+
+def test_bf16_entries_on_the_cpu(
+    model: Tiny, chain: dc.ConvChain, data, whole: Path, tmp_path: Path
+) -> None:
+    entries = enumerate_entries(chain)[:2]
+    bf16 = FinetuneSettings(steps=3, lr=0.05, batch_size=16, eval_batch_size=64, amp="bf16")
+    path = tmp_path / "bf16.csv"
+    result = importance_table(
+        model, chain, data, path, settings=bf16, entries=entries, progress=False
+    )
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in result.rows)
+    assert result.meta["settings"]["amp"] == "bf16"
+    assert not same(scores(path), scores(whole)[:2])  # autocast changed the numbers
+    with pytest.raises(TableError, match=r"settings\.amp: 'bf16' vs None"):
+        importance_table(
+            model, chain, data, path, settings=SETTINGS, entries=entries, progress=False
+        )
+    fp16 = FinetuneSettings(steps=3, amp="fp16")
+    with pytest.raises(DepthCompressError, match="fp16 needs a CUDA device"):
+        importance_table(model, chain, data, tmp_path / "fp16.csv", settings=fp16, progress=False)
+    assert not (tmp_path / "fp16.csv").exists()
+    with pytest.raises(DepthCompressError, match="amp must be"):
+        FinetuneSettings(amp="fp8")
+
+
 # --- command line -----------------------------------------------------------------------------
 
 FACTORY = """
@@ -409,6 +504,28 @@ def test_cli_shards_merge_and_refusals(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "missing shards" in result.output
     result = runner.invoke(app, [*common, "--lr", "0.5", "-o", str(whole)])
     assert result.exit_code == 2 and "settings.lr" in result.output
+
+
+def test_cli_amp_option(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from depthcompress.cli import app
+    from tests.test_data import make_image_folder
+
+    make_image_folder(tmp_path / "images", classes=2, per_class=6, size=28)
+    factory = tmp_path / "net.py"
+    factory.write_text(FACTORY.format(tests=str(Path(__file__).parent)))
+    common = [
+        "importance", f"{factory}:tiny", "--data", str(tmp_path / "images"),
+        "--input-shape", "1,1,28,28", "--holdout", "4", "--steps", "1", "--batch-size", "4",
+        "--no-progress",
+    ]  # fmt: skip
+    out = tmp_path / "t.csv"
+    result = CliRunner().invoke(app, [*common, "--amp", "fp16", "-o", str(out)])
+    assert result.exit_code == 2 and "fp16 needs a CUDA device" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+    result = CliRunner().invoke(app, [*common, "--amp", "half", "-o", str(out)])
+    assert result.exit_code == 2 and "amp must be 'bf16', 'fp16'" in result.output
 
 
 def test_cli_zero_shot_on_fashion_mnist(tmp_path: Path) -> None:

@@ -60,6 +60,20 @@ HoldoutSeedOption = Annotated[int, typer.Option(help="seed choosing the held-out
 ImageSizeOption = Annotated[
     int | None, typer.Option(help="ImageFolder: crop size (adds the reference augmentation)")
 ]
+AmpOption = Annotated[
+    str | None,
+    typer.Option(
+        help="automatic mixed precision of fine-tuning: bf16 (CUDA, or CPU where it is fast) or "
+        "fp16 (CUDA only, with gradient scaling); default off (float32)"
+    ),
+]
+LoaderWorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        help="DataLoader processes reading an ImageFolder during fine-tuning (default: "
+        "min(4, cores) on CUDA, 0 on the CPU)"
+    ),
+]
 
 
 def fail(exc: DepthCompressError) -> typer.Exit:
@@ -178,6 +192,8 @@ def train_cmd(
     image_size: ImageSizeOption = None,
     channels: Annotated[int, typer.Option(help="ImageFolder: 3 (RGB) or 1 (grayscale)")] = 3,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda if any)")] = None,
+    amp: AmpOption = None,
+    loader_workers: LoaderWorkersOption = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Train MODEL from scratch on DATA (minus the held-out split); resumable, torchrun-ready.
@@ -208,6 +224,8 @@ def train_cmd(
             optimizer=optimizer,  # type: ignore[arg-type]
             weight_decay=weight_decay,
             seed=seed,
+            amp=amp,  # type: ignore[arg-type]
+            num_workers=loader_workers,
         )
         start = time.perf_counter()
         result = finetune(
@@ -224,7 +242,7 @@ def train_cmd(
         if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun only rank 0 writes
             return
         held = result.history[-1].accuracy
-        test_acc = evaluate(net, test) if test is not None else None
+        test_acc = evaluate(net, test, amp=amp) if test is not None else None
     except DepthCompressError as exc:
         raise fail(exc) from None
     net = net.cpu().to(memory_format=torch.contiguous_format)
@@ -288,7 +306,21 @@ def importance_cmd(
     all_flags: Annotated[
         bool, typer.Option(help="measure every flag combination, not the reference's subset")
     ] = False,
-    device: Annotated[str, typer.Option(help="torch device for fine-tuning")] = "cpu",
+    device: Annotated[
+        str,
+        typer.Option(
+            help="torch device for fine-tuning; on a GPU the entries run one after another "
+            "(--device cuda with --workers k: one worker per GPU)"
+        ),
+    ] = "cpu",
+    amp: AmpOption = None,
+    loader_workers: Annotated[
+        int,
+        typer.Option(
+            help="DataLoader processes per entry reading an ImageFolder (started anew for each "
+            "entry, so worth it only for long entries)"
+        ),
+    ] = 0,
     download: Annotated[
         bool, typer.Option(help="download Fashion-MNIST with torchvision if it is not installed")
     ] = False,
@@ -328,6 +360,8 @@ def importance_cmd(
             batch_size=batch_size,
             seed=seed,
             exclude_zeros=not all_flags,
+            amp=amp,
+            loader_workers=loader_workers,
         )
         start = time.perf_counter()
         result = importance_table(
@@ -343,6 +377,7 @@ def importance_cmd(
             device=device,
             progress=progress,
             model_name=model,
+            log=lambda m: console.print(f"note: {m}", highlight=False, markup=False),
         )
     except DepthCompressError as exc:
         raise fail(exc) from None
@@ -914,7 +949,10 @@ def _compress_settings(**kw):  # returns pipeline.CompressSettings
         max_kernel_size=kw["max_kernel_size"] or None,
         exclude=tuple(kw["exclude"] or ()),
         importance=FinetuneSettings(
-            steps=kw["importance_steps"], lr=kw["importance_lr"], seed=kw["seed"]
+            steps=kw["importance_steps"],
+            lr=kw["importance_lr"],
+            seed=kw["seed"],
+            amp=kw.get("importance_amp", kw["amp"]),
         ),
         workers=kw["workers"],
         alpha=kw["alpha"],
@@ -925,6 +963,8 @@ def _compress_settings(**kw):  # returns pipeline.CompressSettings
             optimizer=kw["optimizer"],
             distill=kw["distill"],
             seed=kw["seed"],
+            amp=kw["amp"],
+            num_workers=kw["loader_workers"],
         ),
         device=kw["device"],
         seed=kw["seed"],
@@ -998,6 +1038,14 @@ def compress_cmd(
     max_kernel_size: MaxKernelOption = 15,
     exclude: ExcludeOption = None,
     device: Annotated[str | None, typer.Option(help="torch device for fine-tuning")] = None,
+    amp: Annotated[
+        str | None,
+        typer.Option(
+            help="automatic mixed precision of importance and final fine-tuning: bf16 (CUDA, or "
+            "CPU where it is fast) or fp16 (CUDA only: needs --device cuda); default off"
+        ),
+    ] = None,
+    loader_workers: LoaderWorkersOption = None,
     redo: RedoOption = None,
     until: Annotated[
         str | None,
@@ -1048,6 +1096,13 @@ def demo_cmd(
     workers: Annotated[
         int | None, typer.Option(help="importance worker processes (default: CPU cores, ≤ 4)")
     ] = None,
+    amp: Annotated[
+        str | None,
+        typer.Option(
+            help="automatic mixed precision of the final fine-tuning (on the GPU if any): bf16 "
+            "or fp16 (GPU only); the importance stage runs on the CPU in float32; default off"
+        ),
+    ] = None,
     redo: RedoOption = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
@@ -1085,6 +1140,9 @@ def demo_cmd(
             distill=distill,
             device=None,
             seed=0,
+            amp=amp,
+            importance_amp=None,
+            loader_workers=None,
         )
         _run_compress(
             net,

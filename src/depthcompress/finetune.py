@@ -1,7 +1,9 @@
 """Fine-tune a linearized network before merging it (ALGORITHM.md §8.2): SGD (Nesterov) or AdamW
 with per-iteration cosine decay to 0, optional knowledge distillation from the original network,
 a checkpoint every epoch that a rerun resumes from, and DistributedDataParallel when launched by
-``torchrun`` (gloo on CPU, nccl on GPU) with no change to the calling code.
+``torchrun`` (gloo on CPU, nccl on GPU, rank r on ``cuda:LOCAL_RANK``) with no change to the
+calling code. On CUDA it trains in channels_last with pinned-memory batches by default, and
+optionally under automatic mixed precision (bf16, or fp16 with a gradient scaler).
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,6 +35,7 @@ FORMAT = "depthcompress-finetune/1"
 LAST = "last.pt"
 BEST = "best.pt"
 OPTIMIZERS = ("sgd", "adamw")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # config fields that may change between a run and its resumption: they do not change the result
 RESUMABLE_CHANGES = ("num_workers",)
 
@@ -43,7 +46,11 @@ class FinetuneConfig:
     under ``torchrun`` each of the N processes takes ``batch_size / N`` examples per step, so one
     config gives the same schedule on any number of processes. ``steps_per_epoch=None`` makes an
     epoch one pass over the data (last short batch dropped); a larger value draws more passes.
-    ``distill`` weighs the teacher's soft labels against the true ones (0 = no distillation)."""
+    ``distill`` weighs the teacher's soft labels against the true ones (0 = no distillation).
+    ``num_workers`` (DataLoader processes for datasets not held in memory) and ``channels_last``
+    left at None follow the device: 4 workers (at most the cores) and channels_last on CUDA, none
+    and off on the CPU. ``amp`` runs forward passes under autocast: ``"bf16"`` (CUDA or CPU) or
+    ``"fp16"`` (CUDA only, with a gradient scaler)."""
 
     epochs: int
     lr: float
@@ -56,8 +63,9 @@ class FinetuneConfig:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     seed: int = 0
-    num_workers: int = 0
-    channels_last: bool = False
+    num_workers: int | None = None
+    channels_last: bool | None = None
+    amp: Literal["bf16", "fp16"] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -81,8 +89,10 @@ class FinetuneConfig:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             problems.append(f"grad_clip must be positive or None, got {self.grad_clip}")
-        if self.num_workers < 0:
-            problems.append(f"num_workers must be ≥ 0, got {self.num_workers}")
+        if self.num_workers is not None and self.num_workers < 0:
+            problems.append(f"num_workers must be ≥ 0 or None, got {self.num_workers}")
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            problems.append(f"amp must be 'bf16', 'fp16' or None (off), got {self.amp!r}")
         if problems:
             raise FinetuneError("; ".join(problems))
 
@@ -98,6 +108,49 @@ class FinetuneConfig:
         if unknown:
             raise FinetuneError(f"unknown fine-tuning settings {unknown}")
         return cls(**data)
+
+    def for_device(self, device: torch.device) -> FinetuneConfig:
+        """This config with the device-dependent defaults (``num_workers``, ``channels_last``)
+        filled in, as it runs and as checkpoints record it; refuses an ``amp`` the device lacks."""
+        check_amp(self.amp, device)
+        cuda = device.type == "cuda"
+        return replace(
+            self,
+            num_workers=loader_workers(self.num_workers, device),
+            channels_last=cuda if self.channels_last is None else self.channels_last,
+        )
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader processes for ``device``: the requested count, else min(4, cores) on CUDA (to
+    keep the GPU fed) and 0 on the CPU (workers would take cores from training)."""
+    if requested is not None:
+        return requested
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
+def check_amp(amp: str | None, device: str | torch.device) -> None:
+    """Refuse an autocast precision the device cannot run: fp16 needs CUDA, bf16 a GPU that has
+    it (bf16 on the CPU is allowed: correct everywhere, fast only with AVX512-BF16/AMX)."""
+    if amp is None:
+        return
+    if amp not in AMP_DTYPES:
+        raise FinetuneError(f"amp must be 'bf16', 'fp16' or None (off), got {amp!r}")
+    kind = torch.device(device).type
+    if amp == "fp16" and kind != "cuda":
+        raise FinetuneError(
+            f"--amp fp16 needs a CUDA device (autocast in float16 is GPU-only), but training runs "
+            f"on {kind}: use --amp bf16 on the CPU, or pass --device cuda"
+        )
+    if amp == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise FinetuneError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16")
+
+
+def autocast(amp: str | None, device: torch.device) -> AbstractContextManager[Any]:
+    """Autocast to ``amp``'s dtype on ``device`` (a no-op context when ``amp`` is None)."""
+    if amp is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
 @dataclass(frozen=True)
@@ -154,7 +207,7 @@ def training_loss(
     return distill * soft + (1.0 - distill) * hard
 
 
-def _to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+def _to_input(x: torch.Tensor, device: torch.device, channels_last: bool | None) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.to(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
@@ -165,15 +218,18 @@ def _correct_count(
     indices: torch.Tensor,
     batch_size: int,
     device: torch.device,
-    channels_last: bool,
+    channels_last: bool | None,
     num_workers: int,
+    amp: str | None = None,
 ) -> tuple[int, int]:
     """Top-1 hits and examples of ``model`` (already in eval mode) on ``data[indices]``."""
     correct, count = 0, 0
+    pin = device.type == "cuda"
     with torch.no_grad():
-        for x, y in batches(data, indices, batch_size, num_workers):
-            logits = model(_to_input(x, device, channels_last))
-            correct += int((logits.argmax(1) == y.to(device)).sum())
+        for x, y in batches(data, indices, batch_size, num_workers, pin_memory=pin):
+            with autocast(amp, device):
+                logits = model(_to_input(x, device, channels_last))
+            correct += int((logits.argmax(1) == y.to(device, non_blocking=True)).sum())
             count += len(y)
     return correct, count
 
@@ -185,9 +241,10 @@ def evaluate(
     *,
     channels_last: bool = False,
     num_workers: int = 0,
+    amp: str | None = None,
 ) -> float:
-    """Top-1 accuracy (%) of ``model`` in eval mode on ``data``, on the model's device; the
-    model's train/eval mode is restored afterwards."""
+    """Top-1 accuracy (%) of ``model`` in eval mode on ``data``, on the model's device (under
+    autocast with ``amp``); the model's train/eval mode is restored afterwards."""
     n = len(data)  # type: ignore[arg-type]
     if n == 0:
         raise FinetuneError("cannot evaluate on an empty dataset")
@@ -195,8 +252,9 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
+        check_amp(amp, device)
         correct, count = _correct_count(
-            model, data, torch.arange(n), batch_size, device, channels_last, num_workers
+            model, data, torch.arange(n), batch_size, device, channels_last, num_workers, amp
         )
     finally:
         model.train(was_training)
@@ -234,18 +292,49 @@ def _env_int(name: str, default: int) -> int:
         raise FinetuneError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def pick_device(device: str | torch.device | None, local_rank: int, gpus: int) -> torch.device:
+    """The device of the process with ``local_rank`` on a machine with ``gpus`` GPUs: the
+    one named, with ``cuda`` (no index) or None meaning ``cuda:LOCAL_RANK`` when there are GPUs
+    (None: the CPU otherwise), so each torchrun process gets its own GPU."""
+    if device is None and gpus == 0:
+        return torch.device("cpu")
+    try:
+        dev = torch.device("cuda" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise FinetuneError(
+            f"device {device!r} is not a torch device (cpu, cuda, cuda:1)"
+        ) from None
+    if dev.type != "cuda":
+        return dev
+    if gpus == 0:
+        raise FinetuneError(f"device {str(dev)!r}: torch sees no CUDA GPU here; use --device cpu")
+    if dev.index is None:
+        if local_rank >= gpus:
+            raise FinetuneError(
+                f"process {local_rank} of this machine has no GPU of its own ({gpus} "
+                f"GPU(s)): start at most {gpus} processes (torchrun --nproc_per_node)"
+            )
+        return torch.device("cuda", local_rank)
+    if dev.index >= gpus:
+        raise FinetuneError(
+            f"device {str(dev)!r} does not exist: this machine has {gpus} GPU(s), "
+            f"cuda:0 to cuda:{gpus - 1}"
+        )
+    return dev
+
+
+def cuda_count() -> int:
+    """How many CUDA GPUs torch can use here (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _world(device: str | torch.device | None, distributed: bool) -> _World:
     """Join the process group ``torchrun`` set up (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``), or
     use the one already initialised, or run alone (always, when not ``distributed``); pick the
-    device (``cuda:LOCAL_RANK`` when CUDA is there) and the backend to match (nccl for CUDA,
-    gloo for CPU)."""
+    device (``pick_device``: ``cuda:LOCAL_RANK`` for ``cuda`` or by default when CUDA is there)
+    and the backend to match (nccl for CUDA, gloo for CPU)."""
     local_rank = _env_int("LOCAL_RANK", 0) if distributed else 0
-    if device is not None:
-        dev = torch.device(device)
-    elif torch.cuda.is_available():
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    else:
-        dev = torch.device("cpu")
+    dev = pick_device(device, local_rank, cuda_count())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not distributed:
@@ -262,8 +351,13 @@ def _world(device: str | torch.device | None, distributed: bool) -> _World:
             f"WORLD_SIZE={size} but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun "
             "(python -m torch.distributed.run --nproc_per_node=N script.py)"
         )
-    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    dist.init_process_group(backend=process_group_backend(dev))
     return _World(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The torch.distributed backend for ``device``: nccl on CUDA, gloo on the CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def end_distributed() -> None:
@@ -512,6 +606,7 @@ def finetune(
     if holdout_data is not None and len(holdout_data) == 0:  # type: ignore[arg-type]
         raise FinetuneError("the held-out data is empty: pass holdout_data=None to skip scoring")
     world = _world(device, distributed)
+    config = config.for_device(world.device)
     if config.batch_size % world.size:
         raise FinetuneError(
             f"batch_size {config.batch_size} must be divisible by the {world.size} processes "
@@ -550,6 +645,7 @@ def finetune(
                 teacher.to(memory_format=torch.channels_last)
         optimizer = _optimizer(model, config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config.epochs * steps))
+        scaler = torch.amp.GradScaler(world.device.type) if config.amp == "fp16" else None
         result = FinetuneResult(model=model, last_checkpoint=last)
         start = 0
         if last is not None and last.exists():
@@ -564,6 +660,8 @@ def finetune(
                 ) from None
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
             start = int(ckpt["epoch"])
             result.history = [EpochStats(**h) for h in ckpt["history"]]
             result.best_accuracy = ckpt.get("best_accuracy")
@@ -596,6 +694,7 @@ def finetune(
                         world,
                         optimizer,
                         scheduler,
+                        scaler,
                         sampler,
                         bar,
                         epoch,
@@ -619,6 +718,7 @@ def finetune(
                                 model,
                                 optimizer,
                                 scheduler,
+                                scaler,
                                 config,
                                 result,
                                 rng,
@@ -649,6 +749,7 @@ def _train_epoch(
     world: _World,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
     sampler: Any,
     bar: _Progress,
     epoch: int,
@@ -656,33 +757,46 @@ def _train_epoch(
     passes: int,
     local_batch: int,
 ) -> EpochStats:
-    """One epoch of ``steps`` optimizer steps, then BN sync and held-out evaluation."""
+    """One epoch of ``steps`` optimizer steps, then BN sync and held-out evaluation. With a
+    ``scaler`` (fp16) the loss is scaled for backward and steps with overflowing gradients are
+    skipped, as ``torch.amp.GradScaler`` does."""
     began = time.perf_counter()
     order = _epoch_order(sampler, epoch, passes, steps * local_batch)
     net.train()
     bar.start(epoch + 1, steps)
     total = torch.zeros((), dtype=torch.float64, device=world.device)
     use_teacher = teacher is not None and config.distill > 0
-    for step, (x, y) in enumerate(batches(train_data, order, local_batch, config.num_workers)):
+    pin = world.device.type == "cuda"
+    workers = config.num_workers or 0
+    for step, (x, y) in enumerate(batches(train_data, order, local_batch, workers, pin_memory=pin)):
         x = _to_input(x, world.device, config.channels_last)
         y = y.to(world.device, non_blocking=True)
-        teacher_logits = None
-        if use_teacher:
-            assert teacher is not None
-            with torch.no_grad():
-                teacher_logits = teacher(x)
-        loss = training_loss(
-            net(x),
-            y,
-            teacher_logits,
-            distill=config.distill,
-            label_smoothing=config.label_smoothing,
-        )
+        with autocast(config.amp, world.device):
+            teacher_logits = None
+            if use_teacher:
+                assert teacher is not None
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+            loss = training_loss(
+                net(x),
+                y,
+                teacher_logits,
+                distill=config.distill,
+                label_smoothing=config.label_smoothing,
+            )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            if config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
         scheduler.step()
         total += loss.detach()
         if bar.bar is not None and (step % 10 == 9 or step + 1 == steps):
@@ -723,7 +837,8 @@ def _distributed_accuracy(
         config.batch_size,
         world.device,
         config.channels_last,
-        config.num_workers,
+        config.num_workers or 0,
+        config.amp,
     )
     model.train()
     correct_all, count_all = _all_sum(world, [float(correct), float(count)])
@@ -734,6 +849,7 @@ def _write_checkpoints(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
     config: FinetuneConfig,
     result: FinetuneResult,
     rng: list[Any],
@@ -741,7 +857,8 @@ def _write_checkpoints(
     last: Path,
     best: Path | None,
 ) -> None:
-    """Write ``last.pt`` (everything needed to resume) and, if given, ``best.pt`` (weights)."""
+    """Write ``last.pt`` (everything needed to resume, the fp16 gradient scaler included) and,
+    if given, ``best.pt`` (weights)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     common = {
         "format": FORMAT,
@@ -757,6 +874,7 @@ def _write_checkpoints(
             **common,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng,
             "world_size": world.size,
             "history": [asdict(h) for h in result.history],
@@ -773,8 +891,14 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneError",
     "FinetuneResult",
+    "autocast",
+    "check_amp",
+    "cuda_count",
     "evaluate",
     "finetune",
     "load_checkpoint",
+    "loader_workers",
+    "pick_device",
+    "process_group_backend",
     "training_loss",
 ]

@@ -3,7 +3,9 @@ fine-tune the network with the activations inside the span removed and score it 
 split of the training data, relative to the unmodified network.
 
 Each entry is an independent job: a table is written row by row (resumable), can be split into
-disjoint shards and merged, and entries can run in local worker processes or as Ray tasks.
+disjoint shards and merged, and entries can run in local worker processes or as Ray tasks. On a
+GPU, entries run one after another in this process, or one worker process per GPU
+(``execution_plan``), never several processes on one GPU.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import pickle
 import platform
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -67,7 +70,8 @@ class Entry(NamedTuple):
 class FinetuneSettings:
     """How each entry is fine-tuned and scored (recorded beside the table; ``steps=0`` is the
     zero-shot estimate: no fine-tuning, no re-initialisation). ``threads`` is fixed per entry,
-    whatever the executor, because CPU results depend on it in the last bits."""
+    whatever the executor, because CPU results depend on it in the last bits. ``amp`` runs
+    fine-tuning and scoring under autocast (``"bf16"``, or ``"fp16"`` on CUDA only)."""
 
     steps: int = DEFAULT_STEPS
     lr: float = DEFAULT_LR
@@ -81,6 +85,7 @@ class FinetuneSettings:
     channels_last: bool = True
     loader_workers: int = 0
     threads: int = 1
+    amp: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -89,6 +94,10 @@ class FinetuneSettings:
             raise DepthCompressError(f"lr must be positive, got {self.lr}")
         if self.threads < 1:
             raise DepthCompressError(f"threads must be ≥ 1, got {self.threads}")
+        if self.loader_workers < 0:
+            raise DepthCompressError(f"loader_workers must be ≥ 0, got {self.loader_workers}")
+        if self.amp is not None and self.amp not in ("bf16", "fp16"):
+            raise DepthCompressError(f"amp must be 'bf16', 'fp16' or None (off), got {self.amp!r}")
 
     @property
     def zero_shot(self) -> bool:
@@ -219,7 +228,7 @@ def _prepare(net: nn.Module, settings: FinetuneSettings, device: str) -> nn.Modu
 
 
 def _inputs(x: torch.Tensor, settings: FinetuneSettings, device: str) -> torch.Tensor:
-    x = x.to(device)
+    x = x.to(device, non_blocking=True)
     return x.to(memory_format=torch.channels_last) if settings.channels_last else x
 
 
@@ -227,13 +236,19 @@ def evaluate(
     net: nn.Module, dataset: Dataset, settings: FinetuneSettings, device: str = "cpu"
 ) -> tuple[float, float]:
     """Top-1 accuracy (%) and mean cross-entropy of ``net`` (eval mode) on ``dataset``."""
+    from .finetune import autocast
+
     net = _prepare(net, settings, device).eval()
     order = torch.arange(len(dataset))  # type: ignore[arg-type]
     correct, loss, count = 0, 0.0, 0
+    dev = torch.device(device)
+    pin = dev.type == "cuda"
+    size, workers = settings.eval_batch_size, settings.loader_workers
     with torch.no_grad():
-        for x, y in batches(dataset, order, settings.eval_batch_size, settings.loader_workers):
-            logits = net(_inputs(x, settings, device))
-            y = y.to(device)
+        for x, y in batches(dataset, order, size, workers, pin_memory=pin):
+            with autocast(settings.amp, dev):
+                logits = net(_inputs(x, settings, device)).float()
+            y = y.to(device, non_blocking=True)
             correct += int((logits.argmax(1) == y).sum())
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
             count += len(y)
@@ -261,6 +276,7 @@ def finetune(
         seed=seed,
         num_workers=settings.loader_workers,
         channels_last=settings.channels_last,
+        amp=settings.amp,  # type: ignore[arg-type]
     )
     result = run(net, dataset, config, progress=False, device=device, distributed=False)
     return result.train_loss
@@ -455,6 +471,72 @@ class _RowWriter:
 # executors
 
 
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """Where local entries run: one worker process per item of ``devices`` (worker w on
+    ``devices[w]``), or, with a single device, one after another in this process. ``note`` says
+    how and why the plan differs from what was asked (None when it does not)."""
+
+    devices: tuple[str, ...]
+    note: str | None = None
+
+    @property
+    def workers(self) -> int:
+        """Worker processes (1: entries run in this process)."""
+        return len(self.devices)
+
+
+def execution_plan(
+    device: str,
+    workers: int,
+    *,
+    cuda_count: int,
+    cpu_count: int,
+    threads: int = 1,
+    loader_workers: int = 0,
+) -> ExecutionPlan:
+    """Decide how ``workers`` local workers run entries on ``device``: on the CPU, ``workers``
+    processes (with a note when processes × (threads + loader processes) exceed the cores); on
+    one GPU (``cuda:N``, or ``cuda`` with one GPU), every entry in this process, one after
+    another, because processes sharing a GPU only compete for its memory and time; with ``cuda``
+    and k GPUs, min(workers, k) processes, worker w on ``cuda:w``."""
+    from .finetune import pick_device
+
+    if workers < 1:
+        raise DepthCompressError(f"workers must be ≥ 1, got {workers}")
+    dev = pick_device(device, 0, cuda_count)
+    if dev.type == "cpu":
+        load = workers * (threads + loader_workers)
+        note = None
+        if load > cpu_count and workers > 1:
+            note = (
+                f"{workers} importance worker(s) × ({threads} thread(s) + {loader_workers} loader "
+                f"process(es)) = {load} exceed the {cpu_count} CPU cores, so entries slow each "
+                f"other down: lower --workers to {max(1, cpu_count // (threads + loader_workers))}"
+            )
+        return ExecutionPlan(("cpu",) * workers, note)
+    spread = dev.type == "cuda" and torch.device(device).index is None and cuda_count > 1
+    if not spread:
+        note = None
+        if workers > 1:
+            note = (
+                f"--workers {workers}: the importance entries run one after another on {dev} in "
+                "this process, since processes sharing one GPU would only compete for its "
+                "memory and time"
+            )
+            if dev.type == "cuda" and cuda_count > 1:
+                note += f"; pass --device cuda to run one worker on each of the {cuda_count} GPUs"
+        return ExecutionPlan((str(dev),), note)
+    n = min(workers, cuda_count)
+    note = None
+    if workers > cuda_count:
+        note = (
+            f"--workers {workers}: this machine has {cuda_count} GPUs, so {n} worker processes "
+            "run the importance entries, one per GPU"
+        )
+    return ExecutionPlan(tuple(f"cuda:{w}" for w in range(n)), note)
+
+
 def _run_local(job: _Job, todo: list[Entry]) -> Iterator[dict[str, Any]]:
     for entry in todo:
         yield measure_entry(job, entry)
@@ -463,9 +545,12 @@ def _run_local(job: _Job, todo: list[Entry]) -> Iterator[dict[str, Any]]:
 _WORKER_JOB: _Job | None = None
 
 
-def _worker_init(payload: bytes) -> None:
+def _worker_init(payload: bytes, devices: Any) -> None:
+    """Unpickle the job once per worker process and take this worker's device from the queue."""
     global _WORKER_JOB
-    _WORKER_JOB = pickle.loads(payload)
+    job = pickle.loads(payload)
+    job.device = devices.get()
+    _WORKER_JOB = job
 
 
 def _worker_measure(entry: Entry) -> dict[str, Any]:
@@ -473,14 +558,21 @@ def _worker_measure(entry: Entry) -> dict[str, Any]:
     return measure_entry(_WORKER_JOB, entry)
 
 
-def _run_processes(job: _Job, todo: list[Entry], workers: int) -> Iterator[dict[str, Any]]:
+def _run_processes(
+    job: _Job, todo: list[Entry], devices: Sequence[str]
+) -> Iterator[dict[str, Any]]:
+    """Run entries in one spawned process per item of ``devices``, worker w on ``devices[w]``."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
     payload = pickle.dumps(job)
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, ctx, initializer=_worker_init, initargs=(payload,)) as pool:
+    queue = ctx.Queue()
+    for device in devices:
+        queue.put(device)
+    init = (payload, queue)
+    with ProcessPoolExecutor(len(devices), ctx, initializer=_worker_init, initargs=init) as pool:
         futures = [pool.submit(_worker_measure, e) for e in todo]
         try:
             for fut in as_completed(futures):
@@ -518,10 +610,14 @@ def _run_ray(job: _Job, todo: list[Entry], address: str | None) -> Iterator[dict
     if started:
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
     try:
+        # a task on a GPU gets one of its own: Ray makes it the task's only visible device
+        gpus = 1 if torch.device(job.device).type == "cuda" else 0
+        if gpus:
+            job = _Job(job.net, job.chain, job.data, job.settings, job.base, "cuda")
         payload = pickle.dumps(job)
         token = hashlib.sha256(payload).hexdigest()
         ref = ray.put(payload)
-        task = ray.remote(num_cpus=1, max_retries=2)(_ray_measure)
+        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(_ray_measure)
         pending = [task.remote(token, ref, e) for e in todo]
         try:
             while pending:
@@ -566,20 +662,35 @@ def importance_table(
     model_name: str | None = None,
     entries: Sequence[Entry] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TableResult:
     """Measure every entry of ``chain`` (or of one shard) and write the table at ``path``.
 
     Rows are appended as they finish; an existing table with a matching sidecar is resumed
     (finished rows are skipped), a mismatching one is refused. ``entries`` restricts the run to
-    a subset of the enumeration (for benchmarks); ``on_row`` sees each new row.
+    a subset of the enumeration (for benchmarks); ``on_row`` sees each new row. Local workers
+    follow ``execution_plan`` (on a GPU: never two processes on one device); its note, if any,
+    goes to ``log`` (a warning without it).
     """
     settings = settings or FinetuneSettings()
     if isinstance(shard, str):
         shard = parse_shard(shard)
     if executor not in EXECUTORS:
         raise DepthCompressError(f"executor must be one of {EXECUTORS}, got {executor!r}")
-    if workers < 1:
-        raise DepthCompressError(f"workers must be ≥ 1, got {workers}")
+    from .finetune import check_amp, cuda_count
+
+    plan = execution_plan(
+        device,
+        workers,
+        cuda_count=cuda_count(),
+        cpu_count=os.cpu_count() or 1,
+        threads=settings.threads,
+        loader_workers=settings.loader_workers,
+    )
+    check_amp(settings.amp, plan.devices[0])
+    if plan.note is not None and executor == "local":
+        (log or (lambda m: warnings.warn(m, stacklevel=2)))(plan.note)
+    device = plan.devices[0]
     path = Path(path)
     all_entries = enumerate_entries(chain, exclude_zeros=settings.exclude_zeros)
     if entries is not None:
@@ -626,8 +737,8 @@ def importance_table(
     try:
         if executor == "ray":
             rows_iter = _run_ray(job, todo, ray_address)
-        elif workers > 1 and len(todo) > 1:
-            rows_iter = _run_processes(job, todo, min(workers, len(todo)))
+        elif plan.workers > 1 and len(todo) > 1:
+            rows_iter = _run_processes(job, todo, plan.devices[: len(todo)])
         else:
             rows_iter = _run_local(job, todo)
         with _Progress(progress, len(mine), len(mine) - len(todo), path.name) as advance:

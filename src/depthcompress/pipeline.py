@@ -98,6 +98,16 @@ class CompressSettings:
                 problems.append(f"device {self.device!r} is not a torch device (cpu, cuda, cuda:1)")
         if problems:
             raise DepthCompressError("; ".join(problems))
+        self._check_amp()
+
+    def _check_amp(self) -> None:
+        """Refuse an ``amp`` the stages' devices cannot run before anything starts: importance
+        runs on ``device`` (the CPU by default), fine-tuning on it or on the default GPU."""
+        from .finetune import check_amp, cuda_count
+
+        tune_device = self.device or ("cuda" if cuda_count() else "cpu")
+        check_amp(self.importance.amp, self.device or "cpu")
+        check_amp(self.finetune.amp, tune_device)
 
     def stage_settings(self) -> dict[str, dict[str, Any]]:
         """Per stage, the settings that decide its result (later stages include earlier ones)."""
@@ -557,6 +567,7 @@ class _Run:
                     device=self.settings.device or "cpu",
                     progress=self.progress,
                     model_name=self.model_name,
+                    log=self.say,
                 )
             except TableError as exc:
                 for p in adopted:  # a refused table leaves no copy behind
