@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from depthcompress import TableError
+from depthcompress import Plan, TableError
 from depthcompress.dp import extended_importance, solve
+from depthcompress.errors import DepthCompressError, PlanError
 from depthcompress.tables import (
     ExtendedImportanceTable,
     ImportanceTable,
@@ -128,7 +129,7 @@ def error_of(call, *args, **kwargs) -> str:
         ("id,st,end,time\n0,0,1,1.0\n", r":1: missing column\(s\) stdev; .*id,st,end,time,stdev"),
         (LATENCY.replace("1,0,2,2.0", "1,0,2,nan"), r":3: time is nan"),
         (LATENCY.replace("1,0,2,2.0,0.2", "1,0,2,,0.2"), r":3: time is '', not a number"),
-        (LATENCY.replace("1,0,2,2.0", "1,0,2,-2.0"), r":3: time is negative"),
+        (LATENCY.replace("1,0,2,2.0", "1,0,2,-2.0"), r":3: time is negative \(-2\.0\);"),
         (LATENCY + "4,0,2,3.0,0.1\n", r":6: block \(st, end\) \(0, 2\) is listed twice .*:3\)"),
         (LATENCY.replace("3,2,3,", "2,2,3,"), r":5: id 2 is listed twice"),
         (LATENCY + "4,3,3,1.0,0.1\n", r":6: span st=3, end=3 refers to positions that do not"),
@@ -145,6 +146,24 @@ def test_malformed_latency_tables_name_file_line_and_problem(tmp_path, text, pat
     message = error_of(LatencyTable.read_csv, path)
     assert str(path) in message
     assert re.search(pattern, message), message
+
+
+def test_messages_show_numbers_not_numpy_reprs(tmp_path):
+    """A value read into numpy appears as a plain number in the message, as in the file."""
+    message = error_of(
+        LatencyTable.read_csv, write(tmp_path, "lat.csv", LATENCY.replace("1,0,2,2.0", "1,0,2,-1"))
+    )
+    assert "negative (-1.0)" in message and "np." not in message, message
+    with pytest.raises(DepthCompressError) as err:
+        solve(
+            LatencyTable.read_csv(write(tmp_path, "ok.csv", LATENCY)),
+            ImportanceTable.read_csv(write(tmp_path, "imp.csv", IMPORTANCE)),
+            np.float64(np.nan),
+        )
+    assert "got nan" in str(err.value) and "np." not in str(err.value), str(err.value)
+    with pytest.raises(PlanError) as err:
+        Plan(activations=[np.float64(1.0)], boundaries=[1])
+    assert "got 1.0" in str(err.value) and "np." not in str(err.value), str(err.value)
 
 
 def test_missing_file_is_named(tmp_path):

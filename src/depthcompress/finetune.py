@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import batches
-from .errors import FinetuneError
+from .errors import FinetuneError, plain
 from .graph import param_place
 from .linearization import META_KEY
 
@@ -378,7 +378,7 @@ def _config_mismatch(saved: dict[str, Any], config: FinetuneConfig) -> list[str]
     now = config.to_dict()
     keys = sorted((set(saved) | set(now)) - set(RESUMABLE_CHANGES))
     return [
-        f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+        f"{k}: {plain(saved.get(k))!r} in the checkpoint, {plain(now.get(k))!r} now"
         for k in keys
         if saved.get(k) != now.get(k)
     ]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import SplitData, batches, tensor_bytes
-from .errors import DepthCompressError, TableError
+from .errors import DepthCompressError, TableError, plain
 from .files import json_sha, nested_diff, read_sidecar, repair_tail, sidecar_path, write_json
 from .graph import ConvChain, symbolic_trace
 from .linearization import linearize
@@ -364,7 +364,7 @@ def _mismatch(a: dict[str, Any], b: dict[str, Any], keys: Iterable[str]) -> str:
     diff = nested_diff(
         {k: a.get(k) for k in keys}, {k: b.get(k) for k in keys}, ignore=("model.name",)
     )
-    return "; ".join(f"{name}: {x!r} vs {y!r}" for name, x, y in diff[:6])
+    return "; ".join(f"{name}: {plain(x)!r} vs {plain(y)!r}" for name, x, y in diff[:6])
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .backends import Backend, Protocol, get_backend, machine_info, package_version
 from .data import SplitData, fetch, fingerprint, num_classes
-from .errors import BudgetError, DepthCompressError, TableError, WorkdirError
+from .errors import BudgetError, DepthCompressError, TableError, WorkdirError, plain
 from .files import nested_diff, sidecar_path, write_json
 from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
 from .graph import ConvChain, trace
@@ -212,7 +212,7 @@ def _normalised(data: Any) -> Any:
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [f"{name}: {a!r} → {b!r}" for name, a, b in nested_diff(old, new)]
+    return [f"{name}: {plain(a)!r} → {plain(b)!r}" for name, a, b in nested_diff(old, new)]
 
 
 class Workdir:
