@@ -58,7 +58,7 @@ HoldoutOption = Annotated[
 ]
 HoldoutSeedOption = Annotated[int, typer.Option(help="seed choosing the held-out examples")]
 ImageSizeOption = Annotated[
-    int | None, typer.Option(help="ImageFolder: crop size (adds the reference augmentation)")
+    int | None, typer.Option(help="ImageFolder: resize + crop to this size (default: as they are)")
 ]
 
 
