@@ -60,6 +60,10 @@ HoldoutSeedOption = Annotated[int, typer.Option(help="seed choosing the held-out
 ImageSizeOption = Annotated[
     int | None, typer.Option(help="ImageFolder: resize + crop to this size (default: as they are)")
 ]
+GradClipOption = Annotated[
+    float | None,
+    typer.Option(help="clip the gradient norm to this value (a cure for a NaN loss; default off)"),
+]
 
 
 def fail(exc: DepthCompressError) -> typer.Exit:
@@ -172,6 +176,7 @@ def train_cmd(
     batch_size: Annotated[int, typer.Option(help="global batch size")] = 128,
     optimizer: Annotated[str, typer.Option(help="'sgd' (Nesterov) or 'adamw'")] = "sgd",
     weight_decay: Annotated[float, typer.Option(help="weight decay")] = 4e-5,
+    grad_clip: GradClipOption = None,
     holdout: HoldoutOption = 10000,
     holdout_seed: HoldoutSeedOption = 0,
     seed: Annotated[int, typer.Option(help="seed of the initialisation and batch order")] = 0,
@@ -207,6 +212,7 @@ def train_cmd(
             batch_size=batch_size,
             optimizer=optimizer,  # type: ignore[arg-type]
             weight_decay=weight_decay,
+            grad_clip=grad_clip,
             seed=seed,
         )
         start = time.perf_counter()
@@ -260,6 +266,7 @@ def importance_cmd(
         int, typer.Option(help="fine-tuning steps per entry (fewer = cheaper estimate)")
     ] = 100,
     lr: Annotated[float, typer.Option(help="peak learning rate (cosine decay to 0)")] = 0.05,
+    grad_clip: GradClipOption = None,
     batch_size: Annotated[int, typer.Option(help="fine-tuning batch size")] = 128,
     holdout: HoldoutOption = 10000,
     holdout_seed: HoldoutSeedOption = 0,
@@ -328,6 +335,7 @@ def importance_cmd(
             batch_size=batch_size,
             seed=seed,
             exclude_zeros=not all_flags,
+            grad_clip=grad_clip,
         )
         start = time.perf_counter()
         result = importance_table(
@@ -910,7 +918,10 @@ def _compress_settings(**kw):  # returns pipeline.CompressSettings
         max_kernel_size=kw["max_kernel_size"] or None,
         exclude=tuple(kw["exclude"] or ()),
         importance=FinetuneSettings(
-            steps=kw["importance_steps"], lr=kw["importance_lr"], seed=kw["seed"]
+            steps=kw["importance_steps"],
+            lr=kw["importance_lr"],
+            seed=kw["seed"],
+            grad_clip=kw.get("importance_grad_clip"),
         ),
         workers=kw["workers"],
         alpha=kw["alpha"],
@@ -920,6 +931,7 @@ def _compress_settings(**kw):  # returns pipeline.CompressSettings
             batch_size=kw["finetune_batch_size"],
             optimizer=kw["optimizer"],
             distill=kw["distill"],
+            grad_clip=kw.get("grad_clip"),
             seed=kw["seed"],
         ),
         device=kw["device"],
@@ -964,6 +976,7 @@ def compress_cmd(
     ] = None,
     epochs: Annotated[int, typer.Option(help="fine-tuning epochs of the linearized network")] = 3,
     lr: Annotated[float, typer.Option(help="fine-tuning peak learning rate (cosine)")] = 0.02,
+    grad_clip: GradClipOption = None,
     optimizer: Annotated[str, typer.Option(help="fine-tuning optimizer: sgd or adamw")] = "sgd",
     distill: Annotated[
         float, typer.Option(help="knowledge-distillation weight (0 = off; the paper uses 0.3)")
@@ -973,6 +986,9 @@ def compress_cmd(
         int, typer.Option(help="fine-tuning steps per importance entry (0 = zero-shot)")
     ] = 100,
     importance_lr: Annotated[float, typer.Option(help="importance fine-tuning lr")] = 0.05,
+    importance_grad_clip: Annotated[
+        float | None, typer.Option(help="importance fine-tuning gradient-norm clip (default off)")
+    ] = None,
     importance_table: Annotated[
         Path | None,
         typer.Option(

@@ -49,6 +49,11 @@ class FinetuneError(DepthCompressError):
     """Fine-tuning was asked for with bad settings, or cannot resume from its checkpoint."""
 
 
+class DivergedError(FinetuneError):
+    """The training loss became NaN or infinite: the learning rate is too high for the network
+    (or gradients need clipping)."""
+
+
 class WorkdirError(DepthCompressError):
     """The work directory holds results of another model or of other settings."""
 

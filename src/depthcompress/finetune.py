@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import batches
-from .errors import FinetuneError, plain
+from .errors import DivergedError, FinetuneError, plain
 from .graph import param_place
 from .linearization import META_KEY
 
@@ -690,9 +690,10 @@ def _train_epoch(
     loss_sum, count = _all_sum(world, [float(total), float(steps)])
     mean_loss = loss_sum / count
     if not math.isfinite(mean_loss):
-        raise FinetuneError(
-            f"the training loss became {mean_loss} in epoch {epoch + 1}: lower the lr (or set "
-            "grad_clip); the last checkpoint, if any, is from before this epoch"
+        raise DivergedError(
+            f"the training loss became {mean_loss} in epoch {epoch + 1}: lower the learning "
+            f"rate (now {config.lr:g}; --lr) or clip gradients (grad_clip, --grad-clip); the last "
+            "checkpoint, if any, is from before this epoch"
         )
     _sync_buffers(world, model)
     accuracy = None
