@@ -264,6 +264,71 @@ def test_wrong_number_of_classes(tmp_path: Path) -> None:
     assert not (tmp_path / "wd").exists()
 
 
+def timed_by_span(monkeypatch, cost) -> None:
+    """Latency tables priced by ``cost(i, j)`` instead of a clock: fast and exact."""
+    from depthcompress import backends, latency
+    from depthcompress.backends import Timing
+
+    block_module = latency.block_module
+
+    def tagged(chain, i, j, *, seed=0):
+        module = block_module(chain, i, j, seed=seed)
+        module.span = (i, j)
+        return module
+
+    def measure(self, model, input_shape):
+        return Timing.from_samples([float(cost(*model.span))])
+
+    monkeypatch.setattr(latency, "block_module", tagged)
+    monkeypatch.setattr(backends.OnnxRuntimeBackend, "measure", measure)
+
+
+def no_importance(monkeypatch) -> None:
+    def measure(job, entry):
+        raise AssertionError("an unreachable budget must be refused before any importance entry")
+
+    monkeypatch.setattr(importance_module, "measure_entry", measure)
+
+
+def test_unreachable_budget_is_refused_before_the_importance_stage(tmp_path, monkeypatch) -> None:
+    timed_by_span(monkeypatch, lambda i, j: 1.0)  # a merged block costs what one conv does
+    no_importance(monkeypatch)
+    wd = tmp_path / "wd"
+    with pytest.raises(BudgetError, match=r"raise --budget to at least 0\.\d{3}x") as err:
+        compress(small_model(), small_data(), wd, settings("0.01x"), progress=False)
+    assert "no importance entry was computed" in str(err.value)
+    assert set(json.loads((wd / "stages.json").read_text())) == {"latency", "optimal"}
+    assert not (wd / "importance.csv").exists()
+
+
+def test_no_profitable_merge_says_why(tmp_path, monkeypatch) -> None:
+    """The fastest plan is the original network: the message says so and why, rather than
+    asking for a budget of at least 1.001x."""
+    timed_by_span(monkeypatch, lambda i, j: float(j - i))  # merging gains nothing
+    no_importance(monkeypatch)
+    with pytest.raises(BudgetError) as err:
+        compress(small_model(), small_data(), tmp_path / "a", settings("0.9x"), progress=False)
+    message = " ".join(str(err.value).split())
+    assert "nothing can be merged profitably" in message, message
+    assert "every merged block is as slow as or slower than its convolutions" in message
+    assert "at least" not in message
+
+    timed_by_span(monkeypatch, lambda i, j: 1.0)
+    pooled = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(8, 10),
+    )  # fmt: skip
+    plain = replace(settings("0.9x"), exclude=())
+    with pytest.raises(BudgetError) as err:
+        compress(pooled, small_data(), tmp_path / "b", plain, progress=False)
+    message = " ".join(str(err.value).split())
+    assert "nothing can be merged profitably" in message, message
+    assert "every position between them is a hard boundary (position 1: " in message, message
+    assert "position 2: " in message and "at least" not in message
+
+
 class Branchy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
