@@ -20,7 +20,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-console = Console(width=None if sys.stdout.isatty() else 160)
+# not a terminal (a log, a pipe, CI): tables 160 wide, and lines never wrapped, so that paths and
+# the summary stay whole for grep
+console = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
 
 
 @app.callback()
@@ -891,7 +893,8 @@ def _run_compress(
         if until is not None:
             console.print(f"stopped after the {until} stage; its files are in {workdir}")
         return
-    console.print(summary_table(result.evaluation, title=f"{model_name}: original vs compressed"))
+    console.print(f"compressed {model_name}:", highlight=False)
+    console.print(summary_table(result.evaluation))
     console.print(
         f"plan: {len(result.plan.activations)} activations kept, "
         f"{result.original.depth} → {result.compressed.depth} convolutions; "
