@@ -570,6 +570,72 @@ def test_cli_train_then_compress_an_image_folder(tmp_path: Path) -> None:
     assert "none (all finished before)" in " ".join(again.output.split())
 
 
+def test_cli_train_interrupted_then_resumed_counts_its_epochs(tmp_path, monkeypatch) -> None:
+    """Ctrl-C in epoch 2 says where the run stands and exits 130; the resumed run reports the
+    one epoch it ran and the two in all."""
+    from depthcompress import finetune as finetune_module
+    from tests.test_data import make_image_folder
+
+    make_image_folder(tmp_path / "images", classes=3, per_class=8, size=16)
+    (tmp_path / "net.py").write_text(MODEL_FILE.format(blocks=BLOCKS))
+    weights = tmp_path / "net.pt"
+    args = [
+        "train",
+        f"{tmp_path / 'net.py'}:build",
+        "-o",
+        str(weights),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--data",
+        str(tmp_path / "images"),
+        "--holdout",
+        "8",
+        "--grad-clip",
+        "5",
+        "--no-progress",
+    ]
+    epoch, calls = finetune_module._train_epoch, []
+
+    def ctrl_c_in_epoch_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return epoch(*a, **kw)
+
+    monkeypatch.setattr(finetune_module, "_train_epoch", ctrl_c_in_epoch_2)
+    runner = CliRunner()
+    stopped = runner.invoke(app, args)
+    assert stopped.exit_code == 130, stopped.output
+    text = " ".join(stopped.output.split())
+    last = weights.with_name("net.pt.ckpt") / "last.pt"
+    assert f"interrupted in epoch 2 of 2; the last finished epoch (1) is saved in {last}" in text
+    assert "run the same command to resume" in text and not weights.exists()
+    monkeypatch.setattr(finetune_module, "_train_epoch", epoch)
+    resumed = runner.invoke(app, args)
+    assert resumed.exit_code == 0, resumed.output
+    text = " ".join(resumed.output.split())
+    assert "for 1 epoch(s) in" in text and "after resuming from epoch 1 (2 epochs in all)" in text
+    record = json.loads(Path(f"{weights}.json").read_text())
+    assert (record["epochs_run"], record["resumed_epochs"]) == (1, 1)
+    assert record["config"]["grad_clip"] == 5.0
+
+
+def test_cli_grad_clip_options_reach_the_settings() -> None:
+    from depthcompress.cli import _compress_settings
+
+    kw = dict(
+        budget="0.5x", backend="onnxruntime", threads=None, batch=1, mode="general",
+        max_kernel_size=15, exclude=[], importance_steps=1, importance_lr=0.05, workers=1,
+        alpha=1.6, epochs=1, lr=0.02, finetune_batch_size=8, optimizer="sgd", distill=0.0,
+        device=None, seed=0,
+    )  # fmt: skip
+    s = _compress_settings(**kw, grad_clip=2.0, importance_grad_clip=0.5)
+    assert (s.finetune.grad_clip, s.importance.grad_clip) == (2.0, 0.5)
+    assert _compress_settings(**kw).importance.grad_clip is None
+
+
 def test_adopting_an_importance_table_computes_no_row(finished, tmp_path, monkeypatch) -> None:
     source = finished[0] / "importance.csv"
 

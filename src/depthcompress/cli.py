@@ -201,6 +201,7 @@ def train_cmd(
     from .data import load_split, load_test
     from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
 
+    checkpoints = output.with_name(output.name + ".ckpt")
     try:
         torch.manual_seed(seed)  # the initialisation
         net = _load_model_with_weights(model, None)
@@ -222,7 +223,7 @@ def train_cmd(
             net,
             split.train,
             config,
-            checkpoint_dir=output.with_name(output.name + ".ckpt"),
+            checkpoint_dir=checkpoints,
             holdout_data=split.holdout,
             progress=progress,
             device=device,
@@ -235,6 +236,8 @@ def train_cmd(
         test_acc = evaluate(net, test) if test is not None else None
     except DepthCompressError as exc:
         raise fail(exc) from None
+    except KeyboardInterrupt:
+        raise _train_interrupted(checkpoints, epochs) from None
     net = net.cpu().to(memory_format=torch.contiguous_format)
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), output)
@@ -247,15 +250,43 @@ def train_cmd(
         "test_accuracy": test_acc,
         "seconds": round(seconds, 1),
         "resumed_epochs": result.resumed_epochs,
+        "epochs_run": len(result.history) - result.resumed_epochs,
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
     }
     output.with_name(output.name + ".json").write_text(json.dumps(record, indent=1) + "\n")
     test_text = f", test {test_acc:.2f} %" if test_acc is not None else ""
+    ran, resumed = len(result.history) - result.resumed_epochs, result.resumed_epochs
+    done = f"{ran} epoch(s) in {seconds:.0f} s"
+    if resumed:
+        done += f" after resuming from epoch {resumed} ({len(result.history)} epochs in all)"
     console.print(
-        f"trained {model} for {epochs} epochs in {seconds:.0f} s: held-out {held:.2f} %"
-        f"{test_text}; weights in {output} (record in {output}.json)",
+        f"trained {model} for {done}: held-out {held:.2f} %{test_text}; weights in {output} "
+        f"(record in {output}.json)",
         highlight=False,
     )
+
+
+def _train_interrupted(checkpoints: Path, epochs: int) -> typer.Exit:
+    """Say where an interrupted ``train`` stands and how to resume; the exit to raise (130)."""
+    from .errors import FinetuneError
+    from .finetune import LAST, load_checkpoint
+
+    last = checkpoints / LAST
+    try:
+        done = int(load_checkpoint(last)["epoch"]) if last.is_file() else 0
+    except (FinetuneError, KeyError, TypeError, ValueError):
+        done = 0
+    if not done:
+        text = "before the first epoch finished; nothing was saved; run the same command to start"
+    elif done < epochs:
+        text = (
+            f"in epoch {done + 1} of {epochs}; the last finished epoch ({done}) is saved in "
+            f"{last}; run the same command to resume"
+        )
+    else:
+        text = f"after the last epoch (saved in {last}); run the same command to finish"
+    console.print(f"[bold yellow]interrupted[/] {text}", highlight=False)
+    return typer.Exit(code=130)
 
 
 @app.command("importance")
