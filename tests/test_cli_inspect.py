@@ -58,7 +58,8 @@ def test_inspect_errors_are_one_clear_line(tmp_path):
     src.write_text(FACTORY)
     cases = {
         "torchvision:resnet": "did you mean",
-        f"{src}:missing": "defines no callable 'missing'",
+        f"{src}:missing": f"defines no callable 'missing'; it defines not_a_model, tiny: name "
+        f"one of them, e.g. {src}:not_a_model",
         f"{src}:not_a_model": "not an nn.Module",
         "nowhere.py:f": "does not exist",
         "resnet18": "must be 'torchvision:NAME'",

@@ -13,8 +13,11 @@ from torch.utils.data import TensorDataset
 
 from depthcompress.data import (
     FASHION_MNIST_DEB,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DataError,
     ImageTensors,
+    augmentation,
     batches,
     fashion_mnist,
     fetch,
@@ -144,6 +147,55 @@ def test_image_folder_prefers_train_and_applies_views(tmp_path: Path) -> None:
     assert gray[0][0].shape == (1, 8, 8)
     with pytest.raises(DataError, match="does not exist"):
         image_folder(tmp_path / "missing")
+
+
+def test_small_images_train_on_padded_random_crops_and_flips(tmp_path: Path) -> None:
+    """32×32 images: CIFAR's recipe (4 px padding, random crop, flip) for training, nothing for
+    evaluation, and the recorded data description says so."""
+    from PIL import Image
+    from torchvision import transforms
+
+    make_image_folder(tmp_path / "cifar", classes=2, per_class=4, size=32)
+    split = load_split(str(tmp_path / "cifar"), holdout=2, seed=0)
+    assert split.info["augmentation"] == (
+        "random crop 32x32 with 4 px padding + horizontal flip (small images)"
+    )
+    path, _ = split.train.dataset.samples[int(split.train.indices[0])]
+    with Image.open(path) as img:
+        exact = transforms.ToTensor()(img.convert("RGB"))
+    exact = (exact - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[
+        :, None, None
+    ]
+    zero = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)  # a padded pixel
+    torch.manual_seed(0)
+    views = [split.train[0][0] for _ in range(40)]
+    assert all(v.shape == (3, 32, 32) for v in views)
+    assert any(not torch.equal(v, exact) for v in views)
+    padded = [
+        v for v in views if torch.allclose(v[:, 0, 0], zero) or torch.allclose(v[:, -1, -1], zero)
+    ]
+    assert padded, "no view shows the zero padding of a shifted crop"
+    held = split.holdout
+    first = held[0][0]
+    assert all(torch.equal(held[0][0], first) for _ in range(5))  # evaluation: no augmentation
+    steps, text = augmentation((32, 32), 16, train=True)
+    assert [type(t).__name__ for t in steps] == [
+        "Resize",
+        "CenterCrop",
+        "RandomCrop",
+        "RandomHorizontalFlip",
+    ]
+    assert steps[2].padding == 2 and "2 px padding" in text
+
+
+def test_large_images_keep_the_imagenet_recipe() -> None:
+    steps, text = augmentation((200, 300), None, train=True)
+    assert [type(t).__name__ for t in steps] == ["RandomResizedCrop", "RandomHorizontalFlip"]
+    assert steps[0].size == (200, 300) and "large images" in text
+    assert augmentation((200, 300), None, train=False) == ([], "none")
+    steps, _ = augmentation((200, 300), 96, train=False)
+    assert [type(t).__name__ for t in steps] == ["Resize", "CenterCrop"]
+    assert steps[0].size == 96 * 256 // 224
 
 
 def test_load_split_on_image_folder_is_path_independent(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 
 import depthcompress as dc
 from depthcompress.data import DataError, ImageTensors, fashion_mnist, split_dataset
-from depthcompress.errors import DepthCompressError, TableError
+from depthcompress.errors import DepthCompressError, FinetuneError, TableError
 from depthcompress.finetune import cuda_count as dc_cuda_count
 from depthcompress.importance import (
     COLUMNS,
@@ -265,6 +265,38 @@ def test_resume_refuses_other_settings(
     sidecar_path(path).unlink()
     with pytest.raises(TableError, match="no sidecar"):
         importance_table(model, chain, data, path, settings=SETTINGS, progress=False)
+
+
+def test_a_diverging_entry_is_named_with_the_options_to_change(
+    model: Tiny, chain: dc.ConvChain, data, tmp_path: Path
+) -> None:
+    """An absurd lr makes the loss NaN: the error names the entry (its block and the removed
+    activations) and the CLI options of the lr and of gradient clipping."""
+    entry = Entry(1, 3, 1, 1)  # convs 2..3 merged, the activation at 2 removed
+    absurd = FinetuneSettings(steps=3, lr=1e12, batch_size=16, eval_batch_size=64)
+    with pytest.raises(FinetuneError) as err:
+        importance_table(
+            model,
+            chain,
+            data,
+            tmp_path / "imp.csv",
+            settings=absurd,
+            entries=[entry],
+            progress=False,
+        )
+    message = str(err.value)
+    for part in (
+        "entry (st=1, end=3, st_act=1, end_act=1)",
+        "convs 2..3 merged, activation(s) at 2 removed",
+        "now 1e+12",
+        "--importance-lr",
+        "--importance-grad-clip",
+        "--grad-clip",
+    ):
+        assert part in message, message
+    assert "epoch" not in message, message
+    with pytest.raises(DepthCompressError, match="grad_clip must be positive"):
+        FinetuneSettings(grad_clip=0.0)
 
 
 def test_same_seed_same_table(

@@ -264,6 +264,71 @@ def test_wrong_number_of_classes(tmp_path: Path) -> None:
     assert not (tmp_path / "wd").exists()
 
 
+def timed_by_span(monkeypatch, cost) -> None:
+    """Latency tables priced by ``cost(i, j)`` instead of a clock: fast and exact."""
+    from depthcompress import backends, latency
+    from depthcompress.backends import Timing
+
+    block_module = latency.block_module
+
+    def tagged(chain, i, j, *, seed=0):
+        module = block_module(chain, i, j, seed=seed)
+        module.span = (i, j)
+        return module
+
+    def measure(self, model, input_shape):
+        return Timing.from_samples([float(cost(*model.span))])
+
+    monkeypatch.setattr(latency, "block_module", tagged)
+    monkeypatch.setattr(backends.OnnxRuntimeBackend, "measure", measure)
+
+
+def no_importance(monkeypatch) -> None:
+    def measure(job, entry):
+        raise AssertionError("an unreachable budget must be refused before any importance entry")
+
+    monkeypatch.setattr(importance_module, "measure_entry", measure)
+
+
+def test_unreachable_budget_is_refused_before_the_importance_stage(tmp_path, monkeypatch) -> None:
+    timed_by_span(monkeypatch, lambda i, j: 1.0)  # a merged block costs what one conv does
+    no_importance(monkeypatch)
+    wd = tmp_path / "wd"
+    with pytest.raises(BudgetError, match=r"raise --budget to at least 0\.\d{3}x") as err:
+        compress(small_model(), small_data(), wd, settings("0.01x"), progress=False)
+    assert "no importance entry was computed" in str(err.value)
+    assert set(json.loads((wd / "stages.json").read_text())) == {"latency", "optimal"}
+    assert not (wd / "importance.csv").exists()
+
+
+def test_no_profitable_merge_says_why(tmp_path, monkeypatch) -> None:
+    """The fastest plan is the original network: the message says so and why, rather than
+    asking for a budget of at least 1.001x."""
+    timed_by_span(monkeypatch, lambda i, j: float(j - i))  # merging gains nothing
+    no_importance(monkeypatch)
+    with pytest.raises(BudgetError) as err:
+        compress(small_model(), small_data(), tmp_path / "a", settings("0.9x"), progress=False)
+    message = " ".join(str(err.value).split())
+    assert "nothing can be merged profitably" in message, message
+    assert "every merged block is as slow as or slower than its convolutions" in message
+    assert "at least" not in message
+
+    timed_by_span(monkeypatch, lambda i, j: 1.0)
+    pooled = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(8, 10),
+    )  # fmt: skip
+    plain = replace(settings("0.9x"), exclude=())
+    with pytest.raises(BudgetError) as err:
+        compress(pooled, small_data(), tmp_path / "b", plain, progress=False)
+    message = " ".join(str(err.value).split())
+    assert "nothing can be merged profitably" in message, message
+    assert "every position between them is a hard boundary (position 1: " in message, message
+    assert "position 2: " in message and "at least" not in message
+
+
 class Branchy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -495,12 +560,80 @@ def test_cli_train_then_compress_an_image_folder(tmp_path: Path) -> None:
     ]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
-    assert "original vs compressed" in first.output and "report:" in first.output
+    text = " ".join(first.output.split())  # whatever the terminal's width
+    assert "original vs compressed" in text and "report: " in text
+    assert (tmp_path / "wd" / "report.md").is_file()
     evaluation = json.loads((tmp_path / "wd" / "evaluation.json").read_text())
     assert evaluation["test_set"] == "test"  # the val/ folder
     again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
-    assert "none (all finished before)" in again.output
+    assert "none (all finished before)" in " ".join(again.output.split())
+
+
+def test_cli_train_interrupted_then_resumed_counts_its_epochs(tmp_path, monkeypatch) -> None:
+    """Ctrl-C in epoch 2 says where the run stands and exits 130; the resumed run reports the
+    one epoch it ran and the two in all."""
+    from depthcompress import finetune as finetune_module
+    from tests.test_data import make_image_folder
+
+    make_image_folder(tmp_path / "images", classes=3, per_class=8, size=16)
+    (tmp_path / "net.py").write_text(MODEL_FILE.format(blocks=BLOCKS))
+    weights = tmp_path / "net.pt"
+    args = [
+        "train",
+        f"{tmp_path / 'net.py'}:build",
+        "-o",
+        str(weights),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--data",
+        str(tmp_path / "images"),
+        "--holdout",
+        "8",
+        "--grad-clip",
+        "5",
+        "--no-progress",
+    ]
+    epoch, calls = finetune_module._train_epoch, []
+
+    def ctrl_c_in_epoch_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return epoch(*a, **kw)
+
+    monkeypatch.setattr(finetune_module, "_train_epoch", ctrl_c_in_epoch_2)
+    runner = CliRunner()
+    stopped = runner.invoke(app, args)
+    assert stopped.exit_code == 130, stopped.output
+    text = " ".join(stopped.output.split())
+    last = weights.with_name("net.pt.ckpt") / "last.pt"
+    assert f"interrupted in epoch 2 of 2; the last finished epoch (1) is saved in {last}" in text
+    assert "run the same command to resume" in text and not weights.exists()
+    monkeypatch.setattr(finetune_module, "_train_epoch", epoch)
+    resumed = runner.invoke(app, args)
+    assert resumed.exit_code == 0, resumed.output
+    text = " ".join(resumed.output.split())
+    assert "for 1 epoch(s) in" in text and "after resuming from epoch 1 (2 epochs in all)" in text
+    record = json.loads(Path(f"{weights}.json").read_text())
+    assert (record["epochs_run"], record["resumed_epochs"]) == (1, 1)
+    assert record["config"]["grad_clip"] == 5.0
+
+
+def test_cli_grad_clip_options_reach_the_settings() -> None:
+    from depthcompress.cli import _compress_settings
+
+    kw = dict(
+        budget="0.5x", backend="onnxruntime", threads=None, batch=1, mode="general",
+        max_kernel_size=15, exclude=[], importance_steps=1, importance_lr=0.05, workers=1,
+        alpha=1.6, epochs=1, lr=0.02, finetune_batch_size=8, optimizer="sgd", distill=0.0,
+        device=None, seed=0,
+    )  # fmt: skip
+    s = _compress_settings(**kw, grad_clip=2.0, importance_grad_clip=0.5)
+    assert (s.finetune.grad_clip, s.importance.grad_clip) == (2.0, 0.5)
+    assert _compress_settings(**kw).importance.grad_clip is None
 
 
 def test_adopting_an_importance_table_computes_no_row(finished, tmp_path, monkeypatch) -> None:

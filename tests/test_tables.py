@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from depthcompress import TableError
+from depthcompress import Plan, TableError
 from depthcompress.dp import extended_importance, solve
+from depthcompress.errors import DepthCompressError, PlanError
 from depthcompress.tables import (
     ExtendedImportanceTable,
     ImportanceTable,
@@ -144,6 +145,24 @@ def test_malformed_latency_tables_name_file_line_and_problem(tmp_path, text, pat
     message = error_of(LatencyTable.read_csv, path)
     assert str(path) in message
     assert re.search(pattern, message), message
+
+
+def test_messages_show_numbers_not_numpy_reprs(tmp_path):
+    """A value read into numpy appears as a plain number in the message, as in the file."""
+    message = error_of(
+        LatencyTable.read_csv, write(tmp_path, "lat.csv", LATENCY.replace("1,0,2,2.0", "1,0,2,-1"))
+    )
+    assert "negative (-1)" in message and "np." not in message, message
+    with pytest.raises(DepthCompressError) as err:
+        solve(
+            LatencyTable.read_csv(write(tmp_path, "ok.csv", LATENCY)),
+            ImportanceTable.read_csv(write(tmp_path, "imp.csv", IMPORTANCE)),
+            np.float64(np.nan),
+        )
+    assert "got nan" in str(err.value) and "np." not in str(err.value), str(err.value)
+    with pytest.raises(PlanError) as err:
+        Plan(activations=[np.float64(1.0)], boundaries=[1])
+    assert "got 1.0" in str(err.value) and "np." not in str(err.value), str(err.value)
 
 
 def test_missing_file_is_named(tmp_path):

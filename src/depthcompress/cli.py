@@ -20,7 +20,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-console = Console(width=None if sys.stdout.isatty() else 160)
+# not a terminal (a log, a pipe, CI): tables 160 wide, and lines never wrapped, so that paths and
+# the summary stay whole for grep
+console = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
 
 
 @app.callback()
@@ -58,7 +60,11 @@ HoldoutOption = Annotated[
 ]
 HoldoutSeedOption = Annotated[int, typer.Option(help="seed choosing the held-out examples")]
 ImageSizeOption = Annotated[
-    int | None, typer.Option(help="ImageFolder: crop size (adds the reference augmentation)")
+    int | None, typer.Option(help="ImageFolder: resize + crop to this size (default: as they are)")
+]
+GradClipOption = Annotated[
+    float | None,
+    typer.Option(help="clip the gradient norm to this value (a cure for a NaN loss; default off)"),
 ]
 AmpOption = Annotated[
     str | None,
@@ -186,6 +192,7 @@ def train_cmd(
     batch_size: Annotated[int, typer.Option(help="global batch size")] = 128,
     optimizer: Annotated[str, typer.Option(help="'sgd' (Nesterov) or 'adamw'")] = "sgd",
     weight_decay: Annotated[float, typer.Option(help="weight decay")] = 4e-5,
+    grad_clip: GradClipOption = None,
     holdout: HoldoutOption = 10000,
     holdout_seed: HoldoutSeedOption = 0,
     seed: Annotated[int, typer.Option(help="seed of the initialisation and batch order")] = 0,
@@ -210,6 +217,7 @@ def train_cmd(
     from .data import load_split, load_test
     from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
 
+    checkpoints = output.with_name(output.name + ".ckpt")
     try:
         torch.manual_seed(seed)  # the initialisation
         net = _load_model_with_weights(model, None)
@@ -223,6 +231,7 @@ def train_cmd(
             batch_size=batch_size,
             optimizer=optimizer,  # type: ignore[arg-type]
             weight_decay=weight_decay,
+            grad_clip=grad_clip,
             seed=seed,
             amp=amp,  # type: ignore[arg-type]
             num_workers=loader_workers,
@@ -232,7 +241,7 @@ def train_cmd(
             net,
             split.train,
             config,
-            checkpoint_dir=output.with_name(output.name + ".ckpt"),
+            checkpoint_dir=checkpoints,
             holdout_data=split.holdout,
             progress=progress,
             device=device,
@@ -245,6 +254,8 @@ def train_cmd(
         test_acc = evaluate(net, test, amp=amp) if test is not None else None
     except DepthCompressError as exc:
         raise fail(exc) from None
+    except KeyboardInterrupt:
+        raise _train_interrupted(checkpoints, epochs) from None
     net = net.cpu().to(memory_format=torch.contiguous_format)
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), output)
@@ -257,15 +268,43 @@ def train_cmd(
         "test_accuracy": test_acc,
         "seconds": round(seconds, 1),
         "resumed_epochs": result.resumed_epochs,
+        "epochs_run": len(result.history) - result.resumed_epochs,
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
     }
     output.with_name(output.name + ".json").write_text(json.dumps(record, indent=1) + "\n")
     test_text = f", test {test_acc:.2f} %" if test_acc is not None else ""
+    ran, resumed = len(result.history) - result.resumed_epochs, result.resumed_epochs
+    done = f"{ran} epoch(s) in {seconds:.0f} s"
+    if resumed:
+        done += f" after resuming from epoch {resumed} ({len(result.history)} epochs in all)"
     console.print(
-        f"trained {model} for {epochs} epochs in {seconds:.0f} s: held-out {held:.2f} %"
-        f"{test_text}; weights in {output} (record in {output}.json)",
+        f"trained {model} for {done}: held-out {held:.2f} %{test_text}; weights in {output} "
+        f"(record in {output}.json)",
         highlight=False,
     )
+
+
+def _train_interrupted(checkpoints: Path, epochs: int) -> typer.Exit:
+    """Say where an interrupted ``train`` stands and how to resume; the exit to raise (130)."""
+    from .errors import FinetuneError
+    from .finetune import LAST, load_checkpoint
+
+    last = checkpoints / LAST
+    try:
+        done = int(load_checkpoint(last)["epoch"]) if last.is_file() else 0
+    except (FinetuneError, KeyError, TypeError, ValueError):
+        done = 0
+    if not done:
+        text = "before the first epoch finished; nothing was saved; run the same command to start"
+    elif done < epochs:
+        text = (
+            f"in epoch {done + 1} of {epochs}; the last finished epoch ({done}) is saved in "
+            f"{last}; run the same command to resume"
+        )
+    else:
+        text = f"after the last epoch (saved in {last}); run the same command to finish"
+    console.print(f"[bold yellow]interrupted[/] {text}", highlight=False)
+    return typer.Exit(code=130)
 
 
 @app.command("importance")
@@ -278,6 +317,7 @@ def importance_cmd(
         int, typer.Option(help="fine-tuning steps per entry (fewer = cheaper estimate)")
     ] = 100,
     lr: Annotated[float, typer.Option(help="peak learning rate (cosine decay to 0)")] = 0.05,
+    grad_clip: GradClipOption = None,
     batch_size: Annotated[int, typer.Option(help="fine-tuning batch size")] = 128,
     holdout: HoldoutOption = 10000,
     holdout_seed: HoldoutSeedOption = 0,
@@ -362,6 +402,7 @@ def importance_cmd(
             exclude_zeros=not all_flags,
             amp=amp,
             loader_workers=loader_workers,
+            grad_clip=grad_clip,
         )
         start = time.perf_counter()
         result = importance_table(
@@ -922,7 +963,8 @@ def _run_compress(
         if until is not None:
             console.print(f"stopped after the {until} stage; its files are in {workdir}")
         return
-    console.print(summary_table(result.evaluation, title=f"{model_name}: original vs compressed"))
+    console.print(f"compressed {model_name}:", highlight=False)
+    console.print(summary_table(result.evaluation))
     console.print(
         f"plan: {len(result.plan.activations)} activations kept, "
         f"{result.original.depth} → {result.compressed.depth} convolutions; "
@@ -953,6 +995,7 @@ def _compress_settings(**kw):  # returns pipeline.CompressSettings
             lr=kw["importance_lr"],
             seed=kw["seed"],
             amp=kw.get("importance_amp", kw["amp"]),
+            grad_clip=kw.get("importance_grad_clip"),
         ),
         workers=kw["workers"],
         alpha=kw["alpha"],
@@ -962,6 +1005,7 @@ def _compress_settings(**kw):  # returns pipeline.CompressSettings
             batch_size=kw["finetune_batch_size"],
             optimizer=kw["optimizer"],
             distill=kw["distill"],
+            grad_clip=kw.get("grad_clip"),
             seed=kw["seed"],
             amp=kw["amp"],
             num_workers=kw["loader_workers"],
@@ -1008,6 +1052,7 @@ def compress_cmd(
     ] = None,
     epochs: Annotated[int, typer.Option(help="fine-tuning epochs of the linearized network")] = 3,
     lr: Annotated[float, typer.Option(help="fine-tuning peak learning rate (cosine)")] = 0.02,
+    grad_clip: GradClipOption = None,
     optimizer: Annotated[str, typer.Option(help="fine-tuning optimizer: sgd or adamw")] = "sgd",
     distill: Annotated[
         float, typer.Option(help="knowledge-distillation weight (0 = off; the paper uses 0.3)")
@@ -1017,6 +1062,9 @@ def compress_cmd(
         int, typer.Option(help="fine-tuning steps per importance entry (0 = zero-shot)")
     ] = 100,
     importance_lr: Annotated[float, typer.Option(help="importance fine-tuning lr")] = 0.05,
+    importance_grad_clip: Annotated[
+        float | None, typer.Option(help="importance fine-tuning gradient-norm clip (default off)")
+    ] = None,
     importance_table: Annotated[
         Path | None,
         typer.Option(

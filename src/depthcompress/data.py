@@ -152,6 +152,60 @@ def fashion_mnist(
     )
 
 
+SMALL_IMAGE = 64  # px: images this small get CIFAR-style augmentation, larger ones ImageNet's
+
+
+def _first_image_size(folder: Path) -> tuple[int, int] | None:
+    """(height, width) of the first image of an ImageFolder (its first class, in the order
+    ``ImageFolder`` uses), None when there is none; reads one file, not the whole listing."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if not folder.is_dir():
+        return None
+    for cls in sorted(d for d in folder.iterdir() if d.is_dir()):
+        for root, _, files in sorted(os.walk(cls, followlinks=True)):
+            for name in sorted(files):
+                if name.lower().endswith(IMG_EXTENSIONS):
+                    with Image.open(Path(root) / name) as img:
+                        return img.height, img.width
+    return None
+
+
+def augmentation(
+    native: tuple[int, int] | None, image_size: int | None, train: bool
+) -> tuple[list[Any], str]:
+    """The transforms (before ToTensor) of one view of an ImageFolder, and their description.
+
+    Small images (≤ ``SMALL_IMAGE`` px on the shorter side of the crop) train with a random crop
+    of the same size from the image padded by 4 px per 32 px (CIFAR's recipe) and horizontal
+    flips; larger ones with a random-resized crop and flips (ImageNet's). Evaluation views are
+    only resized and centre-cropped to ``image_size`` when it is given, else left as they are.
+    """
+    from torchvision import transforms
+
+    crop: int | tuple[int, int] | None = image_size if image_size is not None else native
+    if crop is None:
+        return [], "none"
+    size = crop if isinstance(crop, int) else min(crop)
+    steps: list[Any] = []
+    if image_size is not None and (size <= SMALL_IMAGE or not train):
+        resize = image_size if size <= SMALL_IMAGE else image_size * 256 // 224
+        steps += [transforms.Resize(resize), transforms.CenterCrop(image_size)]
+    shown = str(crop) if isinstance(crop, int) else "x".join(map(str, crop))
+    prefix = f"resize + centre crop {shown}" if steps else ""
+    if not train:
+        return steps, prefix or "none"
+    if size <= SMALL_IMAGE:
+        pad = max(1, round(4 * size / 32))
+        steps += [transforms.RandomCrop(crop, padding=pad), transforms.RandomHorizontalFlip()]
+        text = f"random crop {shown} with {pad} px padding + horizontal flip (small images)"
+    else:
+        steps += [transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip()]
+        text = f"random-resized crop {shown} + horizontal flip (large images)"
+    return steps, f"{prefix}, {text}" if prefix else text
+
+
 def image_folder(
     root: str | Path,
     *,
@@ -162,9 +216,9 @@ def image_folder(
     std: Sequence[float] = IMAGENET_STD,
 ) -> Dataset:
     """A torchvision ``ImageFolder`` (``root/<class>/<image>``; ``root/train`` is used when it
-    exists, the test/val folders never are). With ``image_size`` the training view gets the
-    reference augmentation (random-resized crop + flip) and the held-out view a resize +
-    centre crop; without it images are used as they are and must share one size."""
+    exists, the test/val folders never are). The training view is augmented as ``augmentation``
+    says (small images: padded random crop + flip; large: random-resized crop + flip); without
+    ``image_size`` images keep their size, which all of them must share."""
     from torchvision import datasets, transforms
 
     folder = Path(root)
@@ -178,11 +232,7 @@ def image_folder(
         mean, std = mean[:1], std[:1]
     elif channels != 3:
         raise DataError(f"ImageFolder images are RGB or grayscale; got channels={channels}")
-    if image_size is not None:
-        if train:
-            steps += [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
-        else:
-            steps += [transforms.Resize(image_size * 256 // 224), transforms.CenterCrop(image_size)]
+    steps += augmentation(_first_image_size(folder), image_size, train)[0]
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     try:
         return datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
@@ -292,8 +342,13 @@ def load_split(
     train = image_folder(path, train=True, **kwargs)
     held = image_folder(path, train=False, **kwargs)
     split = split_dataset(train, holdout=holdout, seed=seed, eval_dataset=held)
+    native = _first_image_size(path / "train" if (path / "train").is_dir() else path)
     split.info.update(
-        name="imagefolder", root=str(path.resolve()), image_size=image_size, channels=channels
+        name="imagefolder",
+        root=str(path.resolve()),
+        image_size=image_size,
+        channels=channels,
+        augmentation=augmentation(native, image_size, train=True)[1],
     )
     return split
 

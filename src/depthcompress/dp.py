@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import BudgetError, PlanError, TableError
+from .errors import BudgetError, PlanError, TableError, plain
 from .plan import Plan
 from .tables import (
     ExtendedImportanceTable,
@@ -413,7 +413,7 @@ def _check_budget(budget: float) -> float:
     try:
         value = float(budget)
     except (TypeError, ValueError):
-        raise BudgetError(f"the budget must be a number of ms, got {budget!r}") from None
+        raise BudgetError(f"the budget must be a number of ms, got {plain(budget)!r}") from None
     if not math.isfinite(value):
         raise BudgetError(f"the budget must be a finite number of ms, got {value}")
     return value
@@ -702,7 +702,9 @@ def optimal_boundaries(
         if m in keep:
             last = m
     if n not in best:
-        raise PlanError(f"no tiling of 0..{n} by valid blocks keeps the activations {sorted(keep)}")
+        raise PlanError(
+            f"no tiling of 0..{n} by valid blocks keeps the activations {sorted(plain(keep))}"
+        )
     bounds, m = set(), n
     while m > 0:
         bounds.add(m)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DepthCompressError(Exception):
     """Base class of every error that depthcompress raises for bad input."""
@@ -47,9 +49,28 @@ class FinetuneError(DepthCompressError):
     """Fine-tuning was asked for with bad settings, or cannot resume from its checkpoint."""
 
 
+class DivergedError(FinetuneError):
+    """The training loss became NaN or infinite: the learning rate is too high for the network
+    (or gradients need clipping)."""
+
+
 class WorkdirError(DepthCompressError):
     """The work directory holds results of another model or of other settings."""
 
 
 class BackendError(DepthCompressError):
     """A latency backend is missing, cannot run here, or cannot run this model."""
+
+
+def plain(value: Any) -> Any:
+    """``value`` with numpy and torch scalars as Python numbers (inside lists, tuples, sets and
+    dicts too), so a message shows ``-1.0`` and never ``np.float64(-1.0)``."""
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple
+        return type(value)(*(plain(v) for v in value))
+    if isinstance(value, list | tuple | set | frozenset):
+        return type(value)(plain(v) for v in value)
+    if getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
+        return value.item()
+    return value

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import batches
-from .errors import FinetuneError
+from .errors import DivergedError, FinetuneError, plain
 from .graph import param_place
 from .linearization import META_KEY
 
@@ -472,7 +472,7 @@ def _config_mismatch(saved: dict[str, Any], config: FinetuneConfig) -> list[str]
     now = config.to_dict()
     keys = sorted((set(saved) | set(now)) - set(RESUMABLE_CHANGES))
     return [
-        f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+        f"{k}: {plain(saved.get(k))!r} in the checkpoint, {plain(now.get(k))!r} now"
         for k in keys
         if saved.get(k) != now.get(k)
     ]
@@ -804,9 +804,10 @@ def _train_epoch(
     loss_sum, count = _all_sum(world, [float(total), float(steps)])
     mean_loss = loss_sum / count
     if not math.isfinite(mean_loss):
-        raise FinetuneError(
-            f"the training loss became {mean_loss} in epoch {epoch + 1}: lower the lr (or set "
-            "grad_clip); the last checkpoint, if any, is from before this epoch"
+        raise DivergedError(
+            f"the training loss became {mean_loss} in epoch {epoch + 1}: lower the learning "
+            f"rate (now {config.lr:g}; --lr) or clip gradients (grad_clip, --grad-clip); the last "
+            "checkpoint, if any, is from before this epoch"
         )
     _sync_buffers(world, model)
     accuracy = None

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import SplitData, batches, tensor_bytes
-from .errors import DepthCompressError, TableError
+from .errors import DepthCompressError, DivergedError, TableError, plain
 from .files import json_sha, nested_diff, read_sidecar, repair_tail, sidecar_path, write_json
 from .graph import ConvChain, symbolic_trace
 from .linearization import linearize
@@ -86,12 +86,15 @@ class FinetuneSettings:
     loader_workers: int = 0
     threads: int = 1
     amp: str | None = None
+    grad_clip: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.eval_batch_size < 1:
             raise DepthCompressError("steps must be ≥ 0 and batch sizes ≥ 1")
         if not self.lr > 0:
             raise DepthCompressError(f"lr must be positive, got {self.lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise DepthCompressError(f"grad_clip must be positive or None, got {self.grad_clip}")
         if self.threads < 1:
             raise DepthCompressError(f"threads must be ≥ 1, got {self.threads}")
         if self.loader_workers < 0:
@@ -277,6 +280,7 @@ def finetune(
         num_workers=settings.loader_workers,
         channels_last=settings.channels_last,
         amp=settings.amp,  # type: ignore[arg-type]
+        grad_clip=settings.grad_clip,
     )
     result = run(net, dataset, config, progress=False, device=device, distributed=False)
     return result.train_loss
@@ -293,6 +297,30 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(prev)
 
 
+def describe_entry(chain: ConvChain, entry: Entry) -> str:
+    """An entry in words: its block, and which activations its network removes."""
+    removed = sorted(set(chain.activation_positions) - entry_activations(chain, entry))
+    removed = [p for p in removed if entry.st <= p <= entry.end]
+    single = entry.end == entry.st + 1
+    convs = f"conv {entry.end} alone" if single else f"convs {entry.st + 1}..{entry.end} merged"
+    acts = ", ".join(map(str, removed))
+    acts = f"activation(s) at {acts} removed" if removed else "no activation removed"
+    flags = ", ".join(f"{k}={v}" for k, v in entry._asdict().items())
+    return f"entry ({flags}): {convs}, {acts}"
+
+
+def _diverged(chain: ConvChain, entry: Entry, settings: FinetuneSettings) -> str:
+    clip = f"now {settings.grad_clip:g}" if settings.grad_clip else "now off"
+    return (
+        f"fine-tuning importance {describe_entry(chain, entry)} diverged: its training loss "
+        "became NaN or infinite. Lower the importance learning rate (now "
+        f"{settings.lr:g}: --lr of 'depthcompress importance', --importance-lr of 'compress') "
+        f"or clip its gradients ({clip}: --grad-clip of 'importance', --importance-grad-clip of "
+        "'compress'), then write a new table: another --output, or compress --redo importance "
+        "(the rows already computed used the old settings)"
+    )
+
+
 def measure_entry(job: _Job, entry: Entry) -> dict[str, Any]:
     """Build, fine-tune and score one entry; returns its table row."""
     start = time.perf_counter()
@@ -303,7 +331,12 @@ def measure_entry(job: _Job, entry: Entry) -> dict[str, Any]:
         net = entry_network(
             job.net, job.chain, entry, reinit_single=s.reinit_single and s.steps > 0
         )
-        train_loss = finetune(net, job.data.train, s, seed, job.device) if s.steps else math.nan
+        train_loss = math.nan
+        if s.steps:
+            try:
+                train_loss = finetune(net, job.data.train, s, seed, job.device)
+            except DivergedError:
+                raise DivergedError(_diverged(job.chain, entry, s)) from None
         acc, loss = evaluate(net, job.data.holdout, s, job.device)
     return {
         **entry._asdict(),
@@ -380,7 +413,7 @@ def _mismatch(a: dict[str, Any], b: dict[str, Any], keys: Iterable[str]) -> str:
     diff = nested_diff(
         {k: a.get(k) for k in keys}, {k: b.get(k) for k in keys}, ignore=("model.name",)
     )
-    return "; ".join(f"{name}: {x!r} vs {y!r}" for name, x, y in diff[:6])
+    return "; ".join(f"{name}: {plain(x)!r} vs {plain(y)!r}" for name, x, y in diff[:6])
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .backends import Backend, Timing, machine_info, package_version
-from .errors import TableError
+from .errors import TableError, plain
 from .files import json_sha, nested_diff, read_sidecar, repair_tail, sidecar_path, write_json
 from .graph import ConvChain
 from .linearization import make_activation
@@ -167,7 +167,7 @@ def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``name: old vs new`` for every setting that differs between two sidecars."""
     a = {k: old.get(k) for k in COMPATIBLE_KEYS}
     b = {k: new.get(k) for k in COMPATIBLE_KEYS}
-    return [f"{k}: {x!r} vs {y!r}" for k, x, y in nested_diff(a, b, IGNORED)]
+    return [f"{k}: {plain(x)!r} vs {plain(y)!r}" for k, x, y in nested_diff(a, b, IGNORED)]
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -36,6 +37,21 @@ def _torchvision(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None)
 
 
+def _callables(module: Any, path: Path) -> str:
+    """The functions and classes ``module`` defines itself (not the ones it imports), as a hint
+    of what to write after the colon."""
+    own = sorted(
+        n
+        for n, v in vars(module).items()
+        if not n.startswith("_")
+        and callable(v)
+        and getattr(v, "__module__", None) == module.__name__
+    )
+    if not own:
+        return "it defines no function or class: add one that returns the model"
+    return f"it defines {', '.join(own)}: name one of them, e.g. {path}:{own[0]}"
+
+
 def _factory(path: Path, name: str) -> nn.Module:
     if not path.is_file():
         raise ModelSpecError(f"model file {path} does not exist")
@@ -51,7 +67,7 @@ def _factory(path: Path, name: str) -> nn.Module:
         raise ModelSpecError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
     factory = getattr(module, name, None)
     if factory is None or not callable(factory):
-        raise ModelSpecError(f"{path} defines no callable {name!r}")
+        raise ModelSpecError(f"{path} defines no callable {name!r}; {_callables(module, path)}")
     try:
         model = factory()
     except Exception as exc:

@@ -29,7 +29,7 @@ from torch import nn
 from .backends import Backend, Protocol, get_backend, machine_info, package_version
 from .data import SplitData, fetch, fingerprint, num_classes
 from .dp import Budget
-from .errors import BudgetError, DepthCompressError, TableError, WorkdirError
+from .errors import BudgetError, DepthCompressError, TableError, WorkdirError, plain
 from .files import nested_diff, sidecar_path, write_json
 from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
 from .graph import ConvChain, trace
@@ -187,7 +187,7 @@ def _normalised(data: Any) -> Any:
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [f"{name}: {a!r} → {b!r}" for name, a, b in nested_diff(old, new)]
+    return [f"{name}: {plain(a)!r} → {plain(b)!r}" for name, a, b in nested_diff(old, new)]
 
 
 class Workdir:
@@ -546,7 +546,63 @@ class _Run:
             optimal_latency(self.latency).write_csv(path)
             self.finished("optimal")
         self.opt = OptimalLatencyTable.read_csv(path)
+        self._check_reachable()
         return True
+
+    def _check_reachable(self) -> None:
+        """Refuse a budget below the fastest tiling of the chain by valid blocks, known from the
+        latency table alone, before any importance entry is fine-tuned."""
+        from .dp import optimal_boundaries
+
+        _, fastest = optimal_boundaries(self.latency, ())
+        budget_ms = self.settings.budget.resolve(self.original_ms)
+        if budget_ms < fastest * (1 - 1e-9) - 1e-12:
+            raise self._unreachable(budget_ms, fastest, "no importance entry was computed")
+
+    def _unreachable(self, budget_ms: float, fastest: float, kept: str) -> BudgetError:
+        """The error for a budget below the fastest plan: the smallest feasible fraction, or why
+        nothing can be merged profitably when the fastest plan is the original network."""
+        original_ms, budget = self.original_ms, self.settings.budget
+        head = (
+            f"budget {budget} = {budget_ms:.4f} ms is below the fastest plan the tables allow, "
+            f"{fastest:.4f} ms ({fastest / original_ms:.3f}x of the original {original_ms:.4f} ms)"
+        )
+        tail = f". The tables are kept; {kept}"
+        if fastest < original_ms * (1 - 1e-9):
+            least = math.ceil(1000 * fastest / original_ms) / 1000
+            return BudgetError(f"{head}: raise --budget to at least {least:.3f}x{tail}")
+        return BudgetError(
+            f"{head}: nothing can be merged profitably, because {self._why_no_gain()}, so the "
+            f"original network is the fastest plan and no budget below 1x can be met{tail}"
+        )
+
+    def _why_no_gain(self) -> str:
+        """Why no plan is faster than the original chain, in words."""
+        chain = self.chain
+        if len(chain.blocks) > chain.num_positions:
+            return (
+                f"every merged block is as slow as or slower than its convolutions run one by "
+                f"one on {self.runner.name} at batch {self.settings.batch} (try another --backend "
+                "or --batch)"
+            )
+        other = (
+            "merged kernels larger than --max-kernel-size or residuals that cannot be fused; see "
+            "depthcompress inspect"
+        )
+        barriers = list(chain.barriers.items())
+        if not barriers:
+            return f"no two consecutive convolutions form a valid block ({other})"
+        shown = "; ".join(f"position {p}: {why}" for p, why in barriers[:3])
+        more = f"; and {len(barriers) - 3} more" if len(barriers) > 3 else ""
+        if len(barriers) >= chain.num_positions - 1:
+            return (
+                "no two consecutive convolutions can merge: every position between them is a "
+                f"hard boundary ({shown}{more}; see depthcompress inspect)"
+            )
+        return (
+            f"no two consecutive convolutions form a valid block: hard boundaries ({shown}{more}) "
+            f"and, elsewhere, {other}"
+        )
 
     def importance_stage(self) -> bool:
         """The importance table I(i, j) (resumable row by row)."""
@@ -601,12 +657,7 @@ class _Run:
         message = f"[4/7] solve (stage 2) for budget {s.budget} = {budget_ms:.4f} ms"
         fastest = min_latency(self.opt, self.importance)
         if budget_ms < fastest - 1e-12:  # checked before anything is moved or written
-            raise BudgetError(
-                f"budget {s.budget} = {budget_ms:.4f} ms is below the fastest plan the "
-                f"tables allow, {fastest:.4f} ms ({fastest / original_ms:.3f}x of the "
-                f"original {original_ms:.4f} ms): raise --budget to at least "
-                f"{math.ceil(1000 * fastest / original_ms) / 1000:.3f}x. The tables are kept"
-            )
+            raise self._unreachable(budget_ms, fastest, "nothing else was changed")
         if self.todo("solve", message):
             sol = solve(self.opt, self.importance, budget_ms, alpha=s.alpha)
             budgets = sorted({*_grid(fastest, original_ms), budget_ms})

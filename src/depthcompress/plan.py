@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import PlanError
+from .errors import PlanError, plain
 
 if TYPE_CHECKING:
     from .graph import ConvChain
@@ -17,8 +18,8 @@ if TYPE_CHECKING:
 def _positions(values: Iterable[int], what: str) -> frozenset[int]:
     out = set()
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise PlanError(f"{what} must hold integer positions, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise PlanError(f"{what} must hold integer positions, got {plain(v)!r}")
         out.add(int(v))
     return frozenset(out)
 

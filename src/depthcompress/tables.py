@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import TableError
+from .errors import TableError, plain
 
 DEFAULT_SCORE = "val_acc"
 LATENCY_COLUMNS = ("id", "st", "end", "time", "stdev")
@@ -68,7 +68,7 @@ def _check_values(
 ) -> None:
     for k in np.flatnonzero(~np.isfinite(values)):
         raise TableError(
-            f"{where(int(k))}: {column} is {values[k]}; every row needs a finite {column} "
+            f"{where(int(k))}: {column} is {plain(values[k])}; every row needs a finite {column} "
             "(re-measure this entry or remove the row)"
         )
     if nonnegative:
