@@ -629,7 +629,7 @@ def test_cli_grad_clip_options_reach_the_settings() -> None:
         budget="0.5x", backend="onnxruntime", threads=None, batch=1, mode="general",
         max_kernel_size=15, exclude=[], importance_steps=1, importance_lr=0.05, workers=1,
         alpha=1.6, epochs=1, lr=0.02, finetune_batch_size=8, optimizer="sgd", distill=0.0,
-        device=None, seed=0,
+        device=None, seed=0, amp=None, loader_workers=None,
     )  # fmt: skip
     s = _compress_settings(**kw, grad_clip=2.0, importance_grad_clip=0.5)
     assert (s.finetune.grad_clip, s.importance.grad_clip) == (2.0, 0.5)
