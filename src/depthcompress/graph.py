@@ -66,7 +66,26 @@ ACTIVATION_CLASSES: dict[str, type[nn.Module]] = {
 }
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = ("add", "add_")
-DROPOUT_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
+DROPOUT_MODULES = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def is_batchnorm(mod: object) -> bool:
+    """An ``nn.BatchNorm2d`` (or a subclass keeping its forward) with running statistics: in eval
+    mode a per-channel affine that folds exactly into an adjacent conv."""
+    return (
+        isinstance(mod, nn.BatchNorm2d)
+        and type(mod).forward is nn.BatchNorm2d.forward
+        and mod.running_mean is not None
+        and mod.running_var is not None
+    )
 
 
 def _stochastic_depth_targets() -> tuple[Any, ...]:
@@ -82,14 +101,16 @@ PASSTHROUGH_FUNCTIONS = _stochastic_depth_targets()
 
 @dataclass(frozen=True)
 class Position:
-    """One convolution position: the feature map after conv ``index`` (its BN, residual add and
-    activation included). Position 0 is the chain input and has no conv."""
+    """One convolution position: the feature map after conv ``index`` (its BN, residual add,
+    activation and a BatchNorm right after the activation included). Position 0 is the chain
+    input and has no conv."""
 
     index: int
     shape: tuple[int, ...]
     conv: str | None = None
     bn: str | None = None
     activation: str | None = None
+    post_bn: str | None = None
     kernel: Pair = (1, 1)
     dilation: Pair = (1, 1)
     stride: Pair = (1, 1)
@@ -105,6 +126,7 @@ class Position:
     tail_node: str | None = None
     pre_act_node: str | None = None
     act_node: str | None = None
+    post_bn_node: str | None = None
     out_node: str | None = None
 
     @property
@@ -288,6 +310,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
             return True
+        if isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward:
+            return True  # a subclass (as converters define) is still one BN, not traced through
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
@@ -386,6 +410,7 @@ class _Join:
     skip: fx.Node
     shortcut: _Unit | None
     units: list[_Unit]
+    reader: fx.Node  # what reads the skip's source: the shortcut conv, a pass-through, or the add
 
 
 class _Analysis:
@@ -400,6 +425,7 @@ class _Analysis:
         self.by_tail: dict[fx.Node, _Unit] = {}
         self.joins: dict[fx.Node, _Join | None] = {}
         self.pos_cache: dict[int, fx.Node] = {}
+        self.post_bns: dict[int, fx.Node] = {}
         for node in gm.graph.nodes:
             if node.op == "call_module" and type(self.modules[node.target]) is nn.Conv2d:
                 if self._excluded(node.target):
@@ -407,6 +433,7 @@ class _Analysis:
                 unit = self._make_unit(node)
                 self.units.append(unit)
                 self.by_tail[unit.tail] = unit
+        self.conv_nodes = {u.conv for u in self.units}
 
     def _excluded(self, name: str) -> bool:
         return any(name == e or name.startswith(e + ".") for e in self.exclude)
@@ -443,11 +470,17 @@ class _Analysis:
         return node.op == "call_function" and node.target in PASSTHROUGH_FUNCTIONS
 
     def is_bn(self, node: fx.Node) -> bool:
-        mod = self.module_of(node)
+        return is_batchnorm(self.module_of(node)) and self.calls[node.target] == 1
+
+    def is_post_bn(self, node: fx.Node) -> bool:
+        """A BN right after an activation whose only user is a conv of the chain: part of the
+        activation's position (folded back into the conv before it when the activation goes)."""
+        user = self.only_user(node)
         return (
-            type(mod) is nn.BatchNorm2d
-            and mod.running_mean is not None
-            and self.calls[node.target] == 1
+            self.is_bn(node)
+            and user is not None
+            and user in self.conv_nodes
+            and user.args[0] is node
         )
 
     @staticmethod
@@ -493,14 +526,23 @@ class _Analysis:
             user = self.only_user(node)
             if user is not None and self.activation_kind(user) is not None:
                 node = user
+                user = self.only_user(node)
+                if user is not None and self.is_post_bn(user):
+                    node = self.post_bns[key] = user
             self.pos_cache[key] = node
         return self.pos_cache[key]
 
     def producer(self, node: fx.Node) -> _Unit | None:
         """The unit whose position tensor is ``node``, if any."""
         candidates = [node]
-        if self.activation_kind(node) is not None and node.args:
-            candidates.append(node.args[0])
+        cur = node
+        for _ in range(2):  # back through a post-activation BN, then the activation
+            if not cur.args or not isinstance(cur.args[0], fx.Node):
+                break
+            if self.activation_kind(cur) is None and not self.is_bn(cur):
+                break
+            cur = cur.args[0]
+            candidates.append(cur)
         for n in candidates:
             if not isinstance(n, fx.Node):
                 continue
@@ -529,6 +571,18 @@ class _Analysis:
             path.append(prev)
         return None
 
+    def skip_source(self, node: fx.Node, reader: fx.Node) -> tuple[fx.Node, fx.Node]:
+        """Back from a skip operand through identity-like nodes used only by the skip: the tensor
+        the skip really carries, and the node that reads it."""
+        while (
+            self.is_passthrough(node)
+            and len(node.users) == 1
+            and node.args
+            and isinstance(node.args[0], fx.Node)
+        ):
+            node, reader = node.args[0], node
+        return node, reader
+
     def join(self, add: fx.Node) -> _Join | None:
         """Classify an add node as a residual join (branch + identity or conv shortcut)."""
         if add in self.joins:
@@ -547,10 +601,13 @@ class _Analysis:
                 shortcut = None
             if shortcut is not None and shortcut.tail is not skip_node:
                 shortcut = None
-            source = self.input_of(shortcut) if shortcut is not None else skip_node
+            if shortcut is not None:
+                source, reader = self.skip_source(self.input_of(shortcut), shortcut.conv)
+            else:
+                source, reader = self.skip_source(skip_node, add)
             units = self.reaches(branch, source)
             if units is not None:
-                found.append(_Join(add, branch, skip_node, shortcut, units))
+                found.append(_Join(add, branch, skip_node, shortcut, units, reader))
         result = None
         if found:
             found.sort(key=lambda j: j.shortcut is not None)
@@ -638,7 +695,9 @@ def analyze(
     for k, u in enumerate(units, start=1):
         mod = u.module
         out = an.pos(u)
-        act = out if an.activation_kind(out) is not None and out is not u.tail else None
+        post_bn = an.post_bns.get(id(u))
+        act = post_bn.args[0] if post_bn is not None else out
+        act = act if an.activation_kind(act) is not None and act is not u.tail else None
         pre = act.args[0] if act is not None else out
         padding = _padding_of(mod)
         positions.append(
@@ -648,6 +707,7 @@ def analyze(
                 conv=u.conv.target,
                 bn=u.bn.target if u.bn is not None else None,
                 activation=an.activation_kind(act) if act is not None else None,
+                post_bn=post_bn.target if post_bn is not None else None,
                 kernel=pair(mod.kernel_size),
                 dilation=pair(mod.dilation),
                 stride=pair(mod.stride),
@@ -662,6 +722,7 @@ def analyze(
                 tail_node=u.tail.name,
                 pre_act_node=pre.name,
                 act_node=act.name if act is not None else None,
+                post_bn_node=post_bn.name if post_bn is not None else None,
                 out_node=out.name,
             )
         )
@@ -696,7 +757,7 @@ def analyze(
                 shortcut_groups=sc.module.groups if sc else 1,
             )
         )
-        skip_users.setdefault(s, set()).add(sc.conv if sc else join.add)
+        skip_users.setdefault(s, set()).add(join.reader)
     residuals.sort(key=lambda r: (r.start, r.end))
 
     for k in range(1, n + 1):
@@ -710,15 +771,16 @@ def analyze(
             out = an.pos(u)
             nxt = units[k]
             if an.input_of(nxt) is not out:
-                bar(
-                    k,
-                    f"conv {nxt.conv.target} reads '{an.input_of(nxt).name}', not position {k}",
-                )
+                bar(k, _not_read_reason(an, out, nxt, k))
                 continue
             allowed = {nxt.conv} | skip_users.get(k, set())
-            others = [usr.name for usr in out.users if usr not in allowed]
+            others = [usr for usr in out.users if usr not in allowed]
             if others:
-                bar(k, f"position {k} also feeds {', '.join(others)} (not mergeable through)")
+                bar(
+                    k,
+                    f"position {k} also feeds {_describe_all(an, others)} besides conv "
+                    f"{nxt.conv.target}: a block through it would lose that tensor",
+                )
 
     chain = ConvChain(
         positions=tuple(positions),
@@ -735,6 +797,50 @@ def analyze(
     reasons = _invalid_blocks(chain)
     blocks = tuple((i, j) for i in range(n) for j in range(i + 1, n + 1) if (i, j) not in reasons)
     return replace(chain, blocks=blocks, invalid_reasons=reasons)
+
+
+def _describe(an: _Analysis, node: fx.Node) -> str:
+    """A node as a person reads it: 'a MaxPool2d (features.2)', 'max_pool2d() (max_pool2d)'."""
+    mod = an.module_of(node)
+    if mod is not None:
+        kind = type(mod).__name__
+        return f"{'an' if kind[0] in 'AEIOU' else 'a'} {kind} ({node.target})"
+    if node.op == "placeholder":
+        return f"the network input '{node.name}'"
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__name__', str(node.target))}() ({node.name})"
+    if node.op == "call_method":
+        return f".{node.target}() ({node.name})"
+    return f"'{node.name}'"
+
+
+def _describe_all(an: _Analysis, nodes: Sequence[fx.Node]) -> str:
+    words = [_describe(an, n) for n in nodes]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _not_read_reason(an: _Analysis, out: fx.Node, nxt: _Unit, k: int) -> str:
+    """Why conv ``nxt`` does not read position ``k``: the nodes in between, or another source."""
+    path: list[fx.Node] = []
+    node = an.input_of(nxt)
+    while node is not out and len(path) < 8:
+        path.append(node)
+        node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if node is None:
+            break
+    conv = f"conv {nxt.conv.target}"
+    if node is not out:
+        return (
+            f"{conv} reads {_describe(an, an.input_of(nxt))}, not position {k}: it does not "
+            "continue the chain of convs before it"
+        )
+    path.reverse()
+    verb = "lies" if len(path) == 1 else "lie"
+    why = f"{_describe_all(an, path)} {verb} between position {k} and {conv}"
+    readers = [u for n in [out, *path] for u in n.users if u not in path and u is not nxt.conv]
+    if readers:
+        why += f" (and {_describe_all(an, readers)} also read{'s' if len(readers) == 1 else ''} it)"
+    return why
 
 
 def _input_shape(gm: fx.GraphModule) -> tuple[int, ...]:

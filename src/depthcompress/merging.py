@@ -12,8 +12,16 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import DepthCompressError, MergeError
-from .graph import ConvChain, Residual, example_input_for, param_place
-from .kernels import ConvSpec, add_shortcut, bn_scale_shift, merge_chain, spec_from_conv, to_conv2d
+from .graph import ConvChain, Residual, example_input_for, is_batchnorm, param_place
+from .kernels import (
+    ConvSpec,
+    add_shortcut,
+    bn_scale_shift,
+    fold_bn,
+    merge_chain,
+    spec_from_conv,
+    to_conv2d,
+)
 from .linearization import META_KEY, fused_residuals, linearized_plan
 from .plan import Plan
 
@@ -48,16 +56,23 @@ def merge(
     nodes = {n.name: n for n in gm.graph.nodes}
     fused = fused_residuals(chain, plan)
     for i, j in plan.blocks:
-        conv = _merged_conv(gm, chain, fused, i, j)
+        pos = chain.positions[j]
+        end = nodes[pos.tail_node]
+        residual = chain.residual_ending_at(j)
+        if residual is not None and residual in fused and residual.start >= i:
+            end = next(iter(end.users))
+        post_bn = None
+        if pos.post_bn_node is not None and j not in plan.activations:
+            # activation removed: the BN after it reads the block output, an exact fold
+            after = nodes[pos.post_bn_node]
+            if after.args[0] is end:
+                post_bn, end = pos.post_bn, after
+        conv = _merged_conv(gm, chain, fused, i, j, post_bn)
         name = f"depthcompress_block_{i}_{j}"
         gm.add_submodule(name, conv)
         first = nodes[chain.positions[i + 1].conv_node]
         with gm.graph.inserting_before(first):
             new = gm.graph.call_module(name, (first.args[0],))
-        end = nodes[chain.positions[j].tail_node]
-        residual = chain.residual_ending_at(j)
-        if residual is not None and residual in fused and residual.start >= i:
-            end = next(iter(end.users))
         end.replace_all_uses_with(new)
         gm.graph.eliminate_dead_code()
     _fold_remaining_bn(gm)
@@ -144,11 +159,14 @@ def _span_specs(
         inner = [r for r in fused if r.start == k - 1 and r.end <= j and (r.start, r.end) != (i, j)]
         if inner:
             r = max(inner, key=lambda r: r.end)
-            specs.append(_residual_spec(gm, chain, fused, r))
-            k = r.end + 1
+            spec, k = _residual_spec(gm, chain, fused, r), r.end
         else:
-            specs.append(_conv_spec(gm, chain, k))
-            k += 1
+            spec = _conv_spec(gm, chain, k)
+        post_bn = chain.positions[k].post_bn
+        if k < j and post_bn is not None:  # inside a block: its activation is removed
+            spec = fold_bn(spec, gm.get_submodule(post_bn))
+        specs.append(spec)
+        k += 1
     return specs
 
 
@@ -165,33 +183,44 @@ def _residual_spec(
 
 
 def _merged_conv(
-    gm: fx.GraphModule, chain: ConvChain, fused: list[Residual], i: int, j: int
+    gm: fx.GraphModule,
+    chain: ConvChain,
+    fused: list[Residual],
+    i: int,
+    j: int,
+    post_bn: str | None = None,
 ) -> nn.Conv2d:
-    """The single conv of block ``(i, j)``, computed in float64 and cast to the model's dtype."""
+    """The single conv of block ``(i, j)`` (then ``post_bn`` folded in), computed in float64 and
+    cast to the model's dtype."""
     pos = chain.positions[j]
     dtype = gm.get_submodule(pos.conv).weight.dtype
     residual = chain.residual_ending_at(j)
     whole = residual is not None and residual in fused and (residual.start, residual.end) == (i, j)
     if j == i + 1 and not whole:
-        return _folded_copy(gm, pos.conv, pos.bn)
+        return _folded_copy(gm, pos.conv, pos.bn, post_bn)
     spec = merge_chain(_span_specs(gm, chain, fused, i, j))
     if whole:
         spec = _residual_spec(gm, chain, fused, residual)
+    if post_bn is not None:
+        spec = fold_bn(spec, gm.get_submodule(post_bn))
     conv = to_conv2d(spec, dtype)
     return conv.to(_device(gm))
 
 
-def _folded_copy(gm: fx.GraphModule, conv_name: str, bn_name: str | None) -> nn.Conv2d:
-    """A copy of one conv (padding mode, dilation and all) with its eval BN folded in."""
+def _folded_copy(gm: fx.GraphModule, conv_name: str, *bn_names: str | None) -> nn.Conv2d:
+    """A copy of one conv (padding mode, dilation and all) with the eval BNs after it folded in."""
     conv = copy.deepcopy(gm.get_submodule(conv_name))
-    if bn_name is None:
+    bns = [gm.get_submodule(name) for name in bn_names if name is not None]
+    if not bns:
         return conv
-    scale, shift = bn_scale_shift(gm.get_submodule(bn_name), torch.float64)
     with torch.no_grad():
-        w = conv.weight.double() * scale.view(-1, 1, 1, 1)
-        b = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+        w = conv.weight.double()
+        b = conv.bias.double() if conv.bias is not None else w.new_zeros(conv.out_channels)
+        for bn in bns:
+            scale, shift = bn_scale_shift(bn, torch.float64)
+            w, b = w * scale.view(-1, 1, 1, 1), b * scale + shift
         conv.weight.copy_(w.to(conv.weight.dtype))
-        conv.bias = nn.Parameter((b * scale + shift).to(conv.weight.dtype))
+        conv.bias = nn.Parameter(b.to(conv.weight.dtype))
     return conv
 
 
@@ -210,7 +239,7 @@ def _fold_remaining_bn(gm: fx.GraphModule) -> None:
         if user.op != "call_module" or calls.get(node.target) != 1 or calls.get(user.target) != 1:
             continue
         bn = gm.get_submodule(user.target)
-        if type(bn) is not nn.BatchNorm2d or bn.running_mean is None:
+        if not is_batchnorm(bn):
             continue
         name = node.target.replace(".", "_") + "_folded"
         gm.add_submodule(name, _folded_copy(gm, node.target, user.target))
