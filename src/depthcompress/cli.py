@@ -57,6 +57,11 @@ HoldoutOption = Annotated[
     int, typer.Option(help="training examples held out (never trained on) to score importance")
 ]
 HoldoutSeedOption = Annotated[int, typer.Option(help="seed choosing the held-out examples")]
+# every command that runs torch on a device takes it in one form (devices.resolve_device)
+DeviceOption = Annotated[
+    str | None,
+    typer.Option(help="cpu, cuda (the current or LOCAL_RANK GPU) or cuda:N; default: GPU if any"),
+]
 ImageSizeOption = Annotated[
     int | None, typer.Option(help="ImageFolder: crop size (adds the reference augmentation)")
 ]
@@ -177,7 +182,7 @@ def train_cmd(
     seed: Annotated[int, typer.Option(help="seed of the initialisation and batch order")] = 0,
     image_size: ImageSizeOption = None,
     channels: Annotated[int, typer.Option(help="ImageFolder: 3 (RGB) or 1 (grayscale)")] = 3,
-    device: Annotated[str | None, typer.Option(help="torch device (default: cuda if any)")] = None,
+    device: DeviceOption = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Train MODEL from scratch on DATA (minus the held-out split); resumable, torchrun-ready.
@@ -192,9 +197,11 @@ def train_cmd(
     import torch
 
     from .data import load_split, load_test
+    from .devices import resolve_device
     from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
 
     try:
+        resolve_device(device)  # a device that is not there fails before the data loads
         torch.manual_seed(seed)  # the initialisation
         net = _load_model_with_weights(model, None)
         split = load_split(
@@ -288,7 +295,9 @@ def importance_cmd(
     all_flags: Annotated[
         bool, typer.Option(help="measure every flag combination, not the reference's subset")
     ] = False,
-    device: Annotated[str, typer.Option(help="torch device for fine-tuning")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="fine-tuning device: cpu, cuda (current or LOCAL_RANK GPU), cuda:N")
+    ] = "cpu",
     download: Annotated[
         bool, typer.Option(help="download Fashion-MNIST with torchvision if it is not installed")
     ] = False,
@@ -298,10 +307,12 @@ def importance_cmd(
     import time
 
     from .data import load_split, sample_shape
+    from .devices import resolve_device
     from .graph import trace
     from .importance import FinetuneSettings, importance_table, parse_shard
 
     try:
+        device = str(resolve_device(device))
         net = _load_model_with_weights(model, weights)
         channels = _parse_shape(input_shape)[1] if input_shape else 3
         split = load_split(
@@ -433,7 +444,13 @@ def latency_cmd(
         typer.Option(help="sweep the table this many times; each row is the median of passes"),
     ] = 1,
     seed: Annotated[int, typer.Option(help="seed of the random block weights")] = 0,
-    device: Annotated[str, typer.Option(help="torch backend: cpu or cuda")] = "cpu",
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="where torch/tensorrt time: cpu, cuda (current or LOCAL_RANK GPU) or cuda:N "
+            "(default: cpu for torch, the GPU for tensorrt; onnxruntime and openvino: cpu only)"
+        ),
+    ] = None,
     precision: Annotated[str, typer.Option(help="openvino: f32, bf16 or f16")] = "f32",
     fp16: Annotated[bool, typer.Option(help="tensorrt: build fp16 engines")] = False,
     force: Annotated[
@@ -838,6 +855,7 @@ def _run_compress(
     until: str | None = None,
     channels: int = 3,
     importance_from: Path | None = None,
+    latency_from: Path | None = None,
 ) -> None:
     """Load the data, run ``pipeline.compress`` and print the summary table."""
     import torch
@@ -872,6 +890,7 @@ def _run_compress(
             command=_command_line(),
             until=until,
             importance_from=importance_from,
+            latency_from=latency_from,
         )
     except KeyboardInterrupt:
         console.print(
@@ -980,6 +999,13 @@ def compress_cmd(
             "with the same model, data and settings; only missing rows are computed"
         ),
     ] = None,
+    latency_table: Annotated[
+        Path | None,
+        typer.Option(
+            help="adopt a latency table made by 'depthcompress latency' for the same model, "
+            "batch, backend, device and chain flags; only missing rows are measured"
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(help="importance worker processes")] = 1,
     alpha: Annotated[float, typer.Option(help="importance normalisation alpha (§6)")] = 1.6,
     holdout: HoldoutOption = 10000,
@@ -993,7 +1019,14 @@ def compress_cmd(
     mode: ModeOption = "general",
     max_kernel_size: MaxKernelOption = 15,
     exclude: ExcludeOption = None,
-    device: Annotated[str | None, typer.Option(help="torch device for fine-tuning")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="cpu, cuda (the current or LOCAL_RANK GPU) or cuda:N (default: GPU if any): "
+            "where fine-tuning runs and where --backend torch/tensorrt time (torch default: "
+            "cpu); onnxruntime and openvino always time on the CPU"
+        ),
+    ] = None,
     redo: RedoOption = None,
     until: Annotated[
         str | None,
@@ -1029,6 +1062,7 @@ def compress_cmd(
             until=until,
             channels=channels,
             importance_from=importance_table,
+            latency_from=latency_table,
         )
     except DepthCompressError as exc:
         raise fail(exc) from None
@@ -1044,6 +1078,7 @@ def demo_cmd(
     workers: Annotated[
         int | None, typer.Option(help="importance worker processes (default: CPU cores, ≤ 4)")
     ] = None,
+    device: DeviceOption = None,
     redo: RedoOption = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
@@ -1079,7 +1114,7 @@ def demo_cmd(
             finetune_batch_size=128,
             optimizer="sgd",
             distill=distill,
-            device=None,
+            device=device,
             seed=0,
         )
         _run_compress(

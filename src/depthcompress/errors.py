@@ -53,3 +53,7 @@ class WorkdirError(DepthCompressError):
 
 class BackendError(DepthCompressError):
     """A latency backend is missing, cannot run here, or cannot run this model."""
+
+
+class DeviceError(BackendError):
+    """A device (``--device``) is not one, or does not exist on this machine."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import batches
+from .devices import resolve_device
 from .errors import FinetuneError
 from .graph import param_place
 from .linearization import META_KEY
@@ -239,13 +240,7 @@ def _world(device: str | torch.device | None, distributed: bool) -> _World:
     use the one already initialised, or run alone (always, when not ``distributed``); pick the
     device (``cuda:LOCAL_RANK`` when CUDA is there) and the backend to match (nccl for CUDA,
     gloo for CPU)."""
-    local_rank = _env_int("LOCAL_RANK", 0) if distributed else 0
-    if device is not None:
-        dev = torch.device(device)
-    elif torch.cuda.is_available():
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    else:
-        dev = torch.device("cpu")
+    dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not distributed:
