@@ -207,6 +207,22 @@ def test_tensorrt_on_the_cpu_is_refused_before_anything_is_written(gpus, tmp_pat
     assert not (tmp_path / "wd").exists()
 
 
+def test_a_cpu_backend_with_a_gpu_device_times_on_the_cpu_and_says_so(gpus, tmp_path) -> None:
+    """onnxruntime + --device cuda: fine-tuning would run on the GPU, the table is timed on the
+    CPU, the run says so, and the latency stage records the CPU."""
+    import json
+
+    gpus(1)
+    said: list[str] = []
+    wd = tmp_path / "wd"
+    s = replace(settings(), device="cuda")
+    pipeline.compress(small_model(), small_data(), wd, s, until="latency", log=said.append)
+    assert any(
+        "fine-tuning runs on cuda:0, latency is timed on the CPU by onnxruntime" in m for m in said
+    )
+    assert json.loads((wd / "stages.json").read_text())["latency"]["settings"]["device"] == "cpu"
+
+
 def test_the_latency_stage_records_its_timing_device(tmp_path: Path) -> None:
     """The latency stage's settings name the device it timed on, so a run on another device is
     refused like any other changed setting."""

@@ -397,7 +397,8 @@ class TorchBackend(Backend):
                     ) from None
                 if self.device == "cpu":
                     return time_calls(lambda: module(x), self.protocol)
-                return time_calls(lambda: module(x), self.protocol, _cuda_timer(torch))
+                with torch.cuda.device(torch.device(self.device)):  # events on its stream
+                    return time_calls(lambda: module(x), self.protocol, _cuda_timer(torch))
         finally:
             torch.set_num_threads(old_threads)
 

@@ -469,9 +469,10 @@ def compress(
         device=settings.timing_device(),
     )
     if device.type == "cuda" and runner.device == "cpu":
+        how = "--device cuda" if runner.name in GPU_BACKENDS else "--backend torch or tensorrt"
         say(
             f"note: fine-tuning runs on {device}, latency is timed on the CPU by "
-            f"{runner.name} (--backend torch or tensorrt times on the GPU)"
+            f"{runner.name} ({how} times on the GPU)"
         )
     if latency_from is not None:
         _check_adopted_latency(Path(latency_from), chain, runner, settings, identity["model"])
