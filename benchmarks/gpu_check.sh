@@ -135,12 +135,19 @@ EOF
         "here, or SYNTHETIC=1): its accuracy figures mean nothing"
 fi
 WEIGHTS=$(python -c "from depthcompress.models import trained_weights as w; print(w())")
+# its latency table made apart by 'depthcompress latency', then adopted by compress
+depthcompress latency depthcompress:fashion_mbv2 --exclude stem --exclude head --backend torch \
+    --device "$DEVICE" --input-shape "$BATCH,1,28,28" --no-progress -o "$OUT/demo_latency.csv" |
+    tee "$OUT/b_latency.log"
 ARGS=(
     compress depthcompress:fashion_mbv2 --weights "$WEIGHTS" --data fashion-mnist
     --budget 0.6x --workdir "$OUT/compress" --exclude stem --exclude head
     --backend torch --device "$DEVICE" --batch "$BATCH" "${TRAIN[@]}" --no-progress
+    --latency-table "$OUT/demo_latency.csv"
 )
 depthcompress "${ARGS[@]}" --until solve 2>&1 | tee "$OUT/b_until_solve.log"
+cmp "$OUT/demo_latency.csv" "$OUT/compress/latency.csv"
+say "compress adopted the table of 'depthcompress latency' (--latency-table): no row re-measured"
 "${TORCHRUN[@]}" --nproc_per_node=1 --standalone -m depthcompress "${ARGS[@]}" 2>&1 |
     tee "$OUT/b_torchrun.log"
 for f in latency.csv importance.csv plan.json finetuned.pt merged.pt merged.onnx evaluation.json \
