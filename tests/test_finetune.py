@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import depthcompress as dc
+from depthcompress.devices import resolve_device
+from depthcompress.errors import DeviceError
 from depthcompress.finetune import (
     BEST,
     LAST,
@@ -30,7 +32,6 @@ from depthcompress.finetune import (
     evaluate,
     finetune,
     load_checkpoint,
-    pick_device,
     process_group_backend,
     training_loss,
 )
@@ -412,20 +413,22 @@ def test_evaluate_under_autocast(linear, data) -> None:
 
 
 def test_device_of_each_process() -> None:
+    """Each torchrun process gets its own GPU through the one device resolver."""
     cpu, cuda = torch.device("cpu"), torch.device
-    assert pick_device(None, 0, 0) == cpu and pick_device("cpu", 3, 2) == cpu
-    assert pick_device(None, 1, 2) == cuda("cuda", 1)
-    assert pick_device("cuda", 0, 1) == cuda("cuda", 0)
-    assert pick_device("cuda", 3, 4) == cuda("cuda", 3)  # torchrun rank 3 on its own GPU
-    assert pick_device("cuda:1", 0, 2) == cuda("cuda", 1)
-    with pytest.raises(FinetuneError, match="no CUDA GPU"):
-        pick_device("cuda", 0, 0)
-    with pytest.raises(FinetuneError, match=r"cuda:3' does not exist.*cuda:0 to cuda:0"):
-        pick_device("cuda:3", 0, 1)
-    with pytest.raises(FinetuneError, match=r"no GPU of its own.*--nproc_per_node"):
-        pick_device("cuda", 2, 2)
-    with pytest.raises(FinetuneError, match="not a torch device"):
-        pick_device("gpu0", 0, 1)
+    pick = resolve_device
+    assert pick(None, local_rank=0, gpus=0) == cpu and pick("cpu", local_rank=3, gpus=2) == cpu
+    assert pick(None, local_rank=1, gpus=2) == cuda("cuda", 1)
+    assert pick("cuda", local_rank=0, gpus=1) == cuda("cuda", 0)
+    assert pick("cuda", local_rank=3, gpus=4) == cuda("cuda", 3)  # torchrun rank 3, own GPU
+    assert pick("cuda:1", local_rank=0, gpus=2) == cuda("cuda", 1)
+    with pytest.raises(DeviceError, match="no CUDA device is visible"):
+        pick("cuda", local_rank=0, gpus=0)
+    with pytest.raises(DeviceError, match=r"cuda:3 does not exist.*1 CUDA device \(cuda:0\)"):
+        pick("cuda:3", local_rank=0, gpus=1)
+    with pytest.raises(DeviceError, match=r"LOCAL_RANK=2 .*--nproc_per_node"):
+        pick("cuda", local_rank=2, gpus=2)
+    with pytest.raises(DeviceError, match="'gpu0' is not a device"):
+        pick("gpu0", local_rank=0, gpus=1)
     assert process_group_backend(cuda("cuda", 0)) == "nccl"
     assert process_group_backend(cpu) == "gloo"
 

@@ -16,8 +16,8 @@ from torch.utils.data import TensorDataset
 
 import depthcompress as dc
 from depthcompress.data import DataError, ImageTensors, fashion_mnist, split_dataset
+from depthcompress.devices import cuda_count as dc_cuda_count
 from depthcompress.errors import DepthCompressError, FinetuneError, TableError
-from depthcompress.finetune import cuda_count as dc_cuda_count
 from depthcompress.importance import (
     COLUMNS,
     Entry,
@@ -428,7 +428,7 @@ def test_execution_plan_never_shares_a_gpu_between_processes() -> None:
     pinned = execution_plan("cuda:1", 2, cuda_count=2, cpu_count=16)
     assert pinned.devices == ("cuda:1",)
     assert pinned.note is not None and "--device cuda to run one worker on each" in pinned.note
-    with pytest.raises(DepthCompressError, match="no CUDA GPU"):
+    with pytest.raises(DepthCompressError, match="no CUDA device is visible"):
         execution_plan("cuda", 2, cuda_count=0, cpu_count=16)
     with pytest.raises(DepthCompressError, match="does not exist"):
         execution_plan("cuda:3", 1, cuda_count=1, cpu_count=16)
@@ -443,7 +443,7 @@ def test_importance_table_follows_the_plan_of_the_machine(
     refused before a file is written; an oversubscribed CPU is reported through ``log``."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     path = tmp_path / "gpu.csv"
-    with pytest.raises(DepthCompressError, match="no CUDA GPU"):
+    with pytest.raises(DepthCompressError, match="no CUDA device is visible"):
         importance_table(model, chain, data, path, settings=SETTINGS, device="cuda", progress=False)
     assert not path.exists() and not sidecar_path(path).exists()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

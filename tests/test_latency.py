@@ -302,16 +302,18 @@ def test_tensorrt_needs_the_package_and_a_gpu(monkeypatch):
         get_backend("tensorrt")
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(BackendError, match="needs a CUDA GPU"):
+    with pytest.raises(BackendError, match="no CUDA device is visible to torch"):
         get_backend("tensorrt", fp16=True)
-    with pytest.raises(BackendError, match="needs a CUDA GPU"):
+    with pytest.raises(BackendError, match="no CUDA device is visible to torch"):
         get_backend("torch", device="cuda")
+    with pytest.raises(BackendError, match="tensorrt backend times on a CUDA GPU, not on the CPU"):
+        get_backend("tensorrt", device="cpu")
 
 
 def test_bad_backend_arguments_are_clear():
     with pytest.raises(BackendError, match="unknown backend"):
         get_backend("tflite")
-    with pytest.raises(BackendError, match="runs on the CPU"):
+    with pytest.raises(BackendError, match="times on the CPU; --device cuda is for the torch"):
         get_backend("onnxruntime", device="cuda")
     with pytest.raises(BackendError, match="invalid timing protocol"):
         Protocol(reps=0)

@@ -18,12 +18,14 @@ from typer.testing import CliRunner
 import depthcompress as dc
 from depthcompress import importance as importance_module
 from depthcompress import pipeline
-from depthcompress.backends import Protocol
+from depthcompress.backends import OnnxRuntimeBackend, Protocol, get_backend
 from depthcompress.cli import app
 from depthcompress.data import split_dataset
 from depthcompress.errors import BudgetError, DepthCompressError, TraceError
+from depthcompress.files import sidecar_path
 from depthcompress.finetune import FinetuneConfig
 from depthcompress.importance import FinetuneSettings, read_table
+from depthcompress.latency import build_latency_table
 from depthcompress.models import FashionMBV2
 from depthcompress.pipeline import Budget, CompressSettings, WorkdirError, compress
 from tests.conftest import randomize_bn, rel_err
@@ -226,7 +228,7 @@ def test_redo_of_a_later_stage_keeps_earlier_settings_checked(finished, tmp_path
     [
         ({"batch": 0}, "batch must be ≥ 1"),
         ({"workers": 0}, "workers must be ≥ 1"),
-        ({"device": "cpuu"}, "not a torch device"),
+        ({"device": "cpuu"}, "'cpuu' is not a device: use cpu, cuda or cuda:N"),
         ({"mode": "fast"}, "mode must be"),
     ],
 )
@@ -663,6 +665,99 @@ def test_adopting_a_table_of_other_settings_is_refused(finished, tmp_path) -> No
             progress=False,
         )
     assert not (wd / "importance.csv").exists() and not (wd / "importance.csv.json").exists()
+
+
+def made_elsewhere(tmp_path: Path, s: CompressSettings, model: nn.Module | None = None) -> Path:
+    """A latency table made outside compress (as ``depthcompress latency`` makes it) for the
+    chain compress traces and the settings ``s``."""
+    chain = dc.trace(
+        model or small_model(),
+        torch.randn(1, 1, 28, 28),
+        mode=s.mode,
+        max_kernel_size=s.max_kernel_size,
+        exclude=s.exclude,
+    )
+    path = tmp_path / "elsewhere" / "lat.csv"
+    runner = get_backend(s.backend, threads=s.threads, protocol=s.protocol)
+    build_latency_table(chain, runner, path, batch=s.batch, seed=s.seed, progress=False)
+    return path
+
+
+def test_adopting_a_latency_table_measures_only_missing_rows(tmp_path, monkeypatch) -> None:
+    source = made_elsewhere(tmp_path, settings())
+    header, *rows = source.read_text().splitlines()
+    measured = []
+    real = OnnxRuntimeBackend.measure
+
+    def counting(self, model, shape):
+        measured.append(shape)
+        return real(self, model, shape)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "measure", counting)
+    wd = tmp_path / "run"
+    compress(small_model(), small_data(), wd, settings(), until="latency", latency_from=source)
+    assert measured == []  # a complete table: nothing measured, the file taken as it is
+    assert (wd / "latency.csv").read_bytes() == source.read_bytes()
+    assert "latency" in json.loads((wd / "stages.json").read_text())
+
+    partial = tmp_path / "partial" / "lat.csv"
+    partial.parent.mkdir()
+    partial.write_text("\n".join([header, *rows[:3]]) + "\n")
+    shutil.copy(sidecar_path(source), sidecar_path(partial))
+    wd = tmp_path / "run2"
+    compress(small_model(), small_data(), wd, settings(), until="latency", latency_from=partial)
+    assert len(measured) == len(rows) - 3
+    assert (wd / "latency.csv").read_text().splitlines()[1:4] == rows[:3]  # adopted rows kept
+
+
+@pytest.mark.parametrize(
+    ("other", "model", "mismatch"),
+    [
+        ({"batch": 4}, None, r"batch: 2 vs 4"),
+        ({"threads": 2}, None, r"backend\.threads: 1 vs 2"),
+        ({}, FashionMBV2(blocks=BLOCKS[:2], head_channels=32), r"model\.chain_sha256"),
+    ],
+)
+def test_adopting_a_latency_table_of_another_chain_or_settings_is_refused(
+    tmp_path, other, model, mismatch
+) -> None:
+    source = made_elsewhere(tmp_path, settings(), model)
+    before = source.read_bytes()
+    wd = tmp_path / "run"
+    with pytest.raises(dc.TableError, match=rf"--latency-table.*{mismatch}.*nothing was written"):
+        compress(small_model(), small_data(), wd, replace(settings(), **other), latency_from=source)
+    assert not wd.exists()  # refused before the work directory is even made
+    assert source.read_bytes() == before
+
+
+def test_an_adopted_latency_table_is_refused_in_an_existing_workdir_too(tmp_path) -> None:
+    source = made_elsewhere(tmp_path, replace(settings(), batch=4))
+    wd = tmp_path / "run"
+    compress(small_model(), small_data(), wd, settings(), until="latency", progress=False)
+    before = {p.name: p.read_bytes() for p in wd.iterdir() if p.is_file()}
+    with pytest.raises(dc.TableError, match="batch: 4 vs 2"):
+        compress(small_model(), small_data(), wd, settings(), latency_from=source)
+    assert {p.name: p.read_bytes() for p in wd.iterdir() if p.is_file()} == before
+
+
+def test_cli_latency_table_that_does_not_exist(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "compress",
+            "depthcompress:fashion_mbv2",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--budget",
+            "0.7x",
+            "--workdir",
+            str(tmp_path / "wd"),
+            "--latency-table",
+            str(tmp_path / "missing.csv"),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "wd").exists()
 
 
 def test_example_input_of_another_size(tmp_path: Path) -> None:

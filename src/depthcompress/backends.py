@@ -23,15 +23,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from .devices import device_name, resolve_device
 from .errors import BackendError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 ModelLike: TypeAlias = "nn.Module | bytes | str | Path"
 
 BACKENDS = ("onnxruntime", "torch", "openvino", "tensorrt")
 ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "trt": "tensorrt", "ov": "openvino"}
+GPU_BACKENDS = ("torch", "tensorrt")  # the backends that time on a --device; the others on the CPU
 ONNX_OPSET = 17
 WARMUP_SHARE = 0.25
 STATISTICS = ("median", "mean", "min", "p10", "p25")
@@ -274,6 +277,7 @@ class Backend(ABC):
 
     name: str = ""
     extra: str = ""
+    device: str = "cpu"  # where it times: cpu, or cuda:N for the GPU backends
 
     def __init__(self, *, threads: int | None = None, protocol: Protocol | None = None) -> None:
         if threads is not None and threads < 1:
@@ -348,7 +352,8 @@ class OnnxRuntimeBackend(Backend):
 
 class TorchBackend(Backend):
     """PyTorch eager, ``torch.inference_mode``; on CPU with ``torch.set_num_threads(threads)``,
-    on CUDA timed with CUDA events around each forward (the reference's protocol)."""
+    on CUDA timed with CUDA events around each forward (the reference's protocol). ``device`` is
+    ``cpu``, ``cuda`` (the current or LOCAL_RANK GPU) or ``cuda:N``."""
 
     name = "torch"
     extra = "torch"
@@ -358,21 +363,14 @@ class TorchBackend(Backend):
         *,
         threads: int | None = None,
         protocol: Protocol | None = None,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
     ) -> None:
         super().__init__(threads=threads, protocol=protocol)
-        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-            raise BackendError(f"torch backend device must be 'cpu' or 'cuda[:N]', got {device!r}")
-        self.device = device
+        self._torch()
+        self.device = str(resolve_device(device))
 
     def _torch(self) -> Any:
-        torch = _require("torch", self.name, self.extra)
-        if self.device != "cpu" and not torch.cuda.is_available():
-            raise BackendError(
-                f"the torch backend on {self.device} needs a CUDA GPU, and "
-                "torch.cuda.is_available() is False here: use --device cpu"
-            )
-        return torch
+        return _require("torch", self.name, self.extra)
 
     def measure(self, model: ModelLike, input_shape: tuple[int, ...]) -> Timing:
         """Latency of one forward of ``model`` on a random input of ``input_shape``."""
@@ -399,20 +397,18 @@ class TorchBackend(Backend):
                     ) from None
                 if self.device == "cpu":
                     return time_calls(lambda: module(x), self.protocol)
-                return time_calls(lambda: module(x), self.protocol, _cuda_timer(torch))
+                with torch.cuda.device(torch.device(self.device)):  # events on its stream
+                    return time_calls(lambda: module(x), self.protocol, _cuda_timer(torch))
         finally:
             torch.set_num_threads(old_threads)
 
     def info(self) -> dict[str, Any]:
         """Backend name, versions, device and settings that a timing depends on."""
         torch = self._torch()
-        device = self.device
-        if device != "cpu":
-            device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
         return {
             "name": self.name,
             "version": torch.__version__,
-            "device": device,
+            "device": device_name(torch.device(self.device)),
             "threads": self.threads,
         }
 
@@ -500,8 +496,9 @@ class OpenVinoBackend(Backend):
 
 
 class TensorRTBackend(Backend):
-    """TensorRT on a CUDA GPU: ONNX → serialized engine (fp32, or fp16 with ``fp16=True``), timed
-    with CUDA events around ``execute_async_v3``. Needs ``tensorrt`` ≥ 10 and CUDA torch."""
+    """TensorRT on a CUDA GPU (``device``: ``cuda``, the current or LOCAL_RANK one, or
+    ``cuda:N``): ONNX → serialized engine (fp32, or fp16 with ``fp16=True``), timed with CUDA
+    events around ``execute_async_v3``. Needs ``tensorrt`` ≥ 10 and CUDA torch."""
 
     name = "tensorrt"
     extra = "tensorrt"
@@ -513,19 +510,22 @@ class TensorRTBackend(Backend):
         protocol: Protocol | None = None,
         fp16: bool = False,
         workspace_gib: float = 2.0,
+        device: str | torch.device = "cuda",
     ) -> None:
         super().__init__(threads=threads, protocol=protocol)
+        if str(device).strip().lower() == "cpu":
+            raise BackendError(
+                "the tensorrt backend times on a CUDA GPU, not on the CPU: name a GPU (--device "
+                "cuda or cuda:N), or time on the CPU with --backend onnxruntime or torch"
+            )
         self.fp16 = fp16
         self.workspace_gib = workspace_gib
+        self._modules()
+        self.device = str(resolve_device(device))
 
     def _modules(self) -> tuple[Any, Any]:
         trt = _require("tensorrt", self.name, self.extra)
         torch = _require("torch", self.name, self.extra)
-        if not torch.cuda.is_available():
-            raise BackendError(
-                "the tensorrt backend needs a CUDA GPU, and torch.cuda.is_available() is False "
-                "here: use the onnxruntime or torch backend on this machine"
-            )
         return trt, torch
 
     def engine(self, onnx: bytes) -> Any:
@@ -553,10 +553,16 @@ class TensorRTBackend(Backend):
 
     def measure(self, model: ModelLike, input_shape: tuple[int, ...]) -> Timing:
         """Latency of one engine execution on a random input of ``input_shape``."""
+        trt, torch = self._modules()
+        onnx = _onnx_bytes(model, input_shape)
+        with torch.cuda.device(torch.device(self.device)):
+            return self._measure(trt, torch, onnx, input_shape)
+
+    def _measure(self, trt: Any, torch: Any, onnx: bytes, input_shape: tuple[int, ...]) -> Timing:
+        """``measure`` with ``self.device`` the current CUDA device."""
         import numpy as np
 
-        trt, torch = self._modules()
-        engine = self.engine(_onnx_bytes(model, input_shape))
+        engine = self.engine(onnx)
         context = engine.create_execution_context()
         buffers = []
         for k in range(engine.num_io_tensors):
@@ -567,9 +573,9 @@ class TensorRTBackend(Backend):
                 if -1 in shape:
                     context.set_input_shape(name, input_shape)
                     shape = input_shape
-                buf = torch.randn(shape, device="cuda").to(dtype)
+                buf = torch.randn(shape, device=self.device).to(dtype)
             else:
-                buf = torch.empty(shape, dtype=dtype, device="cuda")
+                buf = torch.empty(shape, dtype=dtype, device=self.device)
             buffers.append(buf)
             context.set_tensor_address(name, buf.data_ptr())
         stream = torch.cuda.current_stream()
@@ -586,7 +592,7 @@ class TensorRTBackend(Backend):
         return {
             "name": self.name,
             "version": trt.__version__,
-            "device": f"cuda ({torch.cuda.get_device_name()})",
+            "device": device_name(torch.device(self.device)),
             "precision": "fp16" if self.fp16 else "fp32",
             "opset": ONNX_OPSET,
         }
@@ -597,31 +603,45 @@ def get_backend(
     *,
     threads: int | None = None,
     protocol: Protocol | None = None,
-    device: str = "cpu",
+    device: str | torch.device | None = None,
     precision: str = "f32",
     fp16: bool = False,
 ) -> Backend:
     """The backend called ``name`` (onnxruntime/ort, torch, openvino, tensorrt), checked to run.
 
-    ``device`` applies to torch (``cpu``/``cuda``); ``precision`` to OpenVINO; ``fp16`` to
-    TensorRT. Raises BackendError naming the extra to install when the runtime is missing.
+    ``device`` is where torch and TensorRT time (``cpu``, ``cuda``, ``cuda:N``; default: the CPU
+    for torch, the current GPU for TensorRT; see ``devices.resolve_device``); ONNX Runtime and
+    OpenVINO time on the CPU only. ``precision`` applies to OpenVINO, ``fp16`` to TensorRT.
+    Raises BackendError naming the extra to install when the runtime is missing.
     """
-    key = ALIASES.get(name.lower(), name.lower())
+    key = backend_key(name)
+    if key in ("onnxruntime", "openvino") and device is not None and str(device) != "cpu":
+        raise BackendError(
+            f"the {key} backend times on the CPU; --device {device} is for the "
+            f"{' and '.join(GPU_BACKENDS)} backends"
+        )
     backend: Backend
     if key == "onnxruntime":
         backend = OnnxRuntimeBackend(threads=threads, protocol=protocol)
     elif key == "torch":
-        backend = TorchBackend(threads=threads, protocol=protocol, device=device)
+        backend = TorchBackend(threads=threads, protocol=protocol, device=device or "cpu")
     elif key == "openvino":
         backend = OpenVinoBackend(threads=threads, protocol=protocol, precision=precision)
-    elif key == "tensorrt":
-        backend = TensorRTBackend(threads=threads, protocol=protocol, fp16=fp16)
     else:
-        raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    if key in ("onnxruntime", "openvino") and device != "cpu":
-        raise BackendError(f"the {key} backend runs on the CPU; --device {device} is for torch")
+        backend = TensorRTBackend(
+            threads=threads, protocol=protocol, fp16=fp16, device=device or "cuda"
+        )
     backend.check()
     return backend
+
+
+def backend_key(name: str) -> str:
+    """The canonical name of a backend or alias (``ort`` → ``onnxruntime``); BackendError if it
+    names none."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    return key
 
 
 def available_backends() -> list[str]:

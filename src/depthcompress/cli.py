@@ -59,6 +59,11 @@ HoldoutOption = Annotated[
     int, typer.Option(help="training examples held out (never trained on) to score importance")
 ]
 HoldoutSeedOption = Annotated[int, typer.Option(help="seed choosing the held-out examples")]
+# every command that runs torch on a device takes it in one form (devices.resolve_device)
+DeviceOption = Annotated[
+    str | None,
+    typer.Option(help="cpu, cuda (the current or LOCAL_RANK GPU) or cuda:N; default: GPU if any"),
+]
 ImageSizeOption = Annotated[
     int | None, typer.Option(help="ImageFolder: resize + crop to this size (default: as they are)")
 ]
@@ -198,7 +203,7 @@ def train_cmd(
     seed: Annotated[int, typer.Option(help="seed of the initialisation and batch order")] = 0,
     image_size: ImageSizeOption = None,
     channels: Annotated[int, typer.Option(help="ImageFolder: 3 (RGB) or 1 (grayscale)")] = 3,
-    device: Annotated[str | None, typer.Option(help="torch device (default: cuda if any)")] = None,
+    device: DeviceOption = None,
     amp: AmpOption = None,
     loader_workers: LoaderWorkersOption = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -215,10 +220,12 @@ def train_cmd(
     import torch
 
     from .data import load_split, load_test
+    from .devices import resolve_device
     from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
 
     checkpoints = output.with_name(output.name + ".ckpt")
     try:
+        resolve_device(device)  # a device that is not there fails before the data loads
         torch.manual_seed(seed)  # the initialisation
         net = _load_model_with_weights(model, None)
         split = load_split(
@@ -349,8 +356,9 @@ def importance_cmd(
     device: Annotated[
         str,
         typer.Option(
-            help="torch device for fine-tuning; on a GPU the entries run one after another "
-            "(--device cuda with --workers k: one worker per GPU)"
+            help="fine-tuning device: cpu, cuda (current or LOCAL_RANK GPU), cuda:N; on a GPU "
+            "the entries run one after another (--device cuda with --workers k: one worker "
+            "per GPU)"
         ),
     ] = "cpu",
     amp: AmpOption = None,
@@ -370,10 +378,12 @@ def importance_cmd(
     import time
 
     from .data import load_split, sample_shape
+    from .devices import resolve_device
     from .graph import trace
     from .importance import FinetuneSettings, importance_table, parse_shard
 
     try:
+        device = str(resolve_device(device))
         net = _load_model_with_weights(model, weights)
         channels = _parse_shape(input_shape)[1] if input_shape else 3
         split = load_split(
@@ -509,7 +519,13 @@ def latency_cmd(
         typer.Option(help="sweep the table this many times; each row is the median of passes"),
     ] = 1,
     seed: Annotated[int, typer.Option(help="seed of the random block weights")] = 0,
-    device: Annotated[str, typer.Option(help="torch backend: cpu or cuda")] = "cpu",
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="where torch/tensorrt time: cpu, cuda (current or LOCAL_RANK GPU) or cuda:N "
+            "(default: cpu for torch, the GPU for tensorrt; onnxruntime and openvino: cpu only)"
+        ),
+    ] = None,
     precision: Annotated[str, typer.Option(help="openvino: f32, bf16 or f16")] = "f32",
     fp16: Annotated[bool, typer.Option(help="tensorrt: build fp16 engines")] = False,
     force: Annotated[
@@ -918,6 +934,7 @@ def _run_compress(
     until: str | None = None,
     channels: int = 3,
     importance_from: Path | None = None,
+    latency_from: Path | None = None,
 ) -> None:
     """Load the data, run ``pipeline.compress`` and print the summary table."""
     import torch
@@ -952,6 +969,7 @@ def _run_compress(
             command=_command_line(),
             until=until,
             importance_from=importance_from,
+            latency_from=latency_from,
         )
     except KeyboardInterrupt:
         console.print(
@@ -1072,6 +1090,13 @@ def compress_cmd(
             "with the same model, data and settings; only missing rows are computed"
         ),
     ] = None,
+    latency_table: Annotated[
+        Path | None,
+        typer.Option(
+            help="adopt a latency table made by 'depthcompress latency' for the same model, "
+            "batch, backend, device and chain flags; only missing rows are measured"
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(help="importance worker processes")] = 1,
     alpha: Annotated[float, typer.Option(help="importance normalisation alpha (§6)")] = 1.6,
     holdout: HoldoutOption = 10000,
@@ -1085,7 +1110,14 @@ def compress_cmd(
     mode: ModeOption = "general",
     max_kernel_size: MaxKernelOption = 15,
     exclude: ExcludeOption = None,
-    device: Annotated[str | None, typer.Option(help="torch device for fine-tuning")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="cpu, cuda (the current or LOCAL_RANK GPU) or cuda:N (default: GPU if any): "
+            "where fine-tuning runs and where --backend torch/tensorrt time (torch default: "
+            "cpu); onnxruntime and openvino always time on the CPU"
+        ),
+    ] = None,
     amp: Annotated[
         str | None,
         typer.Option(
@@ -1129,6 +1161,7 @@ def compress_cmd(
             until=until,
             channels=channels,
             importance_from=importance_table,
+            latency_from=latency_table,
         )
     except DepthCompressError as exc:
         raise fail(exc) from None
@@ -1151,6 +1184,7 @@ def demo_cmd(
             "or fp16 (GPU only); the importance stage runs on the CPU in float32; default off"
         ),
     ] = None,
+    device: DeviceOption = None,
     redo: RedoOption = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
@@ -1186,7 +1220,7 @@ def demo_cmd(
             finetune_batch_size=128,
             optimizer="sgd",
             distill=distill,
-            device=None,
+            device=device,
             seed=0,
             amp=amp,
             importance_amp=None,

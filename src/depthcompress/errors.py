@@ -74,3 +74,7 @@ def plain(value: Any) -> Any:
     if getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
         return value.item()
     return value
+
+
+class DeviceError(BackendError):
+    """A device (``--device``) is not one, or does not exist on this machine."""

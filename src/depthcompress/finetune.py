@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import batches
+from .devices import cuda_count, resolve_device
 from .errors import DivergedError, FinetuneError, plain
 from .graph import param_place
 from .linearization import META_KEY
@@ -292,49 +293,13 @@ def _env_int(name: str, default: int) -> int:
         raise FinetuneError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def pick_device(device: str | torch.device | None, local_rank: int, gpus: int) -> torch.device:
-    """The device of the process with ``local_rank`` on a machine with ``gpus`` GPUs: the
-    one named, with ``cuda`` (no index) or None meaning ``cuda:LOCAL_RANK`` when there are GPUs
-    (None: the CPU otherwise), so each torchrun process gets its own GPU."""
-    if device is None and gpus == 0:
-        return torch.device("cpu")
-    try:
-        dev = torch.device("cuda" if device is None else device)
-    except (RuntimeError, TypeError):
-        raise FinetuneError(
-            f"device {device!r} is not a torch device (cpu, cuda, cuda:1)"
-        ) from None
-    if dev.type != "cuda":
-        return dev
-    if gpus == 0:
-        raise FinetuneError(f"device {str(dev)!r}: torch sees no CUDA GPU here; use --device cpu")
-    if dev.index is None:
-        if local_rank >= gpus:
-            raise FinetuneError(
-                f"process {local_rank} of this machine has no GPU of its own ({gpus} "
-                f"GPU(s)): start at most {gpus} processes (torchrun --nproc_per_node)"
-            )
-        return torch.device("cuda", local_rank)
-    if dev.index >= gpus:
-        raise FinetuneError(
-            f"device {str(dev)!r} does not exist: this machine has {gpus} GPU(s), "
-            f"cuda:0 to cuda:{gpus - 1}"
-        )
-    return dev
-
-
-def cuda_count() -> int:
-    """How many CUDA GPUs torch can use here (0 without CUDA)."""
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def _world(device: str | torch.device | None, distributed: bool) -> _World:
     """Join the process group ``torchrun`` set up (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``), or
     use the one already initialised, or run alone (always, when not ``distributed``); pick the
-    device (``pick_device``: ``cuda:LOCAL_RANK`` for ``cuda`` or by default when CUDA is there)
-    and the backend to match (nccl for CUDA, gloo for CPU)."""
+    device (``devices.resolve_device``: ``cuda:LOCAL_RANK`` for ``cuda`` or by default when CUDA
+    is there) and the backend to match (nccl for CUDA, gloo for CPU)."""
     local_rank = _env_int("LOCAL_RANK", 0) if distributed else 0
-    dev = pick_device(device, local_rank, cuda_count())
+    dev = resolve_device(device, local_rank=local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not distributed:
@@ -899,7 +864,6 @@ __all__ = [
     "finetune",
     "load_checkpoint",
     "loader_workers",
-    "pick_device",
     "process_group_backend",
     "training_loss",
 ]

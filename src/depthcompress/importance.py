@@ -533,11 +533,11 @@ def execution_plan(
     one GPU (``cuda:N``, or ``cuda`` with one GPU), every entry in this process, one after
     another, because processes sharing a GPU only compete for its memory and time; with ``cuda``
     and k GPUs, min(workers, k) processes, worker w on ``cuda:w``."""
-    from .finetune import pick_device
+    from .devices import resolve_device
 
     if workers < 1:
         raise DepthCompressError(f"workers must be ≥ 1, got {workers}")
-    dev = pick_device(device, 0, cuda_count)
+    dev = resolve_device(device, local_rank=0, gpus=cuda_count)
     if dev.type == "cpu":
         load = workers * (threads + loader_workers)
         note = None
@@ -710,7 +710,8 @@ def importance_table(
         shard = parse_shard(shard)
     if executor not in EXECUTORS:
         raise DepthCompressError(f"executor must be one of {EXECUTORS}, got {executor!r}")
-    from .finetune import check_amp, cuda_count
+    from .devices import cuda_count
+    from .finetune import check_amp
 
     plan = execution_plan(
         device,

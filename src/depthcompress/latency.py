@@ -170,14 +170,27 @@ def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {plain(x)!r} vs {plain(y)!r}" for k, x, y in nested_diff(a, b, IGNORED)]
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """The sidecar of a latency table; TableError if it is missing or not one."""
-    return read_sidecar(
-        path,
-        FORMAT,
-        "latency",
-        "pass --force to measure it again from scratch, or write to a new file with -o",
-    )
+RESUME_FIX = "Write to a new file with -o, or pass --force to discard it and start over"
+
+
+def read_meta(
+    path: str | Path,
+    fix: str = "pass --force to measure it again from scratch, or write to a new file with -o",
+) -> dict[str, Any]:
+    """The sidecar of a latency table; TableError (ending in ``fix``) if it is missing or not
+    one."""
+    return read_sidecar(path, FORMAT, "latency", fix)
+
+
+def check_meta(path: Path, old: dict[str, Any], new: dict[str, Any], fix: str = RESUME_FIX) -> None:
+    """Refuse to add rows measured as ``new`` says to the table at ``path`` measured as ``old``
+    says: TableError naming every differing setting (the table's value first), then ``fix``."""
+    diff = settings_diff(old, new)
+    if diff:
+        raise TableError(
+            f"{path} was measured with other settings (the table's vs this run's: "
+            f"{'; '.join(diff[:6])}): rows measured differently cannot share a table. {fix}"
+        )
 
 
 def read_rows(path: str | Path) -> list[LatencyRow]:
@@ -336,13 +349,7 @@ def build_latency_table(
     done: dict[int, LatencyRow] = {}
     if path.exists():
         old = read_meta(path)
-        diff = settings_diff(old, meta)
-        if diff:
-            raise TableError(
-                f"{path} was measured with other settings ({'; '.join(diff[:6])}): rows measured "
-                "differently cannot share a table. Write to a new file with -o, or pass --force "
-                "to discard it and start over"
-            )
+        check_meta(path, old, meta)
         repair_tail(path)
         rows = read_rows(path)
         _check_rows(path, rows, chain.blocks)

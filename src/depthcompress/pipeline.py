@@ -26,15 +26,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends import Backend, Protocol, get_backend, machine_info, package_version
+from .backends import (
+    GPU_BACKENDS,
+    Backend,
+    Protocol,
+    backend_key,
+    get_backend,
+    machine_info,
+    package_version,
+)
 from .data import SplitData, fetch, fingerprint, num_classes
+from .devices import device_name, resolve_device
 from .dp import Budget
 from .errors import BudgetError, DepthCompressError, TableError, WorkdirError, plain
 from .files import nested_diff, sidecar_path, write_json
 from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
 from .graph import ConvChain, trace
 from .importance import FinetuneSettings, importance_table, weights_sha
-from .latency import build_latency_table, chain_sha
+from .latency import build_latency_table, chain_sha, check_meta, read_meta, table_meta
 from .linearization import linearize
 from .merging import check_close, merge
 from .plan import Plan
@@ -62,7 +71,12 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True, kw_only=True)
 class CompressSettings:
     """Everything ``compress`` needs besides the model and the data. ``batch`` is the batch size
-    the latency table, the end-to-end timing and the ONNX file use: pick the deployment's."""
+    the latency table, the end-to-end timing and the ONNX file use: pick the deployment's.
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``; default: the GPU if there is one) is where
+    fine-tuning runs, and where the torch and tensorrt backends time (torch: the CPU when
+    ``device`` is None). ONNX Runtime and OpenVINO always time on the CPU, whatever ``device``.
+    """
 
     budget: Budget
     backend: str = "onnxruntime"
@@ -78,7 +92,7 @@ class CompressSettings:
     finetune: FinetuneConfig = field(
         default_factory=lambda: FinetuneConfig(epochs=3, lr=0.01, batch_size=128)
     )
-    device: str | None = None
+    device: str | torch.device | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -91,11 +105,11 @@ class CompressSettings:
             problems.append(f"threads must be ≥ 1, got {self.threads}")
         if self.mode not in ("general", "reference"):
             problems.append(f"mode must be 'general' or 'reference', got {self.mode!r}")
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                problems.append(f"device {self.device!r} is not a torch device (cpu, cuda, cuda:1)")
+        try:
+            backend_key(self.backend)
+            resolve_device(self.device)
+        except DepthCompressError as exc:
+            problems.append(str(exc))
         if problems:
             raise DepthCompressError("; ".join(problems))
         self._check_amp()
@@ -103,16 +117,24 @@ class CompressSettings:
     def _check_amp(self) -> None:
         """Refuse an ``amp`` the stages' devices cannot run before anything starts: importance
         runs on ``device`` (the CPU by default), fine-tuning on it or on the default GPU."""
-        from .finetune import check_amp, cuda_count
+        from .devices import cuda_count
+        from .finetune import check_amp
 
         tune_device = self.device or ("cuda" if cuda_count() else "cpu")
         check_amp(self.importance.amp, self.device or "cpu")
         check_amp(self.finetune.amp, tune_device)
 
-    def stage_settings(self) -> dict[str, dict[str, Any]]:
-        """Per stage, the settings that decide its result (later stages include earlier ones)."""
+    def timing_device(self) -> str | torch.device | None:
+        """The device handed to the latency backend: ``device`` for torch and tensorrt, None
+        (the CPU) for the CPU backends, whose ``device`` only moves fine-tuning."""
+        return self.device if backend_key(self.backend) in GPU_BACKENDS else None
+
+    def stage_settings(self, timing_device: str = "cpu") -> dict[str, dict[str, Any]]:
+        """Per stage, the settings that decide its result (later stages include earlier ones);
+        ``timing_device`` is what the latency backend times on (``cpu``, ``cuda (GPU model)``)."""
         lat = {
             "backend": self.backend,
+            "device": timing_device,
             "threads": self.threads,
             "batch": self.batch,
             "protocol": asdict(self.protocol),
@@ -344,6 +366,7 @@ def compress(
     command: str | None = None,
     until: str | None = None,
     importance_from: str | Path | None = None,
+    latency_from: str | Path | None = None,
 ) -> CompressResult | None:
     """Compress ``model`` to meet ``settings.budget`` on ``settings.backend``, writing every
     stage to ``workdir`` and resuming what an earlier run left there. ``model`` is not modified.
@@ -354,7 +377,9 @@ def compress(
 
     ``importance_from`` adopts an importance table computed elsewhere (``depthcompress
     importance`` with shards or Ray, same model, data and settings): it is copied into the work
-    directory and resumed, so only its missing rows are computed.
+    directory and resumed, so only its missing rows are computed. ``latency_from`` adopts a
+    latency table made by ``depthcompress latency`` the same way; one of another chain, batch,
+    backend, device or machine is refused before anything is written.
 
     ``until`` stops after that stage (returns None), e.g. to compute the tables on one machine
     and fine-tune elsewhere. Under ``torchrun`` (``WORLD_SIZE`` > 1) only the fine-tuning stage
@@ -412,7 +437,21 @@ def compress(
             f"under torchrun compress only fine-tunes, and {wd.path} holds no run yet: run the "
             "same command once without torchrun and with --until solve first"
         )
-    runner = get_backend(settings.backend, threads=settings.threads, protocol=settings.protocol)
+    device = resolve_device(settings.device)
+    runner = get_backend(
+        settings.backend,
+        threads=settings.threads,
+        protocol=settings.protocol,
+        device=settings.timing_device(),
+    )
+    if device.type == "cuda" and runner.device == "cpu":
+        how = "--device cuda" if runner.name in GPU_BACKENDS else "--backend torch or tensorrt"
+        say(
+            f"note: fine-tuning runs on {device}, latency is timed on the CPU by "
+            f"{runner.name} ({how} times on the GPU)"
+        )
+    if latency_from is not None:
+        _check_adopted_latency(Path(latency_from), chain, runner, settings, identity["model"])
     wd.claim(identity)
     run = _Run(
         wd=wd,
@@ -429,8 +468,10 @@ def compress(
         world=world,
         command=command or " ".join(sys.argv),
         runner=runner,
+        device=device,
         redo=redo,
         importance_from=Path(importance_from) if importance_from is not None else None,
+        latency_from=Path(latency_from) if latency_from is not None else None,
     )
     steps = (
         run.latency_stage,
@@ -466,12 +507,15 @@ class _Run:
     world: int
     command: str
     runner: Backend
+    device: torch.device
     redo: str | None = None
     importance_from: Path | None = None
+    latency_from: Path | None = None
     ran: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.stage = self.settings.stage_settings()
+        timing = device_name(torch.device(self.runner.device), index=False)
+        self.stage = self.settings.stage_settings(timing)
         self.test = self.test_data if self.test_data is not None else self.data.holdout
         self.stage["evaluate"] = {
             **self.stage["evaluate"],
@@ -516,8 +560,12 @@ class _Run:
         from .tables import LatencyTable
 
         path = self.wd.file("latency.csv")
-        message = f"[1/7] latency table of {len(self.chain.blocks)} blocks on {self.runner.name}"
+        message = (
+            f"[1/7] latency table of {len(self.chain.blocks)} blocks on {self.runner.name} "
+            f"({self.runner.device})"
+        )
         if self.todo("latency", message):
+            adopted = self._adopt(self.latency_from, path, "--latency-table", "latency")
             try:
                 build_latency_table(
                     self.chain,
@@ -529,6 +577,8 @@ class _Run:
                     progress=self.progress,
                 )
             except TableError as exc:
+                for p in adopted:  # a refused table leaves no copy behind
+                    p.unlink(missing_ok=True)
                 raise TableError(f"{exc} (with compress: pass --redo latency)") from None
             self.finished("latency")
         self.latency = LatencyTable.read_csv(path)
@@ -611,7 +661,7 @@ class _Run:
         path = self.wd.file("importance.csv")
         message = f"[3/7] importance table ({self.settings.workers} worker(s))"
         if self.todo("importance", message):
-            adopted = self._adopt_importance(path)
+            adopted = self._adopt(self.importance_from, path, "--importance-table", "importance")
             try:
                 importance_table(
                     self.original,
@@ -620,7 +670,7 @@ class _Run:
                     path,
                     settings=self.settings.importance,
                     workers=self.settings.workers,
-                    device=self.settings.device or "cpu",
+                    device=str(self.device) if self.settings.device is not None else "cpu",
                     progress=self.progress,
                     model_name=self.model_name,
                     log=self.say,
@@ -633,18 +683,18 @@ class _Run:
         self.importance = ImportanceTable.read_csv(path)
         return True
 
-    def _adopt_importance(self, path: Path) -> list[Path]:
-        """Copy ``importance_from`` (and its sidecar) to ``path`` unless a table is there."""
-        source = self.importance_from
+    def _adopt(self, source: Path | None, path: Path, flag: str, kind: str) -> list[Path]:
+        """Copy an adopted table ``source`` (and its sidecar) to ``path`` unless a table is
+        there; the stage then resumes it through the table's own sidecar check."""
         if source is None or path.exists():
             return []
         copies = []
         for src, dst in ((source, path), (sidecar_path(source), sidecar_path(path))):
             if not src.is_file():
-                raise TableError(f"--importance-table: {src} does not exist")
+                raise TableError(f"{flag}: {src} does not exist")
             shutil.copy2(src, dst)
             copies.append(dst)
-        self.say(f"adopted the importance table {source}")
+        self.say(f"adopted the {kind} table {source}")
         return copies
 
     def solve_stage(self) -> bool:
@@ -699,7 +749,7 @@ class _Run:
                 checkpoint_dir=self.wd.file("finetune"),
                 holdout_data=self.data.holdout,
                 progress=self.progress,
-                device=self.settings.device,
+                device=self.device,
                 distributed=self.world > 1,
             )
             if self.world > 1:
@@ -789,6 +839,28 @@ class _Run:
             files=_files(self.wd),
             ran=self.ran,
         )
+
+
+def _check_adopted_latency(
+    source: Path, chain: ConvChain, runner: Backend, settings: CompressSettings, model_name: str
+) -> None:
+    """Refuse an adopted latency table of another chain or settings before anything is
+    written (the latency stage checks its copy the same way when it resumes it)."""
+    if not source.is_file():
+        raise TableError(f"--latency-table: {source} does not exist")
+    fix = (
+        "Adopt a table that 'depthcompress latency' made for this model with compress's "
+        "settings (--batch, --backend, --device, --threads, --mode, --exclude, "
+        "--max-kernel-size, --seed, the default timing flags), or leave --latency-table out; "
+        "nothing was written"
+    )
+    meta = table_meta(
+        chain, runner, batch=settings.batch, seed=settings.seed, model_name=model_name
+    )
+    try:
+        check_meta(source, read_meta(source, fix), meta, fix)
+    except TableError as exc:
+        raise TableError(f"--latency-table: {exc}") from None
 
 
 def _grid(fastest: float, original: float, n: int = 40) -> list[float]:
