@@ -1,27 +1,73 @@
-"""Plain file helpers shared by the resumable stages: atomic JSON writes, the sidecar JSON that
-records how a table was made, repair of a row cut short by a kill, and content hashes."""
+"""Plain file helpers shared by the resumable stages: the one atomic write (JSON through it too),
+the one locked CSV appender, the sidecar JSON that records how a table was made, repair of a
+row cut short by a kill, and content hashes."""
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import TableError
 
 
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temporary file (fsynced) and a rename, so neither a kill nor a power
-    cut leaves half a file."""
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path`` for writing (``"w"`` text, ``"wb"`` bytes); when the
+    block ends without an error it is flushed, fsynced and renamed over ``path``, so neither a
+    kill nor a power cut leaves half a file; on an error ``path`` is left as it was."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open(mode, **({} if "b" in mode else {"newline": ""})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (``atomic_open``)."""
+    with atomic_open(path) as fh:
         fh.write(json.dumps(data, indent=1, default=str) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def csv_appender(
+    path: str | Path, columns: Sequence[str]
+) -> Iterator[Callable[[Sequence[object]], None]]:
+    """Append CSV rows to ``path`` (the header first when the file is new), each flushed and
+    fsynced as it is written; an exclusive lock refuses a second writer of the same file."""
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except OSError:
+            raise TableError(
+                f"another depthcompress run is writing {path}: wait for it, or use another -o"
+            ) from None
+        writer = csv.writer(fh, lineterminator="\n")
+
+        def write(fields: Sequence[object]) -> None:
+            writer.writerow(fields)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+        if new:
+            write(list(columns))
+        yield write
 
 
 def sidecar_path(path: str | Path) -> Path:

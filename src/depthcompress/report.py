@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.progress import Progress
 from rich.table import Table
+
+from .progress import LOG, Step
 
 if TYPE_CHECKING:
     from .graph import ConvChain
@@ -81,6 +84,48 @@ def progress_bar(*extra: str) -> Progress:
         TimeRemainingColumn(),
         *(TextColumn(text) for text in extra),
     )
+
+
+class RichProgress:
+    """Draws the ``progress.Step`` events of library calls as rich progress bars, one per task
+    (the command line's reporter): ``with RichProgress(console) as reporter: stage(...,
+    progress=reporter)``."""
+
+    def __init__(self, console: Any = None, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar = progress_bar("{task.fields[detail]}")
+        if console is not None:
+            self.bar.console = console  # type: ignore[misc]
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> Callable[[Step], None] | None:
+        if not self.enabled:
+            return None
+        self.bar.__enter__()
+        return self
+
+    def __call__(self, step: Step) -> None:
+        task = self.tasks.get(step.task)
+        if task is None:
+            task = self.tasks[step.task] = self.bar.add_task(
+                step.task, total=step.total, completed=step.done, detail=step.detail
+            )
+        self.bar.update(task, total=step.total, completed=step.done, detail=step.detail)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(None, None, None)
+
+
+def log_to_console(console: Any, level: int = logging.INFO) -> None:
+    """Show the package's log messages (``progress.LOG``) on ``console``, once."""
+    from rich.logging import RichHandler
+
+    if not any(isinstance(h, RichHandler) for h in LOG.handlers):
+        handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        LOG.addHandler(handler)
+    LOG.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------
