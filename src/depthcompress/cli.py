@@ -884,7 +884,7 @@ def _run_compress(
 
     from .data import load_split, load_test
     from .pipeline import compress
-    from .report import summary_table
+    from .report import RichProgress, summary_table
 
     channels = _parse_shape(input_shape)[1] if input_shape else channels
     split = load_split(
@@ -898,22 +898,23 @@ def _run_compress(
     test = load_test(data, image_size=image_size, channels=channels, download=download)
     example = torch.randn(_parse_shape(input_shape)) if input_shape else None
     try:
-        result = compress(
-            net,
-            split,
-            workdir,
-            settings,
-            example_input=example,
-            test_data=test,
-            model_name=model_name,
-            redo=redo,
-            progress=progress,
-            log=lambda m: console.print(m, highlight=False, markup=False),
-            command=_command_line(),
-            until=until,
-            importance_from=importance_from,
-            latency_from=latency_from,
-        )
+        with RichProgress(console, enabled=progress) as reporter:
+            result = compress(
+                net,
+                split,
+                workdir,
+                settings,
+                example_input=example,
+                test_data=test,
+                model_name=model_name,
+                redo=redo,
+                progress=reporter,
+                log=lambda m: console.print(m, highlight=False, markup=False),
+                command=_command_line(),
+                until=until,
+                importance_from=importance_from,
+                latency_from=latency_from,
+            )
     except KeyboardInterrupt:
         console.print(
             f"[bold yellow]interrupted:[/] everything finished so far is in {workdir}; run the "
