@@ -769,3 +769,32 @@ def test_example_input_of_another_size(tmp_path: Path) -> None:
             example_input=torch.randn(1, 1, 32, 32),
         )
     assert not (tmp_path / "wd").exists()
+
+
+def test_stages_declare_what_they_read_and_keep_todays_names() -> None:
+    """The recorded stages keep their names and files (existing work directories resume), and
+    every field a stage reads is declared on ``RunContext``."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(pipeline.RunContext)}
+    assert pipeline.STAGES == (
+        "latency",
+        "optimal",
+        "importance",
+        "solve",
+        "finetune",
+        "merge",
+        "evaluate",
+    )
+    assert pipeline.STAGE_FILES["solve"] == ("plan.json", "front.csv")
+    for stage in pipeline.PIPELINE:
+        assert set(stage.reads) <= fields, stage.name
+
+
+def test_messages_go_to_the_package_log_without_a_callback(tmp_path, caplog) -> None:
+    """Without a ``log`` callback the stages' messages go to the ``depthcompress`` logger."""
+    with caplog.at_level("INFO", logger="depthcompress"):
+        result = compress(small_model(), small_data(), tmp_path / "run", settings(), until="optimal")
+    assert result is None
+    assert "[1/7] latency table of" in caplog.text
+    assert "[2/7] optimal latency table (stage 1)" in caplog.text
