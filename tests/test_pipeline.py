@@ -794,7 +794,7 @@ def test_stages_declare_what_they_read_and_keep_todays_names() -> None:
 def test_messages_go_to_the_package_log_without_a_callback(tmp_path, caplog) -> None:
     """Without a ``log`` callback the stages' messages go to the ``depthcompress`` logger."""
     with caplog.at_level("INFO", logger="depthcompress"):
-        result = compress(small_model(), small_data(), tmp_path / "run", settings(), until="optimal")
+        result = compress(small_model(), small_data(), tmp_path / "r", settings(), until="optimal")
     assert result is None
     assert "[1/7] latency table of" in caplog.text
     assert "[2/7] optimal latency table (stage 1)" in caplog.text
