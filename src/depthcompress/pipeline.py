@@ -22,10 +22,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 from torch import nn
+from torch.fx import GraphModule
 
 from .backends import (
     GPU_BACKENDS,
@@ -379,7 +380,7 @@ class RunContext:
     fastest_ms: float | None = None
     plan_data: dict[str, Any] | None = None
     plan: Plan | None = None
-    lin: nn.Module | None = None
+    lin: GraphModule | None = None
     merged: nn.Module | None = None
     evaluation: dict[str, Any] | None = None
 
@@ -564,7 +565,7 @@ class SolveStage(Stage):
 
         s, original_ms = ctx.settings, _need(ctx.original_ms, "original_ms")
         opt, importance = _need(ctx.opt, "opt"), _need(ctx.importance, "importance")
-        budget_ms, fastest = _need(ctx.budget_ms, "budget_ms"), _need(ctx.fastest_ms, "fastest")
+        budget_ms, fastest = _need(ctx.budget_ms, "budget_ms"), _need(ctx.fastest_ms, "fastest_ms")
         sol = solve(opt, importance, budget_ms, alpha=s.alpha)
         budgets = sorted({*_grid(fastest, original_ms), budget_ms})
         write_front_csv(ctx.wd.file("front.csv"), sweep(opt, importance, budgets, alpha=s.alpha))
@@ -621,7 +622,7 @@ class FinetuneStage(Stage):
             return None
         lin = result.model.cpu().to(memory_format=torch.contiguous_format)
         torch.save(lin.state_dict(), ctx.wd.file("finetuned.pt"))
-        ctx.lin = lin.eval()
+        ctx.lin = cast(GraphModule, lin.eval())  # finetune returns the network it was given
         return {
             "history": [asdict(h) for h in result.history],
             "best_accuracy": result.best_accuracy,
@@ -962,8 +963,9 @@ def compress(
     )
     if len(chain.blocks) == chain.num_positions:
         say("note: no two convolutions of this chain can merge; only activations can be removed")
+    name = model_name or type(model).__name__
     identity = {
-        "model": model_name or type(model).__name__,
+        "model": name,
         "weights": weights_sha(original),
         "chain": chain_sha(chain),
         "input_shape": list(example_input.shape[1:]),
@@ -994,7 +996,7 @@ def compress(
             f"{runner.name} ({how} times on the GPU)"
         )
     if latency_from is not None:
-        _check_adopted_latency(Path(latency_from), chain, runner, settings, identity["model"])
+        _check_adopted_latency(Path(latency_from), chain, runner, settings, name)
     wd.claim(identity)
     timing = device_name(torch.device(runner.device), index=False)
     ctx = RunContext(
@@ -1006,7 +1008,7 @@ def compress(
         test=test_data if test_data is not None else data.holdout,
         test_kind="test" if test_data is not None else "held-out split",
         shape=shape,
-        model_name=identity["model"],
+        model_name=name,
         runner=runner,
         device=device,
         stage_settings=settings.stage_settings(timing),
