@@ -243,3 +243,32 @@ def test_solve_starts_without_torch(tables, tmp_path):
         "assert 'torch' not in sys.modules, 'solve imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_front_csv_reads_back_and_plots_without_touching_the_backend(tables, tmp_path, monkeypatch):
+    """One front.csv layout for solve and compress, read back exactly; the plot goes through
+    matplotlib's Figure API, so a notebook's backend is left as it was."""
+    from depthcompress.dp import sweep
+    from depthcompress.report import (
+        FRONT_COLUMNS,
+        front_rows,
+        plot_front,
+        read_front_csv,
+        write_front_csv,
+    )
+    from depthcompress.tables import read_importance, read_latency
+
+    mpl = pytest.importorskip("matplotlib")
+    result = sweep(read_latency(tables[0]), read_importance(tables[1], "val_acc"), [20.0, 25.0])
+    out = tmp_path / "front.csv"
+    write_front_csv(out, result)
+    assert out.read_text().splitlines()[0] == ",".join(FRONT_COLUMNS)
+    rows = read_front_csv(out)
+    assert rows == front_rows(result)
+    assert rows[1].activations == tuple(sorted(result.solutions[1].plan.activations))
+    monkeypatch.setitem(mpl.rcParams, "backend", "svg")
+    plan = {**result.solutions[0].to_dict(), "budget_spec": "20", "original_latency": 30.0}
+    assert plot_front(tmp_path / "front.png", rows, plan=plan)
+    assert plot_front(tmp_path / "sweep.png", rows, front=result.front, title="t")
+    assert mpl.rcParams["backend"] == "svg"
+    assert (tmp_path / "front.png").read_bytes()[:4] == b"\x89PNG"

@@ -83,7 +83,7 @@ def finished(tmp_path_factory) -> tuple[Path, pipeline.CompressResult, list[dict
 
     mp.setattr(importance_module, "measure_entry", flaky_measure)
     with pytest.raises(Interrupt):
-        compress(model, data, wd, settings(), progress=False)
+        compress(model, data, wd, settings())
     mp.undo()
     stages = json.loads((wd / "stages.json").read_text())
     assert set(stages) == {"latency", "optimal"}
@@ -100,12 +100,12 @@ def finished(tmp_path_factory) -> tuple[Path, pipeline.CompressResult, list[dict
 
     mp.setattr(pipeline, "finetune", interrupted_finetune)
     with pytest.raises(Interrupt):
-        compress(model, data, wd, settings(), progress=False)
+        compress(model, data, wd, settings())
     mp.undo()
     assert (wd / "finetune" / "last.pt").exists()
     assert not (wd / "finetuned.pt").exists()
 
-    result = compress(model, data, wd, settings(), progress=False)
+    result = compress(model, data, wd, settings())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"compress modified the user's model ({k})"
     return wd, result, partial
@@ -147,7 +147,7 @@ def test_resumed_runs_keep_what_was_computed(finished) -> None:
 
 def test_a_finished_run_recomputes_nothing(finished) -> None:
     wd, first, _ = finished
-    again = compress(small_model(), small_data(), wd, settings(), progress=False)
+    again = compress(small_model(), small_data(), wd, settings())
     assert again.ran == []
     assert again.plan == first.plan
 
@@ -198,7 +198,7 @@ def test_other_budget_is_refused_then_redone_on_request(finished, tmp_path: Path
     wd = copy_of(finished, tmp_path)
     before = snapshot(wd)
     with pytest.raises(WorkdirError, match="--redo solve"):
-        compress(small_model(), small_data(), wd, settings("0.9x"), progress=False)
+        compress(small_model(), small_data(), wd, settings("0.9x"))
     assert snapshot(wd) == before
     result = compress(small_model(), small_data(), wd, settings("0.9x"), redo="solve")
     assert result.ran == ["solve", "finetune", "merge", "evaluate"]
@@ -256,7 +256,7 @@ def test_workdir_of_another_model_is_refused(finished, tmp_path: Path) -> None:
     wd = copy_of(finished, tmp_path)
     before = snapshot(wd)
     with pytest.raises(WorkdirError, match="different model"):
-        compress(small_model(seed=1), small_data(), wd, settings(), progress=False)
+        compress(small_model(seed=1), small_data(), wd, settings())
     assert snapshot(wd) == before
 
 
@@ -297,7 +297,7 @@ def test_unreachable_budget_is_refused_before_the_importance_stage(tmp_path, mon
     no_importance(monkeypatch)
     wd = tmp_path / "wd"
     with pytest.raises(BudgetError, match=r"raise --budget to at least 0\.\d{3}x") as err:
-        compress(small_model(), small_data(), wd, settings("0.01x"), progress=False)
+        compress(small_model(), small_data(), wd, settings("0.01x"))
     assert "no importance entry was computed" in str(err.value)
     assert set(json.loads((wd / "stages.json").read_text())) == {"latency", "optimal"}
     assert not (wd / "importance.csv").exists()
@@ -309,7 +309,7 @@ def test_no_profitable_merge_says_why(tmp_path, monkeypatch) -> None:
     timed_by_span(monkeypatch, lambda i, j: float(j - i))  # merging gains nothing
     no_importance(monkeypatch)
     with pytest.raises(BudgetError) as err:
-        compress(small_model(), small_data(), tmp_path / "a", settings("0.9x"), progress=False)
+        compress(small_model(), small_data(), tmp_path / "a", settings("0.9x"))
     message = " ".join(str(err.value).split())
     assert "nothing can be merged profitably" in message, message
     assert "every merged block is as slow as or slower than its convolutions" in message
@@ -324,7 +324,7 @@ def test_no_profitable_merge_says_why(tmp_path, monkeypatch) -> None:
     )  # fmt: skip
     plain = replace(settings("0.9x"), exclude=())
     with pytest.raises(BudgetError) as err:
-        compress(pooled, small_data(), tmp_path / "b", plain, progress=False)
+        compress(pooled, small_data(), tmp_path / "b", plain)
     message = " ".join(str(err.value).split())
     assert "nothing can be merged profitably" in message, message
     assert "every position between them is a hard boundary (position 1: " in message, message
@@ -448,7 +448,7 @@ from tests.test_pipeline import settings, small_data, small_model
 from depthcompress.pipeline import compress
 
 torch.set_num_threads(1)
-result = compress(small_model(), small_data(), Path(sys.argv[1]), settings(), progress=False)
+result = compress(small_model(), small_data(), Path(sys.argv[1]), settings())
 print("RESULT", None if result is None else round(result.speedup, 3))
 """
 
@@ -457,7 +457,7 @@ def test_until_then_torchrun_finetunes_on_two_processes(tmp_path: Path, monkeypa
     wd = tmp_path / "run"
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(WorkdirError, match=r"only fine-tunes.*--until"):
-        compress(small_model(), small_data(), wd, settings(), progress=False)
+        compress(small_model(), small_data(), wd, settings())
     assert not (wd / "stages.json").exists()
     monkeypatch.delenv("WORLD_SIZE")
 
@@ -486,7 +486,7 @@ def test_until_then_torchrun_finetunes_on_two_processes(tmp_path: Path, monkeypa
     ckpt = torch.load(wd / "finetune" / "last.pt", weights_only=False)
     assert ckpt["world_size"] == 2
     assert (wd / "merged.onnx").exists() and (wd / "report.md").exists()
-    final = compress(small_model(), small_data(), wd, settings(), progress=False)
+    final = compress(small_model(), small_data(), wd, settings())
     assert final.ran == []
 
 
@@ -662,7 +662,6 @@ def test_adopting_a_table_of_other_settings_is_refused(finished, tmp_path) -> No
             wd,
             other,
             importance_from=finished[0] / "importance.csv",
-            progress=False,
         )
     assert not (wd / "importance.csv").exists() and not (wd / "importance.csv.json").exists()
 
@@ -679,7 +678,7 @@ def made_elsewhere(tmp_path: Path, s: CompressSettings, model: nn.Module | None 
     )
     path = tmp_path / "elsewhere" / "lat.csv"
     runner = get_backend(s.backend, threads=s.threads, protocol=s.protocol)
-    build_latency_table(chain, runner, path, batch=s.batch, seed=s.seed, progress=False)
+    build_latency_table(chain, runner, path, batch=s.batch, seed=s.seed)
     return path
 
 
@@ -733,7 +732,7 @@ def test_adopting_a_latency_table_of_another_chain_or_settings_is_refused(
 def test_an_adopted_latency_table_is_refused_in_an_existing_workdir_too(tmp_path) -> None:
     source = made_elsewhere(tmp_path, replace(settings(), batch=4))
     wd = tmp_path / "run"
-    compress(small_model(), small_data(), wd, settings(), until="latency", progress=False)
+    compress(small_model(), small_data(), wd, settings(), until="latency")
     before = {p.name: p.read_bytes() for p in wd.iterdir() if p.is_file()}
     with pytest.raises(dc.TableError, match="batch: 4 vs 2"):
         compress(small_model(), small_data(), wd, settings(), latency_from=source)
@@ -770,3 +769,32 @@ def test_example_input_of_another_size(tmp_path: Path) -> None:
             example_input=torch.randn(1, 1, 32, 32),
         )
     assert not (tmp_path / "wd").exists()
+
+
+def test_stages_declare_what_they_read_and_keep_todays_names() -> None:
+    """The recorded stages keep their names and files (existing work directories resume), and
+    every field a stage reads is declared on ``RunContext``."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(pipeline.RunContext)}
+    assert pipeline.STAGES == (
+        "latency",
+        "optimal",
+        "importance",
+        "solve",
+        "finetune",
+        "merge",
+        "evaluate",
+    )
+    assert pipeline.STAGE_FILES["solve"] == ("plan.json", "front.csv")
+    for stage in pipeline.PIPELINE:
+        assert set(stage.reads) <= fields, stage.name
+
+
+def test_messages_go_to_the_package_log_without_a_callback(tmp_path, caplog) -> None:
+    """Without a ``log`` callback the stages' messages go to the ``depthcompress`` logger."""
+    with caplog.at_level("INFO", logger="depthcompress"):
+        result = compress(small_model(), small_data(), tmp_path / "r", settings(), until="optimal")
+    assert result is None
+    assert "[1/7] latency table of" in caplog.text
+    assert "[2/7] optimal latency table (stage 1)" in caplog.text

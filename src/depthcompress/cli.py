@@ -696,66 +696,6 @@ def _print_solution(sol, score: str, alpha: float) -> None:  # sol: dp.Solution
         )
 
 
-def _write_front_csv(path: Path, result) -> None:  # result: dp.Sweep
-    import csv
-
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(
-            (
-                "budget",
-                "latency",
-                "importance",
-                "num_activations",
-                "num_blocks",
-                "activations",
-                "boundaries",
-            )
-        )
-        for sol in result.solutions:
-            plan = sol.plan
-            writer.writerow(
-                (
-                    repr(sol.budget),
-                    repr(sol.latency),
-                    repr(sol.importance),
-                    len(plan.activations),
-                    len(plan.boundaries),
-                    ",".join(map(str, sorted(plan.activations))),
-                    ",".join(map(str, sorted(plan.boundaries))),
-                )
-            )
-
-
-def _plot_front(path: Path, result, title: str) -> bool:  # result: dp.Sweep
-    """Plot the Pareto front and the sweep's plans; False if matplotlib is not installed."""
-    from .report import pyplot
-
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lat = [p[0] for p in result.front]
-    imp = [p[1] for p in result.front]
-    ax.step(lat, imp, where="post", color="0.6", label="Pareto front (every optimal plan)")
-    ax.plot(
-        [s.latency for s in result.solutions],
-        [s.importance for s in result.solutions],
-        "o",
-        ms=4,
-        label="plan per budget",
-    )
-    ax.set_xlabel("latency Σ T_opt (ms, latency-table units)")
-    ax.set_ylabel("summed extended importance Σ I")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 @app.command("opt-time")
 def opt_time_cmd(
     latency: Annotated[Path, typer.Argument(help="latency table id,st,end,time,stdev (CSV)")],
@@ -899,11 +839,14 @@ def solve_cmd(
     console.print(f"{len(result.front)} Pareto-optimal plans up to {max(budgets):g} ms")
     if output is None:
         return
-    _write_front_csv(output, result)
+    from .report import front_rows, plot_front, write_front_csv
+
+    rows = front_rows(result)
+    write_front_csv(output, rows)
     console.print(f"front written to {output}")
     png = output.with_suffix(".png")
     title = f"{latency.name} × {importance.name} (alpha {alpha:g}, {rounding})"
-    if _plot_front(png, result, title):
+    if plot_front(png, rows, front=result.front, title=title):
         console.print(f"plot written to {png}")
     else:
         console.print(
@@ -941,7 +884,7 @@ def _run_compress(
 
     from .data import load_split, load_test
     from .pipeline import compress
-    from .report import summary_table
+    from .report import RichProgress, summary_table
 
     channels = _parse_shape(input_shape)[1] if input_shape else channels
     split = load_split(
@@ -955,22 +898,23 @@ def _run_compress(
     test = load_test(data, image_size=image_size, channels=channels, download=download)
     example = torch.randn(_parse_shape(input_shape)) if input_shape else None
     try:
-        result = compress(
-            net,
-            split,
-            workdir,
-            settings,
-            example_input=example,
-            test_data=test,
-            model_name=model_name,
-            redo=redo,
-            progress=progress,
-            log=lambda m: console.print(m, highlight=False, markup=False),
-            command=_command_line(),
-            until=until,
-            importance_from=importance_from,
-            latency_from=latency_from,
-        )
+        with RichProgress(console, enabled=progress) as reporter:
+            result = compress(
+                net,
+                split,
+                workdir,
+                settings,
+                example_input=example,
+                test_data=test,
+                model_name=model_name,
+                redo=redo,
+                progress=reporter,
+                log=lambda m: console.print(m, highlight=False, markup=False),
+                command=_command_line(),
+                until=until,
+                importance_from=importance_from,
+                latency_from=latency_from,
+            )
     except KeyboardInterrupt:
         console.print(
             f"[bold yellow]interrupted:[/] everything finished so far is in {workdir}; run the "

@@ -18,13 +18,15 @@ import os
 import shutil
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 from torch import nn
+from torch.fx import GraphModule
 
 from .backends import (
     GPU_BACKENDS,
@@ -47,21 +49,11 @@ from .latency import build_latency_table, chain_sha, check_meta, read_meta, tabl
 from .linearization import linearize
 from .merging import check_close, merge
 from .plan import Plan
+from .progress import LOG, Reporter
+from .tables import ImportanceTable, LatencyTable, OptimalLatencyTable
 
-STAGES = ("latency", "optimal", "importance", "solve", "finetune", "merge", "evaluate")
 MANIFEST = "stages.json"
 RUN = "run.json"
-
-# the files each stage writes, relative to the work directory (report files are always redone)
-STAGE_FILES: dict[str, tuple[str, ...]] = {
-    "latency": ("latency.csv", "latency.csv.json", "latency.csv.passes"),
-    "optimal": ("opt_latency.csv",),
-    "importance": ("importance.csv", "importance.csv.json"),
-    "solve": ("plan.json", "front.csv"),
-    "finetune": ("finetune", "finetuned.pt"),
-    "merge": ("merged.pt", "merged.onnx"),
-    "evaluate": ("evaluation.json",),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,15 +332,565 @@ def conv_depth(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# the pipeline
+# the pipeline: a typed context and one class per stage
 
 
 Log = Callable[[str], None]
+_T = TypeVar("_T")
+
+
+def _need(value: _T | None, name: str) -> _T:
+    """A context field a stage reads; an error in the stage list when no earlier stage filled it."""
+    if value is None:
+        raise RuntimeError(f"RunContext.{name} is read before a stage filled it")
+    return value
+
+
+@dataclass(kw_only=True)
+class RunContext:
+    """Everything one ``compress`` call's stages share: its inputs, then each stage's results
+    (None until the stage that fills them has run or loaded its files)."""
+
+    wd: Workdir
+    settings: CompressSettings
+    chain: ConvChain
+    original: nn.Module
+    data: SplitData
+    test: Any
+    test_kind: str
+    shape: tuple[int, ...]
+    model_name: str
+    runner: Backend
+    device: torch.device
+    stage_settings: dict[str, dict[str, Any]]
+    rank: int = 0
+    world: int = 1
+    command: str = ""
+    say: Log = LOG.info
+    progress: Reporter | None = None
+    importance_from: Path | None = None
+    latency_from: Path | None = None
+    ran: list[str] = field(default_factory=list)
+    # filled by the stages, in order
+    latency: LatencyTable | None = None
+    original_ms: float | None = None
+    opt: OptimalLatencyTable | None = None
+    importance: ImportanceTable | None = None
+    budget_ms: float | None = None
+    fastest_ms: float | None = None
+    plan_data: dict[str, Any] | None = None
+    plan: Plan | None = None
+    lin: GraphModule | None = None
+    merged: nn.Module | None = None
+    evaluation: dict[str, Any] | None = None
+
+    def result(self) -> CompressResult:
+        """The finished run as ``compress`` returns it."""
+        evaluation = _need(self.evaluation, "evaluation")
+        return CompressResult(
+            workdir=self.wd.path,
+            merged=_need(self.merged, "merged"),
+            plan=_need(self.plan, "plan"),
+            budget_ms=_need(self.budget_ms, "budget_ms"),
+            original=NetworkStats(**evaluation["original"]),
+            compressed=NetworkStats(**evaluation["compressed"]),
+            evaluation=evaluation,
+            files=_files(self.wd),
+            ran=self.ran,
+        )
+
+
+class Stage(ABC):
+    """One step of ``compress``. It writes ``files`` (relative to the work directory), reads the
+    context fields named in ``reads``, and is keyed in ``stages.json`` by ``settings``: ``run``
+    computes and writes its files, ``load`` fills the context from them when it finished before.
+
+    ``recorded`` False: never in ``stages.json`` (nor a ``--until``/``--redo`` name), always
+    run. ``torchrun``: may run under torchrun. ``main_only``: only rank 0 goes on to it.
+    ``run_fills``: ``run`` leaves its results on the context itself, so ``load`` is not called
+    after it (otherwise the files just written are read back, as a later run would).
+    """
+
+    name: ClassVar[str]
+    files: ClassVar[tuple[str, ...]] = ()
+    reads: ClassVar[tuple[str, ...]] = ()
+    recorded: ClassVar[bool] = True
+    torchrun: ClassVar[bool] = False
+    main_only: ClassVar[bool] = False
+    run_fills: ClassVar[bool] = False
+
+    def settings(self, ctx: RunContext) -> dict[str, Any]:
+        """The settings that decide this stage's result (those of the stages it reads included)."""
+        return ctx.stage_settings.get(self.name, {})
+
+    def message(self, ctx: RunContext) -> str:
+        """What the stage does, said when it starts."""
+        return self.name
+
+    def check(self, ctx: RunContext) -> None:
+        """Refusals due before anything of this stage is moved or written (none by default)."""
+        return None
+
+    @abstractmethod
+    def run(self, ctx: RunContext) -> dict[str, Any] | None:
+        """Compute and write the stage's files; returns what ``stages.json`` records besides the
+        settings, or None when this process records nothing (a non-main torchrun rank)."""
+
+    @abstractmethod
+    def load(self, ctx: RunContext) -> None:
+        """Fill the context from the stage's files."""
+
+
+class LatencyStage(Stage):
+    """The latency table T(i, j) (resumable row by row); the original chain's latency."""
+
+    name = "latency"
+    files = ("latency.csv", "latency.csv.json", "latency.csv.passes")
+
+    def message(self, ctx: RunContext) -> str:
+        return (
+            f"latency table of {len(ctx.chain.blocks)} blocks on {ctx.runner.name} "
+            f"({ctx.runner.device})"
+        )
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        s, path = ctx.settings, ctx.wd.file("latency.csv")
+        adopted = _adopt(ctx, ctx.latency_from, path, "--latency-table", "latency")
+        try:
+            build_latency_table(
+                ctx.chain,
+                ctx.runner,
+                path,
+                batch=s.batch,
+                seed=s.seed,
+                model_name=ctx.model_name,
+                progress=ctx.progress,
+            )
+        except TableError as exc:
+            for p in adopted:  # a refused table leaves no copy behind
+                p.unlink(missing_ok=True)
+            raise TableError(f"{exc} (with compress: pass --redo latency)") from None
+        return {}
+
+    def load(self, ctx: RunContext) -> None:
+        ctx.latency = LatencyTable.read_csv(ctx.wd.file("latency.csv"))
+        n = ctx.chain.num_positions
+        ctx.original_ms = sum(ctx.latency.time_of(k, k + 1) for k in range(n))
+
+
+class OptimalStage(Stage):
+    """Stage 1: T_opt and its break points for every block; refuses a budget below the fastest
+    tiling of the chain before any importance entry is fine-tuned."""
+
+    name = "optimal"
+    files = ("opt_latency.csv",)
+    reads = ("latency", "original_ms")
+
+    def message(self, ctx: RunContext) -> str:
+        return "optimal latency table (stage 1)"
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        from .dp import optimal_latency
+
+        optimal_latency(_need(ctx.latency, "latency")).write_csv(ctx.wd.file("opt_latency.csv"))
+        return {}
+
+    def load(self, ctx: RunContext) -> None:
+        from .dp import optimal_boundaries
+
+        ctx.opt = OptimalLatencyTable.read_csv(ctx.wd.file("opt_latency.csv"))
+        _, fastest = optimal_boundaries(_need(ctx.latency, "latency"), ())
+        budget_ms = ctx.settings.budget.resolve(_need(ctx.original_ms, "original_ms"))
+        if budget_ms < fastest * (1 - 1e-9) - 1e-12:
+            raise _unreachable(ctx, budget_ms, fastest, "no importance entry was computed")
+
+
+class ImportanceStage(Stage):
+    """The importance table I(i, j) (resumable row by row)."""
+
+    name = "importance"
+    files = ("importance.csv", "importance.csv.json")
+
+    def message(self, ctx: RunContext) -> str:
+        return f"importance table ({ctx.settings.workers} worker(s))"
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        s, path = ctx.settings, ctx.wd.file("importance.csv")
+        adopted = _adopt(ctx, ctx.importance_from, path, "--importance-table", "importance")
+        try:
+            importance_table(
+                ctx.original,
+                ctx.chain,
+                ctx.data,
+                path,
+                settings=s.importance,
+                workers=s.workers,
+                device=str(ctx.device) if s.device is not None else "cpu",
+                progress=ctx.progress,
+                model_name=ctx.model_name,
+                log=ctx.say,
+            )
+        except TableError as exc:
+            for p in adopted:  # a refused table leaves no copy behind
+                p.unlink(missing_ok=True)
+            raise TableError(f"{exc} (with compress: pass --redo importance)") from None
+        return {}
+
+    def load(self, ctx: RunContext) -> None:
+        ctx.importance = ImportanceTable.read_csv(ctx.wd.file("importance.csv"))
+
+
+class SolveStage(Stage):
+    """Stage 2: the plan within the budget, and the sweep of budgets the report plots."""
+
+    name = "solve"
+    files = ("plan.json", "front.csv")
+    reads = ("opt", "importance", "original_ms")
+
+    def message(self, ctx: RunContext) -> str:
+        return f"solve (stage 2) for budget {ctx.settings.budget} = {ctx.budget_ms:.4f} ms"
+
+    def check(self, ctx: RunContext) -> None:
+        from .dp import min_latency
+
+        fastest = min_latency(_need(ctx.opt, "opt"), _need(ctx.importance, "importance"))
+        budget_ms = ctx.settings.budget.resolve(_need(ctx.original_ms, "original_ms"))
+        if budget_ms < fastest - 1e-12:  # checked before anything is moved or written
+            raise _unreachable(ctx, budget_ms, fastest, "nothing else was changed")
+        ctx.budget_ms, ctx.fastest_ms = budget_ms, fastest
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        from .dp import solve, sweep
+        from .report import write_front_csv
+
+        s, original_ms = ctx.settings, _need(ctx.original_ms, "original_ms")
+        opt, importance = _need(ctx.opt, "opt"), _need(ctx.importance, "importance")
+        budget_ms, fastest = _need(ctx.budget_ms, "budget_ms"), _need(ctx.fastest_ms, "fastest_ms")
+        sol = solve(opt, importance, budget_ms, alpha=s.alpha)
+        budgets = sorted({*_grid(fastest, original_ms), budget_ms})
+        write_front_csv(ctx.wd.file("front.csv"), sweep(opt, importance, budgets, alpha=s.alpha))
+        write_json(
+            ctx.wd.file("plan.json"),
+            {
+                **sol.to_dict(),
+                "budget_spec": str(s.budget),
+                "original_latency": original_ms,
+                "fastest_latency": fastest,
+            },
+        )
+        return {}
+
+    def load(self, ctx: RunContext) -> None:
+        ctx.plan_data = _read_json(ctx.wd.file("plan.json"))
+        ctx.plan = Plan.from_dict(ctx.plan_data)
+        ctx.plan.validate(ctx.chain)
+
+
+class FinetuneStage(Stage):
+    """Fine-tune the linearized network (resumable per epoch; DDP under torchrun, after which
+    the other ranks stop)."""
+
+    name = "finetune"
+    files = ("finetune", "finetuned.pt")
+    reads = ("plan",)
+    torchrun = True
+    run_fills = True
+
+    def message(self, ctx: RunContext) -> str:
+        cfg = ctx.settings.finetune
+        return (
+            f"fine-tune the linearized network: {cfg.epochs} epoch(s), {cfg.optimizer}, "
+            f"lr {cfg.lr:g}" + (f", distillation {cfg.distill:g}" if cfg.distill else "")
+        )
+
+    def run(self, ctx: RunContext) -> dict[str, Any] | None:
+        cfg = ctx.settings.finetune
+        result = finetune(
+            linearize(ctx.original, ctx.chain, _need(ctx.plan, "plan")),
+            ctx.data.train,
+            cfg,
+            teacher=copy.deepcopy(ctx.original) if cfg.distill > 0 else None,
+            checkpoint_dir=ctx.wd.file("finetune"),
+            holdout_data=ctx.data.holdout,
+            progress=ctx.progress,
+            device=ctx.device,
+            distributed=ctx.world > 1,
+        )
+        if ctx.world > 1:
+            end_distributed()
+        if ctx.rank != 0:
+            return None
+        lin = result.model.cpu().to(memory_format=torch.contiguous_format)
+        torch.save(lin.state_dict(), ctx.wd.file("finetuned.pt"))
+        ctx.lin = cast(GraphModule, lin.eval())  # finetune returns the network it was given
+        return {
+            "history": [asdict(h) for h in result.history],
+            "best_accuracy": result.best_accuracy,
+        }
+
+    def load(self, ctx: RunContext) -> None:
+        lin = linearize(ctx.original, ctx.chain, _need(ctx.plan, "plan"))
+        path = ctx.wd.file("finetuned.pt")
+        lin.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        ctx.lin = lin.eval()
+
+
+class MergeStage(Stage):
+    """Merge, check against the fine-tuned linearized network on real inputs, export."""
+
+    name = "merge"
+    files = ("merged.pt", "merged.onnx")
+    reads = ("lin", "plan")
+    torchrun = True
+    main_only = True
+    run_fills = True
+
+    def message(self, ctx: RunContext) -> str:
+        return "merge, verify and export"
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        from .export import export_onnx, save_torch
+
+        err = self._merge(ctx)
+        merged = _need(ctx.merged, "merged")
+        x = torch.randn(ctx.shape, generator=torch.Generator().manual_seed(ctx.settings.seed))
+        save_torch(merged, ctx.wd.file("merged.pt"), x)
+        onnx_err = export_onnx(merged, ctx.wd.file("merged.onnx"), x)
+        return {"error": err, "onnx_error": onnx_err}
+
+    def load(self, ctx: RunContext) -> None:
+        self._merge(ctx)
+
+    @staticmethod
+    def _merge(ctx: RunContext) -> float:
+        """Merge the fine-tuned linearized network into ``ctx.merged``; the largest relative
+        difference of the two on real inputs (a ``MergeError`` above the limit)."""
+        lin = _need(ctx.lin, "lin")
+        ctx.merged = merge(lin, ctx.chain, _need(ctx.plan, "plan"), verify=True)
+        real, _ = fetch(ctx.test, torch.arange(min(8, len(ctx.test))))
+        with torch.no_grad():
+            return check_close(
+                lin(real), ctx.merged(real), "merged network", "fine-tuned linearized one"
+            )
+
+
+class EvaluateStage(Stage):
+    """Accuracy and end-to-end latency of both networks."""
+
+    name = "evaluate"
+    files = ("evaluation.json",)
+    reads = ("merged", "original_ms", "plan_data")
+    torchrun = True
+    main_only = True
+
+    def settings(self, ctx: RunContext) -> dict[str, Any]:
+        test_set = {
+            "kind": ctx.test_kind,
+            "size": len(ctx.test),
+            "fingerprint": fingerprint(ctx.test),
+        }
+        return {**super().settings(ctx), "test_set": test_set}
+
+    def message(self, ctx: RunContext) -> str:
+        return "evaluate accuracy and end-to-end latency of both networks"
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        nets = (ctx.original, _need(ctx.merged, "merged"))
+        # each network timed twice in alternation; the faster of its two medians counts, so
+        # a slow phase of a shared machine does not decide the speed-up alone
+        times: tuple[list[float], list[float]] = ([], [])
+        for _ in range(2):
+            for net, samples in zip(nets, times, strict=True):
+                samples.append(ctx.runner.measure(net, ctx.shape).median)
+        before, after = (
+            NetworkStats(
+                accuracy=evaluate(net, ctx.test),
+                latency=min(samples),
+                depth=conv_depth(net),
+                params=sum(p.numel() for p in net.parameters()),
+            )
+            for net, samples in zip(nets, times, strict=True)
+        )
+        original_ms = _need(ctx.original_ms, "original_ms")
+        evaluation = {
+            "original": asdict(before),
+            "compressed": asdict(after),
+            "speedup": before.latency / after.latency,
+            "predicted_speedup": original_ms / _need(ctx.plan_data, "plan_data")["latency"],
+            "test_set": ctx.test_kind,
+            "backend": ctx.runner.info(),
+            "batch": ctx.settings.batch,
+            "input_shape": list(ctx.shape),
+            "machine": machine_info(),
+            "versions": versions(),
+        }
+        write_json(ctx.wd.file("evaluation.json"), evaluation)
+        return {}
+
+    def load(self, ctx: RunContext) -> None:
+        ctx.evaluation = _read_json(ctx.wd.file("evaluation.json"))
+
+
+class ReportStage(Stage):
+    """``report.md`` and its plots, redone from the work directory's files on every run."""
+
+    name = "report"
+    files = ("report.md", "front.png", "blocks.png")
+    reads = ("latency", "opt", "evaluation")
+    recorded = False
+    torchrun = True
+    main_only = True
+    run_fills = True
+
+    def run(self, ctx: RunContext) -> None:
+        self.load(ctx)
+
+    def load(self, ctx: RunContext) -> None:
+        from .report import write_report
+
+        latency, opt = _need(ctx.latency, "latency"), _need(ctx.opt, "opt")
+        write_report(ctx.wd.path, chain=ctx.chain, latency=latency, opt=opt)
+
+
+PIPELINE: tuple[Stage, ...] = (
+    LatencyStage(),
+    OptimalStage(),
+    ImportanceStage(),
+    SolveStage(),
+    FinetuneStage(),
+    MergeStage(),
+    EvaluateStage(),
+    ReportStage(),
+)
+"""The stages ``compress`` runs, in order; adding a stage is adding its class here."""
+
+STAGES = tuple(s.name for s in PIPELINE if s.recorded)
+"""The stages ``stages.json`` records, the names ``--until`` and ``--redo`` take."""
+
+STAGE_FILES: dict[str, tuple[str, ...]] = {s.name: s.files for s in PIPELINE if s.recorded}
+"""The files each recorded stage writes, relative to the work directory (moved by ``--redo``)."""
 
 
 def _files(wd: Workdir) -> dict[str, Path]:
-    names = [f for files in STAGE_FILES.values() for f in files] + ["report.md", RUN, MANIFEST]
+    names = [f for s in PIPELINE for f in s.files] + [RUN, MANIFEST]
     return {name: wd.file(name) for name in names if wd.file(name).exists()}
+
+
+def _run_stages(ctx: RunContext, redo: str | None, until: str | None) -> CompressResult | None:
+    """Load or run each stage of ``PIPELINE`` in order; None when ``until`` stops the run (after
+    that stage and the unrecorded ones that follow it) or on a non-main torchrun rank."""
+    stopping = False
+    for stage in PIPELINE:
+        if (stopping and stage.recorded) or (stage.main_only and ctx.rank != 0):
+            return None
+        missing = [f for f in stage.reads if getattr(ctx, f) is None]
+        if missing:
+            raise RuntimeError(f"the {stage.name} stage reads {missing}, which no stage filled")
+        stage.check(ctx)
+        if _must_run(ctx, stage, redo):
+            redo = None if redo == stage.name else redo
+            info = stage.run(ctx)
+            if info is None and stage.recorded:
+                return None
+            if stage.recorded:
+                ctx.wd.finish(stage.name, stage.settings(ctx), **(info or {}))
+                ctx.ran.append(stage.name)
+            if not stage.run_fills:
+                stage.load(ctx)
+        else:
+            stage.load(ctx)
+        stopping = stopping or stage.name == until
+    return None if stopping else ctx.result()
+
+
+def _must_run(ctx: RunContext, stage: Stage, redo: str | None) -> bool:
+    """Whether ``stage`` must run; if so, announce it (the first stage to run records the
+    command and the chain). Under torchrun only fine-tuning and later stages may run. The stage
+    named by ``redo`` (and every later one) is moved aside only now, when every earlier stage
+    has been checked, so a refused run moves nothing."""
+    if not stage.recorded:
+        return True
+    if redo == stage.name:
+        moved = ctx.wd.redo(stage.name)
+        if moved is not None:
+            ctx.say(f"moved the {stage.name} stage and later ones to {moved}")
+    elif ctx.wd.done(stage.name, stage.settings(ctx)):
+        return False
+    if ctx.world > 1 and not stage.torchrun:
+        raise WorkdirError(
+            f"under torchrun ({ctx.world} processes) compress only fine-tunes, but the "
+            f"{stage.name} stage has not run yet: run the same command once without torchrun and "
+            "with --until solve, then launch it again with torchrun"
+        )
+    if ctx.rank == 0:
+        if not ctx.ran:
+            ctx.wd.record_command(ctx.command)
+            ctx.wd.file("chain.json").write_text(ctx.chain.to_json())
+        number = f"[{STAGES.index(stage.name) + 1}/{len(STAGES)}]"
+        ctx.say(f"{number} {stage.message(ctx)}")
+    return True
+
+
+def _adopt(ctx: RunContext, source: Path | None, path: Path, flag: str, kind: str) -> list[Path]:
+    """Copy an adopted table ``source`` (and its sidecar) to ``path`` unless a table is there;
+    the stage then resumes it through the table's own sidecar check."""
+    if source is None or path.exists():
+        return []
+    copies = []
+    for src, dst in ((source, path), (sidecar_path(source), sidecar_path(path))):
+        if not src.is_file():
+            raise TableError(f"{flag}: {src} does not exist")
+        shutil.copy2(src, dst)
+        copies.append(dst)
+    ctx.say(f"adopted the {kind} table {source}")
+    return copies
+
+
+def _unreachable(ctx: RunContext, budget_ms: float, fastest: float, kept: str) -> BudgetError:
+    """The error for a budget below the fastest plan: the smallest feasible fraction, or why
+    nothing can be merged profitably when the fastest plan is the original network."""
+    original_ms, budget = _need(ctx.original_ms, "original_ms"), ctx.settings.budget
+    head = (
+        f"budget {budget} = {budget_ms:.4f} ms is below the fastest plan the tables allow, "
+        f"{fastest:.4f} ms ({fastest / original_ms:.3f}x of the original {original_ms:.4f} ms)"
+    )
+    tail = f". The tables are kept; {kept}"
+    if fastest < original_ms * (1 - 1e-9):
+        least = math.ceil(1000 * fastest / original_ms) / 1000
+        return BudgetError(f"{head}: raise --budget to at least {least:.3f}x{tail}")
+    return BudgetError(
+        f"{head}: nothing can be merged profitably, because {_why_no_gain(ctx)}, so the "
+        f"original network is the fastest plan and no budget below 1x can be met{tail}"
+    )
+
+
+def _why_no_gain(ctx: RunContext) -> str:
+    """Why no plan is faster than the original chain, in words."""
+    chain = ctx.chain
+    if len(chain.blocks) > chain.num_positions:
+        return (
+            f"every merged block is as slow as or slower than its convolutions run one by "
+            f"one on {ctx.runner.name} at batch {ctx.settings.batch} (try another --backend "
+            "or --batch)"
+        )
+    other = (
+        "merged kernels larger than --max-kernel-size or residuals that cannot be fused; see "
+        "depthcompress inspect"
+    )
+    barriers = list(chain.barriers.items())
+    if not barriers:
+        return f"no two consecutive convolutions form a valid block ({other})"
+    shown = "; ".join(f"position {p}: {why}" for p, why in barriers[:3])
+    more = f"; and {len(barriers) - 3} more" if len(barriers) > 3 else ""
+    if len(barriers) >= chain.num_positions - 1:
+        return (
+            "no two consecutive convolutions can merge: every position between them is a "
+            f"hard boundary ({shown}{more}; see depthcompress inspect)"
+        )
+    return (
+        f"no two consecutive convolutions form a valid block: hard boundaries ({shown}{more}) "
+        f"and, elsewhere, {other}"
+    )
 
 
 def compress(
@@ -361,7 +903,7 @@ def compress(
     test_data: Any = None,
     model_name: str = "",
     redo: str | None = None,
-    progress: bool = True,
+    progress: Reporter | None = None,
     log: Log | None = None,
     command: str | None = None,
     until: str | None = None,
@@ -370,6 +912,8 @@ def compress(
 ) -> CompressResult | None:
     """Compress ``model`` to meet ``settings.budget`` on ``settings.backend``, writing every
     stage to ``workdir`` and resuming what an earlier run left there. ``model`` is not modified.
+    It draws nothing: long stages report to ``progress`` (a ``progress.Reporter``, e.g. the
+    CLI's ``report.RichProgress``), messages go to ``log`` (default: the ``progress.LOG`` logger).
 
     ``data`` is the fine-tuning data and its held-out split (importance is scored on the
     held-out part); ``test_data`` (default: the held-out split) scores the final accuracy of
@@ -392,8 +936,8 @@ def compress(
             raise WorkdirError(f"{flag} must name one of the stages {', '.join(STAGES)}")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
-    progress = progress and rank == 0
-    say: Log = log or (lambda _m: None)
+    progress = progress if rank == 0 else None
+    say: Log = log or LOG.info
     wd = Workdir(workdir)
     sample, _ = fetch(data.holdout, torch.tensor([0]))
     if example_input is None:
@@ -419,8 +963,9 @@ def compress(
     )
     if len(chain.blocks) == chain.num_positions:
         say("note: no two convolutions of this chain can merge; only activations can be removed")
+    name = model_name or type(model).__name__
     identity = {
-        "model": model_name or type(model).__name__,
+        "model": name,
         "weights": weights_sha(original),
         "chain": chain_sha(chain),
         "input_shape": list(example_input.shape[1:]),
@@ -451,394 +996,31 @@ def compress(
             f"{runner.name} ({how} times on the GPU)"
         )
     if latency_from is not None:
-        _check_adopted_latency(Path(latency_from), chain, runner, settings, identity["model"])
+        _check_adopted_latency(Path(latency_from), chain, runner, settings, name)
     wd.claim(identity)
-    run = _Run(
+    timing = device_name(torch.device(runner.device), index=False)
+    ctx = RunContext(
         wd=wd,
         settings=settings,
         chain=chain,
         original=original,
         data=data,
-        test_data=test_data,
+        test=test_data if test_data is not None else data.holdout,
+        test_kind="test" if test_data is not None else "held-out split",
         shape=shape,
-        model_name=identity["model"],
-        say=say,
-        progress=progress,
+        model_name=name,
+        runner=runner,
+        device=device,
+        stage_settings=settings.stage_settings(timing),
         rank=rank,
         world=world,
         command=command or " ".join(sys.argv),
-        runner=runner,
-        device=device,
-        redo=redo,
+        say=say,
+        progress=progress,
         importance_from=Path(importance_from) if importance_from is not None else None,
         latency_from=Path(latency_from) if latency_from is not None else None,
     )
-    steps = (
-        run.latency_stage,
-        run.optimal_stage,
-        run.importance_stage,
-        run.solve_stage,
-        run.finetune_stage,
-        run.merge_stage,
-        run.evaluate_stage,
-    )
-    for name, step in zip(STAGES, steps, strict=True):
-        if not step() or until == name:
-            return None
-    return run.result()
-
-
-@dataclass
-class _Run:
-    """One ``compress`` call: the stages in order, each skipped when ``stages.json`` says it
-    finished with the same settings, each leaving its result on ``self`` for the next."""
-
-    wd: Workdir
-    settings: CompressSettings
-    chain: ConvChain
-    original: nn.Module
-    data: SplitData
-    test_data: Any
-    shape: tuple[int, ...]
-    model_name: str
-    say: Log
-    progress: bool
-    rank: int
-    world: int
-    command: str
-    runner: Backend
-    device: torch.device
-    redo: str | None = None
-    importance_from: Path | None = None
-    latency_from: Path | None = None
-    ran: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        timing = device_name(torch.device(self.runner.device), index=False)
-        self.stage = self.settings.stage_settings(timing)
-        self.test = self.test_data if self.test_data is not None else self.data.holdout
-        self.stage["evaluate"] = {
-            **self.stage["evaluate"],
-            "test_set": {
-                "kind": "test" if self.test_data is not None else "held-out split",
-                "size": len(self.test),
-                "fingerprint": fingerprint(self.test),
-            },
-        }
-
-    def todo(self, name: str, message: str) -> bool:
-        """Whether stage ``name`` must run; if so, announce it (the first stage to run records
-        the command and the chain). Under torchrun only fine-tuning and later stages may run.
-        The stage named by ``redo`` (and every later one) is moved aside only now, when every
-        earlier stage has been checked, so a refused run moves nothing."""
-        if self.redo == name:
-            moved = self.wd.redo(name)
-            self.redo = None
-            if moved is not None:
-                self.say(f"moved the {name} stage and later ones to {moved}")
-        elif self.wd.done(name, self.stage[name]):
-            return False
-        if self.world > 1 and STAGES.index(name) < STAGES.index("finetune"):
-            raise WorkdirError(
-                f"under torchrun ({self.world} processes) compress only fine-tunes, but the "
-                f"{name} stage has not run yet: run the same command once without torchrun and "
-                "with --until solve, then launch it again with torchrun"
-            )
-        if self.rank == 0:
-            if not self.ran:
-                self.wd.record_command(self.command)
-                self.wd.file("chain.json").write_text(self.chain.to_json())
-            self.say(message)
-        return True
-
-    def finished(self, name: str, **info: Any) -> None:
-        self.wd.finish(name, self.stage[name], **info)
-        self.ran.append(name)
-
-    def latency_stage(self) -> bool:
-        """The latency table T(i, j) (resumable row by row)."""
-        from .tables import LatencyTable
-
-        path = self.wd.file("latency.csv")
-        message = (
-            f"[1/7] latency table of {len(self.chain.blocks)} blocks on {self.runner.name} "
-            f"({self.runner.device})"
-        )
-        if self.todo("latency", message):
-            adopted = self._adopt(self.latency_from, path, "--latency-table", "latency")
-            try:
-                build_latency_table(
-                    self.chain,
-                    self.runner,
-                    path,
-                    batch=self.settings.batch,
-                    seed=self.settings.seed,
-                    model_name=self.model_name,
-                    progress=self.progress,
-                )
-            except TableError as exc:
-                for p in adopted:  # a refused table leaves no copy behind
-                    p.unlink(missing_ok=True)
-                raise TableError(f"{exc} (with compress: pass --redo latency)") from None
-            self.finished("latency")
-        self.latency = LatencyTable.read_csv(path)
-        n = self.chain.num_positions
-        self.original_ms = sum(self.latency.time_of(k, k + 1) for k in range(n))
-        return True
-
-    def optimal_stage(self) -> bool:
-        """Stage 1: T_opt and its break points for every block."""
-        from .dp import optimal_latency
-        from .tables import OptimalLatencyTable
-
-        path = self.wd.file("opt_latency.csv")
-        if self.todo("optimal", "[2/7] optimal latency table (stage 1)"):
-            optimal_latency(self.latency).write_csv(path)
-            self.finished("optimal")
-        self.opt = OptimalLatencyTable.read_csv(path)
-        self._check_reachable()
-        return True
-
-    def _check_reachable(self) -> None:
-        """Refuse a budget below the fastest tiling of the chain by valid blocks, known from the
-        latency table alone, before any importance entry is fine-tuned."""
-        from .dp import optimal_boundaries
-
-        _, fastest = optimal_boundaries(self.latency, ())
-        budget_ms = self.settings.budget.resolve(self.original_ms)
-        if budget_ms < fastest * (1 - 1e-9) - 1e-12:
-            raise self._unreachable(budget_ms, fastest, "no importance entry was computed")
-
-    def _unreachable(self, budget_ms: float, fastest: float, kept: str) -> BudgetError:
-        """The error for a budget below the fastest plan: the smallest feasible fraction, or why
-        nothing can be merged profitably when the fastest plan is the original network."""
-        original_ms, budget = self.original_ms, self.settings.budget
-        head = (
-            f"budget {budget} = {budget_ms:.4f} ms is below the fastest plan the tables allow, "
-            f"{fastest:.4f} ms ({fastest / original_ms:.3f}x of the original {original_ms:.4f} ms)"
-        )
-        tail = f". The tables are kept; {kept}"
-        if fastest < original_ms * (1 - 1e-9):
-            least = math.ceil(1000 * fastest / original_ms) / 1000
-            return BudgetError(f"{head}: raise --budget to at least {least:.3f}x{tail}")
-        return BudgetError(
-            f"{head}: nothing can be merged profitably, because {self._why_no_gain()}, so the "
-            f"original network is the fastest plan and no budget below 1x can be met{tail}"
-        )
-
-    def _why_no_gain(self) -> str:
-        """Why no plan is faster than the original chain, in words."""
-        chain = self.chain
-        if len(chain.blocks) > chain.num_positions:
-            return (
-                f"every merged block is as slow as or slower than its convolutions run one by "
-                f"one on {self.runner.name} at batch {self.settings.batch} (try another --backend "
-                "or --batch)"
-            )
-        other = (
-            "merged kernels larger than --max-kernel-size or residuals that cannot be fused; see "
-            "depthcompress inspect"
-        )
-        barriers = list(chain.barriers.items())
-        if not barriers:
-            return f"no two consecutive convolutions form a valid block ({other})"
-        shown = "; ".join(f"position {p}: {why}" for p, why in barriers[:3])
-        more = f"; and {len(barriers) - 3} more" if len(barriers) > 3 else ""
-        if len(barriers) >= chain.num_positions - 1:
-            return (
-                "no two consecutive convolutions can merge: every position between them is a "
-                f"hard boundary ({shown}{more}; see depthcompress inspect)"
-            )
-        return (
-            f"no two consecutive convolutions form a valid block: hard boundaries ({shown}{more}) "
-            f"and, elsewhere, {other}"
-        )
-
-    def importance_stage(self) -> bool:
-        """The importance table I(i, j) (resumable row by row)."""
-        from .tables import ImportanceTable
-
-        path = self.wd.file("importance.csv")
-        message = f"[3/7] importance table ({self.settings.workers} worker(s))"
-        if self.todo("importance", message):
-            adopted = self._adopt(self.importance_from, path, "--importance-table", "importance")
-            try:
-                importance_table(
-                    self.original,
-                    self.chain,
-                    self.data,
-                    path,
-                    settings=self.settings.importance,
-                    workers=self.settings.workers,
-                    device=str(self.device) if self.settings.device is not None else "cpu",
-                    progress=self.progress,
-                    model_name=self.model_name,
-                    log=self.say,
-                )
-            except TableError as exc:
-                for p in adopted:  # a refused table leaves no copy behind
-                    p.unlink(missing_ok=True)
-                raise TableError(f"{exc} (with compress: pass --redo importance)") from None
-            self.finished("importance")
-        self.importance = ImportanceTable.read_csv(path)
-        return True
-
-    def _adopt(self, source: Path | None, path: Path, flag: str, kind: str) -> list[Path]:
-        """Copy an adopted table ``source`` (and its sidecar) to ``path`` unless a table is
-        there; the stage then resumes it through the table's own sidecar check."""
-        if source is None or path.exists():
-            return []
-        copies = []
-        for src, dst in ((source, path), (sidecar_path(source), sidecar_path(path))):
-            if not src.is_file():
-                raise TableError(f"{flag}: {src} does not exist")
-            shutil.copy2(src, dst)
-            copies.append(dst)
-        self.say(f"adopted the {kind} table {source}")
-        return copies
-
-    def solve_stage(self) -> bool:
-        """Stage 2: the plan within the budget, and the Pareto front for the report."""
-        from .dp import min_latency, solve, sweep
-
-        s, original_ms = self.settings, self.original_ms
-        budget_ms = s.budget.resolve(original_ms)
-        path = self.wd.file("plan.json")
-        message = f"[4/7] solve (stage 2) for budget {s.budget} = {budget_ms:.4f} ms"
-        fastest = min_latency(self.opt, self.importance)
-        if budget_ms < fastest - 1e-12:  # checked before anything is moved or written
-            raise self._unreachable(budget_ms, fastest, "nothing else was changed")
-        if self.todo("solve", message):
-            sol = solve(self.opt, self.importance, budget_ms, alpha=s.alpha)
-            budgets = sorted({*_grid(fastest, original_ms), budget_ms})
-            _write_front(
-                self.wd.file("front.csv"), sweep(self.opt, self.importance, budgets, alpha=s.alpha)
-            )
-            write_json(
-                path,
-                {
-                    **sol.to_dict(),
-                    "budget_spec": str(s.budget),
-                    "original_latency": original_ms,
-                    "fastest_latency": fastest,
-                },
-            )
-            self.finished("solve")
-        self.budget_ms = budget_ms
-        self.plan_data = _read_json(path)
-        self.plan = Plan.from_dict(self.plan_data)
-        self.plan.validate(self.chain)
-        return True
-
-    def finetune_stage(self) -> bool:
-        """Fine-tune the linearized network (resumable per epoch; DDP under torchrun). False on
-        the non-main torchrun ranks, which stop here."""
-        cfg = self.settings.finetune
-        lin = linearize(self.original, self.chain, self.plan)
-        path = self.wd.file("finetuned.pt")
-        message = (
-            f"[5/7] fine-tune the linearized network: {cfg.epochs} epoch(s), {cfg.optimizer}, "
-            f"lr {cfg.lr:g}" + (f", distillation {cfg.distill:g}" if cfg.distill else "")
-        )
-        if self.todo("finetune", message):
-            result = finetune(
-                lin,
-                self.data.train,
-                cfg,
-                teacher=copy.deepcopy(self.original) if cfg.distill > 0 else None,
-                checkpoint_dir=self.wd.file("finetune"),
-                holdout_data=self.data.holdout,
-                progress=self.progress,
-                device=self.device,
-                distributed=self.world > 1,
-            )
-            if self.world > 1:
-                end_distributed()
-            if self.rank != 0:
-                return False
-            lin = result.model.cpu().to(memory_format=torch.contiguous_format)
-            torch.save(lin.state_dict(), path)
-            self.finished(
-                "finetune",
-                history=[asdict(h) for h in result.history],
-                best_accuracy=result.best_accuracy,
-            )
-        else:
-            lin.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        self.lin = lin.eval()
-        return self.rank == 0
-
-    def merge_stage(self) -> bool:
-        """Merge, check against the fine-tuned linearized network on real inputs, export."""
-        todo = self.todo("merge", "[6/7] merge, verify and export")
-        self.merged = merge(self.lin, self.chain, self.plan, verify=True)
-        real, _ = fetch(self.test, torch.arange(min(8, len(self.test))))
-        with torch.no_grad():
-            err = check_close(
-                self.lin(real), self.merged(real), "merged network", "fine-tuned linearized one"
-            )
-        if todo:
-            from .export import export_onnx, save_torch
-
-            x = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.settings.seed))
-            save_torch(self.merged, self.wd.file("merged.pt"), x)
-            onnx_err = export_onnx(self.merged, self.wd.file("merged.onnx"), x)
-            self.finished("merge", error=err, onnx_error=onnx_err)
-        return True
-
-    def evaluate_stage(self) -> bool:
-        """Accuracy and end-to-end latency of both networks; then the report."""
-        path = self.wd.file("evaluation.json")
-        message = "[7/7] evaluate accuracy and end-to-end latency of both networks"
-        if self.todo("evaluate", message):
-            nets = (self.original, self.merged)
-            # each network timed twice in alternation; the faster of its two medians counts, so
-            # a slow phase of a shared machine does not decide the speed-up alone
-            times: tuple[list[float], list[float]] = ([], [])
-            for _ in range(2):
-                for net, samples in zip(nets, times, strict=True):
-                    samples.append(self.runner.measure(net, self.shape).median)
-            before, after = (
-                NetworkStats(
-                    accuracy=evaluate(net, self.test),
-                    latency=min(samples),
-                    depth=conv_depth(net),
-                    params=sum(p.numel() for p in net.parameters()),
-                )
-                for net, samples in zip(nets, times, strict=True)
-            )
-            evaluation = {
-                "original": asdict(before),
-                "compressed": asdict(after),
-                "speedup": before.latency / after.latency,
-                "predicted_speedup": self.original_ms / self.plan_data["latency"],
-                "test_set": "test" if self.test_data is not None else "held-out split",
-                "backend": self.runner.info(),
-                "batch": self.settings.batch,
-                "input_shape": list(self.shape),
-                "machine": machine_info(),
-                "versions": versions(),
-            }
-            write_json(path, evaluation)
-            self.finished("evaluate")
-        self.evaluation = _read_json(path)
-        from .report import write_report
-
-        write_report(self.wd.path, chain=self.chain, latency=self.latency, opt=self.opt)
-        return True
-
-    def result(self) -> CompressResult:
-        return CompressResult(
-            workdir=self.wd.path,
-            merged=self.merged,
-            plan=self.plan,
-            budget_ms=self.budget_ms,
-            original=NetworkStats(**self.evaluation["original"]),
-            compressed=NetworkStats(**self.evaluation["compressed"]),
-            evaluation=self.evaluation,
-            files=_files(self.wd),
-            ran=self.ran,
-        )
+    return _run_stages(ctx, redo, until)
 
 
 def _check_adopted_latency(
@@ -867,11 +1049,6 @@ def _grid(fastest: float, original: float, n: int = 40) -> list[float]:
     """Budgets from the fastest plan to the original latency, for the report's front."""
     top = max(original, fastest) * 1.0001
     return [fastest + (top - fastest) * k / (n - 1) for k in range(n)]
-
-
-def _write_front(path: Path, front: Any) -> None:  # front: dp.Sweep
-    lines = ["latency,importance"] + [f"{lat!r},{imp!r}" for lat, imp in front.front]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def versions() -> dict[str, str | None]:

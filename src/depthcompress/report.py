@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.progress import Progress
 from rich.table import Table
 
+from .files import atomic_open
 from .progress import LOG, Step
 
 if TYPE_CHECKING:
+    from .dp import Sweep
     from .graph import ConvChain
     from .tables import LatencyTable, OptimalLatencyTable
 
@@ -64,9 +68,10 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape[1:])
 
 
-def progress_bar(*extra: str) -> Progress:
+def progress_bar(*extra: str, console: Any = None) -> Progress:
     """The progress bar every long stage shows: description, bar, done/total, elapsed, ETA,
-    then ``extra`` text columns (format strings over the task, e.g. ``"{task.fields[block]}"``)."""
+    then ``extra`` text columns (format strings over the task, e.g. ``"{task.fields[block]}"``),
+    drawn on ``console`` (default: rich's own)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -83,6 +88,7 @@ def progress_bar(*extra: str) -> Progress:
         TextColumn("ETA"),
         TimeRemainingColumn(),
         *(TextColumn(text) for text in extra),
+        console=console,
     )
 
 
@@ -93,9 +99,7 @@ class RichProgress:
 
     def __init__(self, console: Any = None, *, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.bar = progress_bar("{task.fields[detail]}")
-        if console is not None:
-            self.bar.console = console  # type: ignore[misc]
+        self.bar = progress_bar("{task.fields[detail]}", console=console)
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> Callable[[Step], None] | None:
@@ -182,45 +186,147 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]
     return out
 
 
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the file-only Agg backend, or None when matplotlib is not
-    installed (plots are optional: ``pip install depthcompress[plot]``)."""
-    try:
-        import matplotlib
+# ---------------------------------------------------------------------------------------------
+# the Pareto front: one CSV layout and one plot for `solve` and `compress`
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+FRONT_COLUMNS = (
+    "budget",
+    "latency",
+    "importance",
+    "num_activations",
+    "num_blocks",
+    "activations",
+    "boundaries",
+)
+"""``front.csv``, one row per budget of a sweep: the ``budget`` (ms, table units), its plan's
+``latency`` (Σ T_opt) and summed ``importance``, the sizes of A and S, and A and S themselves as
+comma-separated positions (a quoted field)."""
+
+
+@dataclass(frozen=True)
+class FrontRow:
+    """One row of ``front.csv``: the best plan (A, S) for one budget of a sweep."""
+
+    budget: float
+    latency: float
+    importance: float
+    activations: tuple[int, ...]
+    boundaries: tuple[int, ...]
+
+
+def front_rows(sweep: Sweep) -> list[FrontRow]:
+    """The rows of ``front.csv`` for a ``dp.Sweep``: one per budget, in the sweep's order."""
+    return [
+        FrontRow(
+            budget=sol.budget,
+            latency=sol.latency,
+            importance=sol.importance,
+            activations=tuple(sorted(sol.plan.activations)),
+            boundaries=tuple(sorted(sol.plan.boundaries)),
+        )
+        for sol in sweep.solutions
+    ]
+
+
+def write_front_csv(path: str | Path, front: Sweep | Sequence[FrontRow]) -> None:
+    """Write a sweep's plans (a ``dp.Sweep`` or its ``front_rows``) to ``path`` atomically, in
+    the ``FRONT_COLUMNS`` layout; floats are written exactly (``repr``)."""
+    rows = front if isinstance(front, Sequence) else front_rows(front)
+    with atomic_open(path) as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(FRONT_COLUMNS)
+        for row in rows:
+            writer.writerow(
+                (
+                    repr(row.budget),
+                    repr(row.latency),
+                    repr(row.importance),
+                    len(row.activations),
+                    len(row.boundaries),
+                    ",".join(map(str, row.activations)),
+                    ",".join(map(str, row.boundaries)),
+                )
+            )
+
+
+def read_front_csv(path: str | Path) -> list[FrontRow]:
+    """The rows of a ``front.csv`` (``write_front_csv``); none when the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        return [
+            FrontRow(
+                budget=float(r["budget"]),
+                latency=float(r["latency"]),
+                importance=float(r["importance"]),
+                activations=_positions(r["activations"]),
+                boundaries=_positions(r["boundaries"]),
+            )
+            for r in csv.DictReader(fh)
+        ]
+
+
+def _positions(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(",") if p)
+
+
+def _figure(width: float, height: float) -> Any:
+    """A matplotlib ``Figure`` made through the object API (no pyplot, so the global backend a
+    notebook uses is left alone), or None when matplotlib is not installed (plots are optional:
+    ``pip install depthcompress[plot]``)."""
+    try:
+        import matplotlib  # noqa: F401  (an uninstalled or blocked matplotlib fails here)
+        from matplotlib.figure import Figure
     except ImportError:
         return None
-    return plt
+    return Figure(figsize=(width, height))
 
 
-def _plot_front(path: Path, front: list[tuple[float, float]], plan: dict[str, Any]) -> bool:
-    plt = pyplot()
-    if plt is None:
+def plot_front(
+    path: str | Path,
+    rows: Sequence[FrontRow],
+    *,
+    front: Sequence[tuple[float, float]] | None = None,
+    plan: dict[str, Any] | None = None,
+    title: str = "",
+) -> bool:
+    """Plot a sweep to ``path`` (PNG): the Pareto front as a step line (``front``, the sweep's
+    exact front, or else the rows' plans), the plan per budget, and, given ``plan`` (a
+    ``plan.json`` with ``budget_spec`` and ``original_latency``), the chosen plan, its budget
+    and the original latency. False when matplotlib is not installed."""
+    fig = _figure(7, 4.5)
+    if fig is None:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    if front:
-        pts = [*front, (max(plan["original_latency"], front[-1][0]), front[-1][1])]
-        ax.step(*zip(*pts, strict=True), where="post", color="0.45", label="Pareto front")
-    ax.plot(plan["latency"], plan["importance"], "o", color="C3", ms=8, label="chosen plan")
-    ax.axvline(plan["budget"], color="C3", ls="--", lw=1, label=f"budget {plan['budget_spec']}")
-    ax.axvline(plan["original_latency"], color="0.3", ls=":", lw=1, label="original")
+    ax = fig.subplots()
+    points = list(front) if front is not None else sorted({(r.latency, r.importance) for r in rows})
+    if points and plan is not None:
+        points.append((max(plan["original_latency"], points[-1][0]), points[-1][1]))
+    if points:
+        ax.step(*zip(*points, strict=True), where="post", color="0.55", label="Pareto front")
+    if rows:
+        lat = [r.latency for r in rows]
+        ax.plot(lat, [r.importance for r in rows], "o", ms=3, color="C0", label="plan per budget")
+    if plan is not None:
+        ax.plot(plan["latency"], plan["importance"], "o", color="C3", ms=8, label="chosen plan")
+        ax.axvline(plan["budget"], color="C3", ls="--", lw=1, label=f"budget {plan['budget_spec']}")
+        ax.axvline(plan["original_latency"], color="0.3", ls=":", lw=1, label="original")
     ax.set_xlabel("latency Σ T_opt of the chain (ms, latency-table units)")
-    ax.set_ylabel("summed importance Σ I")
+    ax.set_ylabel("summed extended importance Σ I")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 
 def _plot_blocks(path: Path, rows: list[tuple[str, float, float]]) -> bool:
-    plt = pyplot()
-    if plt is None:
+    fig = _figure(max(6.0, 0.45 * len(rows) + 2), 4.0)
+    if fig is None:
         return False
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.0))
+    ax = fig.subplots()
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], 0.4, label="before (separate convs)")
     ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], 0.4, label="after (merged block)")
@@ -230,15 +336,7 @@ def _plot_blocks(path: Path, rows: list[tuple[str, float, float]]) -> bool:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
-
-
-def _read_front(path: Path) -> list[tuple[float, float]]:
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()[1:]
-    return [(float(a), float(b)) for a, b in (line.split(",") for line in lines if line)]
 
 
 def write_report(
@@ -324,7 +422,7 @@ def write_report(
         rows,
     )
     lines.append("")
-    if _plot_front(wd / "front.png", _read_front(wd / "front.csv"), plan):
+    if plot_front(wd / "front.png", read_front_csv(wd / "front.csv"), plan=plan):
         lines += ["![latency vs importance: Pareto front and the chosen plan](front.png)", ""]
     if plot_rows and _plot_blocks(wd / "blocks.png", plot_rows):
         lines += ["![per-block latency before and after merging](blocks.png)", ""]
@@ -384,5 +482,6 @@ def write_report(
         "",
     ]
     path = wd / "report.md"
-    path.write_text("\n".join(lines))
+    with atomic_open(path) as fh:
+        fh.write("\n".join(lines))
     return path
