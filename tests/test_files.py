@@ -56,9 +56,9 @@ def test_csv_appender_refuses_a_second_writer_of_the_same_file(tmp_path):
     path = tmp_path / "rows.csv"
     with csv_appender(path, ("a",)) as append:
         append([1])
-        with pytest.raises(TableError, match="another depthcompress run is writing"):
-            with csv_appender(path, ("a",)):
-                pass
+        refused = pytest.raises(TableError, match="another depthcompress run is writing")
+        with refused, csv_appender(path, ("a",)):
+            pass
         append([2])
     with csv_appender(path, ("a",)) as append:  # the lock is gone with the first writer
         append([3])
