@@ -679,7 +679,7 @@ def made_elsewhere(tmp_path: Path, s: CompressSettings, model: nn.Module | None 
     )
     path = tmp_path / "elsewhere" / "lat.csv"
     runner = get_backend(s.backend, threads=s.threads, protocol=s.protocol)
-    build_latency_table(chain, runner, path, batch=s.batch, seed=s.seed, progress=False)
+    build_latency_table(chain, runner, path, batch=s.batch, seed=s.seed)
     return path
 
 

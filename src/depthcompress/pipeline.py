@@ -567,15 +567,18 @@ class _Run:
         if self.todo("latency", message):
             adopted = self._adopt(self.latency_from, path, "--latency-table", "latency")
             try:
-                build_latency_table(
-                    self.chain,
-                    self.runner,
-                    path,
-                    batch=self.settings.batch,
-                    seed=self.settings.seed,
-                    model_name=self.model_name,
-                    progress=self.progress,
-                )
+                from .report import RichProgress  # until compress takes a Reporter
+
+                with RichProgress(enabled=self.progress) as reporter:
+                    build_latency_table(
+                        self.chain,
+                        self.runner,
+                        path,
+                        batch=self.settings.batch,
+                        seed=self.settings.seed,
+                        model_name=self.model_name,
+                        progress=reporter,
+                    )
             except TableError as exc:
                 for p in adopted:  # a refused table leaves no copy behind
                     p.unlink(missing_ok=True)
