@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -36,6 +37,7 @@ IMPORTANCE_KEYS = ("st", "end", "st_act", "end_act")
 EXT_IMPORTANCE_COLUMNS = ("id", *IMPORTANCE_KEYS, "imp", "breaks")
 
 Block = tuple[int, int]
+_T = TypeVar("_T")
 ExtBlock = tuple[int, int, int, int]
 
 
@@ -203,43 +205,32 @@ class _Csv:
             )
         return value.strip()
 
-    def ints(self, column: str) -> list[int]:
+    def _parse(self, column: str, parse: Callable[[str], _T], expected: str) -> list[_T]:
+        """``parse`` of every row's ``column``; TableError naming the line and ``expected``."""
         out = []
         for line, raw in self.rows:
             text = self._field(line, raw, column)
             try:
-                out.append(int(text))
+                out.append(parse(text))
             except ValueError:
+                empty = " (an empty field: a missing value)" if not text else ""
                 raise TableError(
-                    f"{self.path}:{line}: {column} is {text!r}, not an integer position/flag"
+                    f"{self.path}:{line}: {column} is {text!r}, {expected}{empty}"
                 ) from None
         return out
+
+    def ints(self, column: str) -> list[int]:
+        return self._parse(column, int, "not an integer position/flag")
 
     def floats(self, column: str) -> list[float]:
-        out = []
-        for line, raw in self.rows:
-            text = self._field(line, raw, column)
-            try:
-                out.append(float(text))
-            except ValueError:
-                raise TableError(
-                    f"{self.path}:{line}: {column} is {text!r}, not a number"
-                    + (" (an empty field: a missing value)" if not text else "")
-                ) from None
-        return out
+        return self._parse(column, float, "not a number")
 
     def breaks(self, column: str = "breaks") -> list[tuple[int, ...]]:
-        out = []
-        for line, raw in self.rows:
-            text = self._field(line, raw, column)
-            try:
-                out.append(tuple(int(v) for v in text.split(",")))
-            except ValueError:
-                raise TableError(
-                    f"{self.path}:{line}: {column} is {text!r}, not a comma list of positions "
-                    'such as "0,1,2,4"'
-                ) from None
-        return out
+        return self._parse(
+            column,
+            lambda text: tuple(int(v) for v in text.split(",")),
+            'not a comma list of positions such as "0,1,2,4"',
+        )
 
 
 def _read_latency_csv(path: str | Path, *, partial: bool) -> tuple[list[LatencyRow], list[int]]:
