@@ -30,7 +30,6 @@ from depthcompress.backends import (
 from depthcompress.cli import app
 from depthcompress.errors import TableError
 from depthcompress.latency import (
-    COLUMNS,
     block_input_shape,
     block_module,
     build_latency_table,
@@ -40,6 +39,8 @@ from depthcompress.latency import (
     read_latency_table,
     sidecar_path,
 )
+from depthcompress.progress import Step
+from depthcompress.tables import LATENCY_COLUMNS as COLUMNS
 
 FAST = Protocol(warmup=1, reps=3, min_reps=1, max_time=0.05)
 SHAPE = (1, 3, 16, 16)
@@ -103,7 +104,7 @@ def check_complete(path, chain: dc.ConvChain) -> None:
 def test_every_installed_backend_builds_a_table_in_the_reference_layout(name, chain, tmp_path):
     backend = get_backend(name, threads=1, protocol=FAST)
     path = tmp_path / "lat.csv"
-    result = build_latency_table(chain, backend, path, progress=False, model_name="tiny")
+    result = build_latency_table(chain, backend, path, model_name="tiny")
     assert result.complete and result.measured == len(chain.blocks) == 10
     check_complete(path, chain)
     meta, rows = read_latency_table(path)
@@ -113,6 +114,18 @@ def test_every_installed_backend_builds_a_table_in_the_reference_layout(name, ch
     assert [(r.st, r.end) for r in rows] == list(chain.blocks)
     singles = [(k - 1, k) for k in range(1, chain.num_positions + 1)]
     assert plan_latency(rows, singles) > 0
+
+
+def test_build_reports_steps_and_draws_nothing(chain, tmp_path, capsys):
+    steps: list[Step] = []
+    build_latency_table(
+        chain, get_backend("torch", protocol=FAST), tmp_path / "t.csv", progress=steps.append
+    )
+    n = len(chain.blocks)
+    assert steps[0] == Step("t.csv", 0, n) and steps[-1].done == n
+    assert {s.task for s in steps} == {"t.csv"} and all(s.total == n for s in steps)
+    assert [s.detail for s in steps[1:3]] == ["(0,1) 3x3"] * 2
+    assert capsys.readouterr() == ("", "")
 
 
 @pytest.mark.parametrize("name", INSTALLED)
@@ -148,12 +161,12 @@ def test_interrupted_table_resumes_without_duplicate_or_lost_rows(chain, tmp_pat
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_latency_table(chain, backend, path, progress=False, on_row=stop_after_four)
+        build_latency_table(chain, backend, path, on_row=stop_after_four)
     lines = csv_rows(path)
     assert len(lines) == 1 + 4 and sidecar_path(path).is_file()
     with path.open("a") as fh:  # a kill in the middle of writing a row
         fh.write("7,2,3,0.01")
-    result = build_latency_table(chain, backend, path, progress=False)
+    result = build_latency_table(chain, backend, path)
     assert (result.skipped, result.measured) == (4, len(chain.blocks) - 4)
     check_complete(path, chain)
     kept = {tuple(r) for r in lines[1:]}
@@ -200,13 +213,13 @@ def test_passes_resume_mid_pass_and_combine_into_one_row_per_block(chain, tmp_pa
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_latency_table(chain, backend, path, passes=2, progress=False, on_row=stop)
+        build_latency_table(chain, backend, path, passes=2, on_row=stop)
     assert len(csv_rows(path)) == 1 + 2  # rows appear once both passes of a block are done
     split = passes_path(path)
     assert len(csv_rows(split)) == 1 + len(chain.blocks) + 2
     with pytest.raises(TableError, match="passes: 2 vs 3"):
-        build_latency_table(chain, backend, path, passes=3, progress=False)
-    result = build_latency_table(chain, backend, path, passes=2, progress=False)
+        build_latency_table(chain, backend, path, passes=3)
+    result = build_latency_table(chain, backend, path, passes=2)
     assert (result.skipped, result.measured) == (2, len(chain.blocks) - 2)
     check_complete(path, chain)
     assert not split.exists()
@@ -229,7 +242,6 @@ def test_the_table_stores_the_protocols_statistic(chain, tmp_path):
         chain,
         get_backend("torch", threads=1, protocol=protocol),
         tmp_path / "lat.csv",
-        progress=False,
         on_row=lambda row, timing: seen.__setitem__(row.id, (row, timing)),
     )
     assert all(row.time == min(timing.samples) for row, timing in seen.values())
@@ -238,27 +250,20 @@ def test_the_table_stores_the_protocols_statistic(chain, tmp_path):
 
 def test_mismatched_settings_are_refused_and_force_starts_over(chain, tmp_path):
     path = tmp_path / "lat.csv"
-    build_latency_table(chain, get_backend("torch", threads=1, protocol=FAST), path, progress=False)
+    build_latency_table(chain, get_backend("torch", threads=1, protocol=FAST), path)
     with pytest.raises(TableError, match=r"batch: 1 vs 2.*-o.*--force"):
-        build_latency_table(
-            chain, get_backend("torch", threads=1, protocol=FAST), path, batch=2, progress=False
-        )
+        build_latency_table(chain, get_backend("torch", threads=1, protocol=FAST), path, batch=2)
     with pytest.raises(TableError, match=r"backend\.threads: 1 vs 2"):
-        build_latency_table(
-            chain, get_backend("torch", threads=2, protocol=FAST), path, progress=False
-        )
+        build_latency_table(chain, get_backend("torch", threads=2, protocol=FAST), path)
     other = dc.trace(tiny(), torch.randn(1, 3, 32, 32))
     with pytest.raises(TableError, match=r"model\.chain_sha256"):
-        build_latency_table(
-            other, get_backend("torch", threads=1, protocol=FAST), path, progress=False
-        )
+        build_latency_table(other, get_backend("torch", threads=1, protocol=FAST), path)
     result = build_latency_table(
         chain,
         get_backend("torch", threads=1, protocol=FAST),
         path,
         batch=2,
         force=True,
-        progress=False,
     )
     assert result.measured == len(chain.blocks) and result.meta["batch"] == 2
     assert json.loads(sidecar_path(path).read_text())["batch"] == 2
@@ -268,13 +273,13 @@ def test_a_table_without_sidecar_or_with_foreign_rows_is_refused(chain, tmp_path
     path = tmp_path / "lat.csv"
     path.write_text("id,st,end,time,stdev\n")
     with pytest.raises(TableError, match="no sidecar"):
-        build_latency_table(chain, get_backend("torch", protocol=FAST), path, progress=False)
+        build_latency_table(chain, get_backend("torch", protocol=FAST), path)
     backend = get_backend("torch", threads=1, protocol=FAST)
-    build_latency_table(chain, backend, path, force=True, progress=False)
+    build_latency_table(chain, backend, path, force=True)
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[0], "0,1,3,0.1,0.0"]) + "\n")
     with pytest.raises(TableError, match="another model"):
-        build_latency_table(chain, backend, path, progress=False)
+        build_latency_table(chain, backend, path)
 
 
 @pytest.mark.parametrize(

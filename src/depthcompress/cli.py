@@ -608,21 +608,23 @@ def _latency_table(
 ) -> None:
     """Build or resume the latency table of MODEL at ``output``."""
     from .latency import build_latency_table
+    from .report import RichProgress
 
     mode, max_kernel_size, exclude = chain_flags
     _, chain = _trace_for_cli(model, (1, *shape[1:]), mode, max_kernel_size, exclude or [])
     try:
-        result = build_latency_table(
-            chain,
-            runner,
-            output,
-            batch=shape[0],
-            seed=seed,
-            passes=passes,
-            model_name=model,
-            force=force,
-            progress=progress,
-        )
+        with RichProgress(console, enabled=progress) as reporter:
+            result = build_latency_table(
+                chain,
+                runner,
+                output,
+                batch=shape[0],
+                seed=seed,
+                passes=passes,
+                model_name=model,
+                force=force,
+                progress=reporter,
+            )
     except KeyboardInterrupt:
         console.print(
             f"[bold yellow]interrupted:[/] the rows measured so far are in {output}; run the "

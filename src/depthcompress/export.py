@@ -3,20 +3,20 @@ against PyTorch with ONNX Runtime. Nothing is written if a check fails."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import ExportError
+from .files import atomic_open
 from .merging import check_close
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and fsynced (``files.atomic_open``)."""
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
 
 
 def save_torch(module: nn.Module, path: str | Path, example_input: torch.Tensor) -> Path:
@@ -38,7 +38,7 @@ def save_torch(module: nn.Module, path: str | Path, example_input: torch.Tensor)
             error=ExportError,
             outcome=f"{path} was not written",
         )
-    _atomic_write(path, buf.getvalue())
+    _write(path, buf.getvalue())
     return path
 
 
@@ -75,5 +75,5 @@ def export_onnx(
         error=ExportError,
         outcome=f"{path} was not written",
     )
-    _atomic_write(path, data)
+    _write(path, data)
     return err

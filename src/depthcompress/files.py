@@ -9,7 +9,7 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,6 +37,14 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (``atomic_open``)."""
     with atomic_open(path) as fh:
         fh.write(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Write a whole CSV file (header ``columns``, then ``rows``) atomically (``atomic_open``)."""
+    with atomic_open(path) as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
 
 
 @contextlib.contextmanager

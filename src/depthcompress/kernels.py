@@ -7,10 +7,11 @@ ALGORITHM.md §2: with all padding moved to the front of a chain, the chain *is*
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 Pair = tuple[int, int]
 
@@ -57,16 +58,27 @@ def expand_dilation(weight: Tensor, dilation: Pair) -> Tensor:
     return out
 
 
-def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Per-channel (scale, shift) of an eval-mode BatchNorm, using the module's own eps."""
+def fold_bn_weights(
+    weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d
+) -> tuple[Tensor, Tensor]:
+    """``(weight, bias)`` of a conv followed by ``bn`` in eval form (running statistics, the
+    module's own eps), by torch's ``fuse_conv_bn_weights`` in ``weight``'s dtype."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(f"{bn} keeps no running statistics and cannot be folded")
-    var = bn.running_var.detach().to(dtype)
-    mean = bn.running_mean.detach().to(dtype)
-    gamma = bn.weight.detach().to(dtype) if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.detach().to(dtype) if bn.bias is not None else torch.zeros_like(var)
-    scale = gamma / torch.sqrt(var + bn.eps)
-    return scale, beta - mean * scale
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().to(weight.dtype)
+
+    w, b = fuse_conv_bn_weights(
+        weight.detach(),
+        cast(bias),
+        bn.running_mean.detach().to(weight.dtype),
+        bn.running_var.detach().to(weight.dtype),
+        bn.eps,
+        cast(bn.weight),
+        cast(bn.bias),
+    )
+    return w.detach(), b.detach()
 
 
 def spec_from_conv(
@@ -94,15 +106,11 @@ def spec_from_conv(
 
 
 def fold_bn(spec: ConvSpec, bn: nn.BatchNorm2d) -> ConvSpec:
-    """Fold an eval-mode BatchNorm that follows ``spec`` into its weight and bias."""
-    scale, shift = bn_scale_shift(bn, spec.weight.dtype)
-    return ConvSpec(
-        weight=spec.weight * scale.view(-1, 1, 1, 1),
-        bias=spec.bias * scale + shift,
-        stride=spec.stride,
-        padding=spec.padding,
-        groups=spec.groups,
-    )
+    """Fold an eval-mode BatchNorm that follows ``spec`` into its weight and bias, in the spec's
+    dtype (float64 in a merge). A ``ConvSpec`` is bare tensors, not a module, so this goes
+    through torch's ``fuse_conv_bn_weights`` rather than ``fuse_conv_bn_eval``."""
+    weight, bias = fold_bn_weights(spec.weight, spec.bias, bn)
+    return replace(spec, weight=weight, bias=bias)
 
 
 def to_dense(spec: ConvSpec) -> ConvSpec:

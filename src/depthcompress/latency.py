@@ -16,11 +16,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
-import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,11 +30,20 @@ from torch import nn
 
 from .backends import Backend, Timing, machine_info, package_version
 from .errors import TableError, plain
-from .files import json_sha, nested_diff, read_sidecar, repair_tail, sidecar_path, write_json
+from .files import (
+    csv_appender,
+    json_sha,
+    nested_diff,
+    read_sidecar,
+    repair_tail,
+    sidecar_path,
+    write_json,
+)
 from .graph import ConvChain
 from .linearization import make_activation
+from .progress import Reporter, tell
+from .tables import LATENCY_COLUMNS, LatencyRow, read_latency_rows, write_latency_rows
 
-COLUMNS = ("id", "st", "end", "time", "stdev")
 PASS_COLUMNS = ("id", "pass", "time", "stdev")
 FORMAT = "depthcompress-latency-1"
 # sidecar keys that must agree for rows to belong to one table (model.name and the machine's
@@ -52,21 +60,6 @@ COMPATIBLE_KEYS = (
     "machine",
 )
 IGNORED = ("model.name", "machine.hostname")
-
-
-@dataclass(frozen=True)
-class LatencyRow:
-    """One table row: block ``(st, end)`` is row ``id`` of ``chain.blocks``; times in ms."""
-
-    id: int
-    st: int
-    end: int
-    time: float
-    stdev: float
-
-    def as_csv(self) -> list[str]:
-        """The row as CSV fields (floats in shortest round-trip form)."""
-        return [str(self.id), str(self.st), str(self.end), repr(self.time), repr(self.stdev)]
 
 
 @dataclass
@@ -193,32 +186,10 @@ def check_meta(path: Path, old: dict[str, Any], new: dict[str, Any], fix: str = 
         )
 
 
-def read_rows(path: str | Path) -> list[LatencyRow]:
-    """Rows of a latency CSV (``id,st,end,time,stdev``) in file order."""
-    path = Path(path)
-    if not path.is_file():
-        raise TableError(f"latency table {path} does not exist")
-    with path.open(newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            return []
-        if tuple(header) != COLUMNS:
-            raise TableError(f"{path}: expected the header {','.join(COLUMNS)}, got {header}")
-        rows = []
-        for n, raw in enumerate(reader, start=2):
-            try:
-                rid, st, end = (int(v) for v in raw[:3])
-                rows.append(LatencyRow(rid, st, end, float(raw[3]), float(raw[4])))
-            except (ValueError, IndexError):
-                raise TableError(f"{path}:{n}: malformed row {raw}") from None
-    return rows
-
-
 def read_latency_table(path: str | Path) -> tuple[dict[str, Any], list[LatencyRow]]:
     """A table's sidecar and its rows sorted by id."""
     meta = read_meta(path)
-    return meta, sorted(read_rows(path), key=lambda r: r.id)
+    return meta, sorted(read_latency_rows(path), key=lambda r: r.id)
 
 
 def latency_dict(rows: Iterable[LatencyRow]) -> dict[tuple[int, int], float]:
@@ -237,48 +208,6 @@ def _check_rows(path: Path, rows: list[LatencyRow], blocks: tuple[tuple[int, int
         if r.id in seen:
             raise TableError(f"{path}: block id {r.id} appears twice")
         seen.add(r.id)
-
-
-def write_sorted(path: Path, rows: Iterable[LatencyRow]) -> None:
-    """Rewrite the CSV sorted by id through a temporary file and an atomic rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        for row in sorted(rows, key=lambda r: r.id):
-            writer.writerow(row.as_csv())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _appender(
-    path: Path, columns: tuple[str, ...] = COLUMNS
-) -> Iterator[Callable[[list[str]], None]]:
-    """Append CSV lines, each flushed and fsynced; an exclusive lock refuses a second writer."""
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as fh:
-        try:
-            import fcntl
-
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
-        except OSError:
-            raise TableError(
-                f"another depthcompress run is writing {path}: wait for it, or use another -o"
-            ) from None
-        writer = csv.writer(fh, lineterminator="\n")
-
-        def write(fields: list[str]) -> None:
-            writer.writerow(fields)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-        if new:
-            write(list(columns))
-        yield write
 
 
 def _read_passes(path: Path, blocks: int, passes: int) -> dict[int, dict[int, tuple[float, float]]]:
@@ -321,7 +250,7 @@ def build_latency_table(
     passes: int = 1,
     model_name: str = "",
     force: bool = False,
-    progress: bool = True,
+    progress: Reporter | None = None,
     on_row: Callable[[LatencyRow, Timing], None] | None = None,
 ) -> LatencyResult:
     """Measure ``T(i, j)`` for every block of ``chain`` on ``backend`` into the CSV at ``path``.
@@ -335,7 +264,9 @@ def build_latency_table(
     With ``passes`` > 1 the whole table is swept that many times and each row is the median over
     the passes, so that a slow phase of a shared machine spoils one pass of an entry, not the
     entry; per-pass results are kept (fsynced) in ``LATENCY.csv.passes`` until the table is done.
-    ``on_row`` sees each finished row with the timing of its last pass.
+    ``on_row`` sees each finished row with the timing of its last pass. ``progress`` is told a
+    ``Step`` (task: the table's file name, detail: the block) before and after each
+    measurement; nothing is drawn.
     """
     if batch < 1:
         raise TableError(f"batch must be ≥ 1, got {batch}")
@@ -351,7 +282,7 @@ def build_latency_table(
         old = read_meta(path)
         check_meta(path, old, meta)
         repair_tail(path)
-        rows = read_rows(path)
+        rows = read_latency_rows(path)
         _check_rows(path, rows, chain.blocks)
         done = {r.id: r for r in rows}
         meta = old
@@ -367,13 +298,13 @@ def build_latency_table(
     partial = {k: v for k, v in partial.items() if k not in done}
     result = LatencyResult(path=path, meta=meta, skipped=len(done))
     start = time.perf_counter()
-    finished = len(done) * passes + sum(len(v) for v in partial.values())
+    count, total = len(done) * passes + sum(len(v) for v in partial.values()), n * passes
+    tell(progress, path.name, count, total)
     split = passes_path(path) if passes > 1 else None
     try:
         with (
-            _appender(path) as append,
-            _appender(split, PASS_COLUMNS) if split else contextlib.nullcontext() as append_pass,
-            _Progress(progress, n * passes, finished, path.name) as bar,
+            csv_appender(path, LATENCY_COLUMNS) as append,
+            csv_appender(split, PASS_COLUMNS) if split else contextlib.nullcontext() as append_pass,
         ):
 
             def finish(k: int, value: tuple[float, float], timing: Timing | None) -> None:
@@ -394,12 +325,14 @@ def build_latency_table(
                     i, j = chain.blocks[k]
                     g = chain.geometry(i, j)
                     label = f"pass {p + 1}/{passes} " if split else ""
-                    bar.describe(f"{label}({i},{j}) {g.kernel[0]}x{g.kernel[1]}")
+                    detail = f"{label}({i},{j}) {g.kernel[0]}x{g.kernel[1]}"
+                    tell(progress, path.name, count, total, detail)
                     timing = backend.measure(
                         block_module(chain, i, j, seed=seed), block_input_shape(chain, i, j, batch)
                     )
                     value = (timing.statistic(stat), timing.stdev)
-                    bar.advance()
+                    count += 1
+                    tell(progress, path.name, count, total, detail)
                     if split is None:
                         finish(k, value, timing)
                         continue
@@ -411,43 +344,9 @@ def build_latency_table(
         result.seconds = time.perf_counter() - start
         result.rows = sorted(done.values(), key=lambda r: r.id)
     if len(done) == n:
-        write_sorted(path, done.values())
+        write_latency_rows(path, sorted(done.values(), key=lambda r: r.id))
         passes_path(path).unlink(missing_ok=True)
     return result
-
-
-class _Progress:
-    """A rich progress bar (rows done / total, elapsed, ETA, current block), or nothing."""
-
-    def __init__(self, enabled: bool, total: int, completed: int, label: str) -> None:
-        self.enabled, self.total, self.completed, self.label = enabled, total, completed, label
-        self.bar: Any = None
-        self.task: Any = None
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from .report import progress_bar
-
-            self.bar = progress_bar("{task.fields[block]}")
-            self.bar.start()
-            self.task = self.bar.add_task(
-                self.label, total=self.total, completed=self.completed, block=""
-            )
-        return self
-
-    def describe(self, block: str) -> None:
-        """Show the block being measured."""
-        if self.bar is not None:
-            self.bar.update(self.task, block=block)
-
-    def advance(self) -> None:
-        """Count one finished row."""
-        if self.bar is not None:
-            self.bar.advance(self.task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def plan_latency(rows: Iterable[LatencyRow], blocks: Iterable[tuple[int, int]]) -> float:

@@ -9,6 +9,7 @@ import copy
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils._pytree import tree_leaves
 
 from .errors import DepthCompressError, MergeError
@@ -16,7 +17,6 @@ from .graph import ConvChain, Residual, example_input_for, is_batchnorm, param_p
 from .kernels import (
     ConvSpec,
     add_shortcut,
-    bn_scale_shift,
     fold_bn,
     merge_chain,
     spec_from_conv,
@@ -208,20 +208,19 @@ def _merged_conv(
 
 
 def _folded_copy(gm: fx.GraphModule, conv_name: str, *bn_names: str | None) -> nn.Conv2d:
-    """A copy of one conv (padding mode, dilation and all) with the eval BNs after it folded in."""
-    conv = copy.deepcopy(gm.get_submodule(conv_name))
+    """A copy of one conv (padding mode, dilation and all) with the eval BNs after it folded in:
+    torch's ``fuse_conv_bn_eval`` on float64 copies, cast back to the conv's dtype."""
+    conv = gm.get_submodule(conv_name)
     bns = [gm.get_submodule(name) for name in bn_names if name is not None]
+    fused = copy.deepcopy(conv)
     if not bns:
-        return conv
+        return fused
+    fused = fused.double().eval()
     with torch.no_grad():
-        w = conv.weight.double()
-        b = conv.bias.double() if conv.bias is not None else w.new_zeros(conv.out_channels)
         for bn in bns:
-            scale, shift = bn_scale_shift(bn, torch.float64)
-            w, b = w * scale.view(-1, 1, 1, 1), b * scale + shift
-        conv.weight.copy_(w.to(conv.weight.dtype))
-        conv.bias = nn.Parameter(b.to(conv.weight.dtype))
-    return conv
+            fused = fuse_conv_bn_eval(fused, copy.deepcopy(bn).double().eval())
+    fused.requires_grad_(conv.weight.requires_grad)
+    return fused.to(conv.weight.dtype).train(conv.training)
 
 
 def _fold_remaining_bn(gm: fx.GraphModule) -> None:

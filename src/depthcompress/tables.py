@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from .errors import TableError, plain
+from .files import write_csv as write_rows
 
 DEFAULT_SCORE = "val_acc"
 LATENCY_COLUMNS = ("id", "st", "end", "time", "stdev")
@@ -35,7 +37,23 @@ IMPORTANCE_KEYS = ("st", "end", "st_act", "end_act")
 EXT_IMPORTANCE_COLUMNS = ("id", *IMPORTANCE_KEYS, "imp", "breaks")
 
 Block = tuple[int, int]
+_T = TypeVar("_T")
 ExtBlock = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    """One latency-table row: block ``(st, end)`` is row ``id`` of ``chain.blocks``; ms."""
+
+    id: int
+    st: int
+    end: int
+    time: float
+    stdev: float
+
+    def as_csv(self) -> list[str]:
+        """The row as CSV fields (floats in shortest round-trip form)."""
+        return [str(self.id), str(self.st), str(self.end), repr(self.time), repr(self.stdev)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,13 +160,19 @@ class _Csv:
     """The rows of one CSV file with their line numbers, parsed field by field with errors that
     name the file and line."""
 
-    def __init__(self, path: str | Path, kind: str, layout: Sequence[str]) -> None:
+    def __init__(
+        self, path: str | Path, kind: str, layout: Sequence[str], *, partial: bool = False
+    ) -> None:
         self.path = Path(path)
+        self.kind = kind
         if not self.path.is_file():
             raise TableError(f"{kind} table {self.path} does not exist")
         with self.path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             header = reader.fieldnames
+            if not header and partial:  # a table whose first row is still being measured
+                self.columns, self.rows = tuple(layout), []
+                return
             if not header:
                 raise TableError(
                     f"{self.path}: the file is empty; a {kind} table starts with the header "
@@ -157,8 +181,7 @@ class _Csv:
             reader.fieldnames = [h.strip() for h in header]
             self.columns = tuple(reader.fieldnames)
             self.rows = [(reader.line_num, raw) for raw in reader]
-        self.kind = kind
-        if not self.rows:
+        if not self.rows and not partial:
             raise TableError(f"{self.path}: the {kind} table has a header but no rows")
 
     def require(self, columns: Sequence[str], layout: Sequence[str], hint: str = "") -> None:
@@ -182,50 +205,51 @@ class _Csv:
             )
         return value.strip()
 
-    def ints(self, column: str) -> list[int]:
+    def _parse(self, column: str, parse: Callable[[str], _T], expected: str) -> list[_T]:
+        """``parse`` of every row's ``column``; TableError naming the line and ``expected``."""
         out = []
         for line, raw in self.rows:
             text = self._field(line, raw, column)
             try:
-                out.append(int(text))
+                out.append(parse(text))
             except ValueError:
+                empty = " (an empty field: a missing value)" if not text else ""
                 raise TableError(
-                    f"{self.path}:{line}: {column} is {text!r}, not an integer position/flag"
+                    f"{self.path}:{line}: {column} is {text!r}, {expected}{empty}"
                 ) from None
         return out
+
+    def ints(self, column: str) -> list[int]:
+        return self._parse(column, int, "not an integer position/flag")
 
     def floats(self, column: str) -> list[float]:
-        out = []
-        for line, raw in self.rows:
-            text = self._field(line, raw, column)
-            try:
-                out.append(float(text))
-            except ValueError:
-                raise TableError(
-                    f"{self.path}:{line}: {column} is {text!r}, not a number"
-                    + (" (an empty field: a missing value)" if not text else "")
-                ) from None
-        return out
+        return self._parse(column, float, "not a number")
 
     def breaks(self, column: str = "breaks") -> list[tuple[int, ...]]:
-        out = []
-        for line, raw in self.rows:
-            text = self._field(line, raw, column)
-            try:
-                out.append(tuple(int(v) for v in text.split(",")))
-            except ValueError:
-                raise TableError(
-                    f"{self.path}:{line}: {column} is {text!r}, not a comma list of positions "
-                    'such as "0,1,2,4"'
-                ) from None
-        return out
+        return self._parse(
+            column,
+            lambda text: tuple(int(v) for v in text.split(",")),
+            'not a comma list of positions such as "0,1,2,4"',
+        )
 
 
-def _write(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
-    with Path(path).open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
+def _read_latency_csv(path: str | Path, *, partial: bool) -> tuple[list[LatencyRow], list[int]]:
+    """The one reader of a latency CSV: its rows in file order and their line numbers."""
+    f = _Csv(path, "latency", LATENCY_COLUMNS, partial=partial)
+    f.require(LATENCY_COLUMNS, LATENCY_COLUMNS)
+    columns = (f.ints("id"), f.ints("st"), f.ints("end"), f.floats("time"), f.floats("stdev"))
+    return [LatencyRow(*values) for values in zip(*columns, strict=True)], f.lines
+
+
+def read_latency_rows(path: str | Path) -> list[LatencyRow]:
+    """Rows of a latency CSV in file order, also of a table still being measured (no rows, or
+    not every block yet): what a resumed measurement keeps."""
+    return _read_latency_csv(path, partial=True)[0]
+
+
+def write_latency_rows(path: str | Path, rows: Iterable[LatencyRow]) -> None:
+    """The one writer of a latency CSV: ``rows`` in the given order, atomically."""
+    write_rows(path, LATENCY_COLUMNS, (row.as_csv() for row in rows))
 
 
 def _num(x: float) -> str:
@@ -240,20 +264,67 @@ def _join(positions: Iterable[int]) -> str:
 # the tables
 
 
-class _BlockRows:
-    """Row accessors shared by the latency and optimal-latency tables (one row per block)."""
+class _Rows:
+    """What every table shares: read-only numpy columns checked on construction, the row count,
+    the last position and where each row came from."""
 
     st: np.ndarray
     end: np.ndarray
-    time: np.ndarray
+    source: str
+    lines: tuple[int, ...] | None
 
     def __len__(self) -> int:
         return len(self.st)
 
     @property
     def num_positions(self) -> int:
-        """L: the chain's last position (positions are 0..L)."""
+        """The last position any row reaches (for a latency table, L: positions are 0..L)."""
         return int(self.end.max())
+
+    def where(self, k: int) -> str:
+        """``file:line`` (or ``source row n``) of row k, for error messages."""
+        return _locator(self.source, self.lines)(k)
+
+    def _freeze(
+        self,
+        kind: str,
+        ints: Sequence[str],
+        floats: Sequence[str],
+        breaks: Iterable[Iterable[int]] | None = None,
+    ) -> Callable[[int], str]:
+        """Make the named columns read-only arrays (and ``breaks``, given, tuples); TableError if
+        the table has no rows or not one break list per row. Returns ``where``."""
+        for name in ints:
+            object.__setattr__(self, name, _frozen(getattr(self, name), np.int64))
+        for name in floats:
+            object.__setattr__(self, name, _frozen(getattr(self, name), np.float64))
+        if len(self.st) == 0:
+            raise TableError(f"{self.source}: the {kind} table has no rows")
+        if breaks is not None:
+            lists = tuple(tuple(int(p) for p in b) for b in breaks)
+            object.__setattr__(self, "breaks", lists)
+            if len(lists) != len(self.st):
+                raise TableError(f"{self.source}: {len(lists)} break lists for {len(self)} rows")
+        _check_spans(self.st, self.end, self.where)
+        return self.where
+
+
+class _BlockRows(_Rows):
+    """Row accessors shared by the latency and optimal-latency tables (one row per block)."""
+
+    time: np.ndarray
+    stdev: np.ndarray
+    ids: np.ndarray
+
+    def _check_times(self) -> None:
+        _check_values(self.time, "time", self.where, nonnegative=True)
+        _check_values(self.stdev, "stdev", self.where, nonnegative=True)
+
+    def _check_blocks(self) -> None:
+        """One row per block and per id, and every single-conv block present."""
+        _check_unique(self.blocks, "block (st, end)", self.where)
+        _check_unique([(int(i),) for i in self.ids], "id", self.where)
+        _check_chain(self.st, self.end, self.source)
 
     @cached_property
     def blocks(self) -> tuple[Block, ...]:
@@ -284,19 +355,9 @@ class LatencyTable(_BlockRows):
     lines: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        where = _locator(self.source, self.lines)
-        for name, dtype in (("st", np.int64), ("end", np.int64), ("ids", np.int64)):
-            object.__setattr__(self, name, _frozen(getattr(self, name), dtype))
-        for name in ("time", "stdev"):
-            object.__setattr__(self, name, _frozen(getattr(self, name), np.float64))
-        if len(self.st) == 0:
-            raise TableError(f"{self.source}: the latency table has no rows")
-        _check_spans(self.st, self.end, where)
-        _check_values(self.time, "time", where, nonnegative=True)
-        _check_values(self.stdev, "stdev", where, nonnegative=True)
-        _check_unique(self.blocks, "block (st, end)", where)
-        _check_unique([(int(i),) for i in self.ids], "id", where)
-        _check_chain(self.st, self.end, self.source)
+        self._freeze("latency", ("st", "end", "ids"), ("time", "stdev"))
+        self._check_times()
+        self._check_blocks()
 
     @classmethod
     def from_rows(
@@ -316,26 +377,26 @@ class LatencyTable(_BlockRows):
     @classmethod
     def read_csv(cls, path: str | Path) -> LatencyTable:
         """Read ``id,st,end,time,stdev`` (the reference's ``time_*.csv``)."""
-        f = _Csv(path, "latency", LATENCY_COLUMNS)
-        f.require(LATENCY_COLUMNS, LATENCY_COLUMNS)
+        rows, lines = _read_latency_csv(path, partial=False)
         return cls(
-            st=f.ints("st"),
-            end=f.ints("end"),
-            time=f.floats("time"),
-            stdev=f.floats("stdev"),
-            ids=f.ints("id"),
-            source=str(f.path),
-            lines=tuple(f.lines),
+            st=[r.st for r in rows],
+            end=[r.end for r in rows],
+            time=[r.time for r in rows],
+            stdev=[r.stdev for r in rows],
+            ids=[r.id for r in rows],
+            source=str(Path(path)),
+            lines=tuple(lines),
         )
+
+    def rows(self) -> list[LatencyRow]:
+        """The table's rows in row order."""
+        columns = (self.ids.tolist(), self.st.tolist(), self.end.tolist())
+        times = (self.time.tolist(), self.stdev.tolist())
+        return [LatencyRow(*values) for values in zip(*columns, *times, strict=True)]
 
     def write_csv(self, path: str | Path) -> None:
         """Write ``id,st,end,time,stdev`` in row order, floats in round-trip form."""
-        cols = (self.ids, self.st, self.end)
-        rows = (
-            [*(str(int(c[k])) for c in cols), _num(self.time[k]), _num(self.stdev[k])]
-            for k in range(len(self))
-        )
-        _write(path, LATENCY_COLUMNS, rows)
+        write_latency_rows(path, self.rows())
 
 
 @dataclass(frozen=True, eq=False)
@@ -353,23 +414,12 @@ class OptimalLatencyTable(_BlockRows):
     lines: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        where = _locator(self.source, self.lines)
-        for name, dtype in (("st", np.int64), ("end", np.int64), ("ids", np.int64)):
-            object.__setattr__(self, name, _frozen(getattr(self, name), dtype))
-        for name in ("time", "stdev"):
-            object.__setattr__(self, name, _frozen(getattr(self, name), np.float64))
-        object.__setattr__(self, "breaks", tuple(tuple(int(p) for p in b) for b in self.breaks))
-        if len(self.st) == 0:
-            raise TableError(f"{self.source}: the optimal latency table has no rows")
-        if len(self.breaks) != len(self.st):
-            raise TableError(f"{self.source}: {len(self.breaks)} break lists for {len(self)} rows")
-        _check_spans(self.st, self.end, where)
-        _check_values(self.time, "time", where, nonnegative=True)
-        _check_values(self.stdev, "stdev", where, nonnegative=True)
+        where = self._freeze(
+            "optimal latency", ("st", "end", "ids"), ("time", "stdev"), breaks=self.breaks
+        )
+        self._check_times()
         _check_breaks(self.breaks, self.st, self.end, where)
-        _check_unique(self.blocks, "block (st, end)", where)
-        _check_unique([(int(i),) for i in self.ids], "id", where)
-        _check_chain(self.st, self.end, self.source)
+        self._check_blocks()
 
     @classmethod
     def read_csv(cls, path: str | Path) -> OptimalLatencyTable:
@@ -399,15 +449,39 @@ class OptimalLatencyTable(_BlockRows):
             ]
             for k in range(len(self))
         )
-        _write(path, OPT_LATENCY_COLUMNS, rows)
+        write_rows(path, OPT_LATENCY_COLUMNS, rows)
 
     def breaks_of(self, st: int, end: int) -> tuple[int, ...]:
         """The boundaries of the fastest tiling of ``(st, end)``, ``st`` and ``end`` included."""
         return self.breaks[self.index[(st, end)]]
 
 
+class _ExtBlockRows(_Rows):
+    """Row accessors shared by the importance and extended-importance tables (one row per
+    extended block)."""
+
+    st_act: np.ndarray
+    end_act: np.ndarray
+
+    @cached_property
+    def keys(self) -> tuple[ExtBlock, ...]:
+        """``(st, end, st_act, end_act)`` per row, in row order."""
+        return tuple(
+            zip(
+                self.st.tolist(),
+                self.end.tolist(),
+                self.st_act.tolist(),
+                self.end_act.tolist(),
+                strict=True,
+            )
+        )
+
+    def _check_keys(self) -> None:
+        _check_unique(self.keys, "extended block (st, end, st_act, end_act)", self.where)
+
+
 @dataclass(frozen=True, eq=False)
-class ImportanceTable:
+class ImportanceTable(_ExtBlockRows):
     """Raw importance ``h(i, j, x, y)`` per extended block (§6): the score of the network with
     the activations strictly inside ``(i, j)`` removed and flags ``x``/``y`` for an activation at
     ``i``/``j``, as a difference to the unmodified network. Its rows are the DP's candidate
@@ -423,16 +497,10 @@ class ImportanceTable:
     lines: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        where = _locator(self.source, self.lines)
-        for name in ("st", "end", "st_act", "end_act"):
-            object.__setattr__(self, name, _frozen(getattr(self, name), np.int64))
-        object.__setattr__(self, "score", _frozen(self.score, np.float64))
-        if len(self.st) == 0:
-            raise TableError(f"{self.source}: the importance table has no rows")
-        _check_spans(self.st, self.end, where)
+        where = self._freeze("importance", IMPORTANCE_KEYS, ("score",))
         _check_flags(self.st, self.st_act, self.end_act, where)
         _check_values(self.score, self.score_name, where, nonnegative=False)
-        _check_unique(self.keys, "extended block (st, end, st_act, end_act)", where)
+        self._check_keys()
 
     @classmethod
     def from_rows(
@@ -501,32 +569,7 @@ class ImportanceTable:
     def write_csv(self, path: str | Path) -> None:
         """Write ``st,end,st_act,end_act,<score>`` in row order."""
         rows = ([*map(str, self.keys[k]), _num(self.score[k])] for k in range(len(self)))
-        _write(path, (*IMPORTANCE_KEYS, self.score_name), rows)
-
-    def __len__(self) -> int:
-        return len(self.st)
-
-    @property
-    def num_positions(self) -> int:
-        """The last position any row reaches."""
-        return int(self.end.max())
-
-    @cached_property
-    def keys(self) -> tuple[ExtBlock, ...]:
-        """``(st, end, st_act, end_act)`` per row, in row order."""
-        return tuple(
-            zip(
-                self.st.tolist(),
-                self.end.tolist(),
-                self.st_act.tolist(),
-                self.end_act.tolist(),
-                strict=True,
-            )
-        )
-
-    def where(self, k: int) -> str:
-        """``file:line`` (or ``source row n``) of row k, for error messages."""
-        return _locator(self.source, self.lines)(k)
+        write_rows(path, (*IMPORTANCE_KEYS, self.score_name), rows)
 
     def single_mean(self) -> float:
         """Mean score over the single-conv rows (``end = st + 1``); NaN if there are none."""
@@ -535,7 +578,7 @@ class ImportanceTable:
 
 
 @dataclass(frozen=True, eq=False)
-class ExtendedImportanceTable:
+class ExtendedImportanceTable(_ExtBlockRows):
     """``I(i, j, x, y)`` (§6): the normalised score ``h − α·μ`` or, if better, a chain of such
     scores split at positions with flag 0 (``breaks`` lists ``i``, the split points and ``j``).
     ``alpha`` and ``offset = α·μ`` record the normalisation (NaN when read from a file)."""
@@ -552,20 +595,11 @@ class ExtendedImportanceTable:
     lines: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        where = _locator(self.source, self.lines)
-        for name in ("st", "end", "st_act", "end_act"):
-            object.__setattr__(self, name, _frozen(getattr(self, name), np.int64))
-        object.__setattr__(self, "value", _frozen(self.value, np.float64))
-        object.__setattr__(self, "breaks", tuple(tuple(int(p) for p in b) for b in self.breaks))
-        if len(self.st) == 0:
-            raise TableError(f"{self.source}: the extended importance table has no rows")
-        if len(self.breaks) != len(self.st):
-            raise TableError(f"{self.source}: {len(self.breaks)} break lists for {len(self)} rows")
-        _check_spans(self.st, self.end, where)
+        where = self._freeze("extended importance", IMPORTANCE_KEYS, ("value",), breaks=self.breaks)
         _check_flags(self.st, self.st_act, self.end_act, where)
         _check_values(self.value, "imp", where, nonnegative=False)
         _check_breaks(self.breaks, self.st, self.end, where)
-        _check_unique(self.keys, "extended block (st, end, st_act, end_act)", where)
+        self._check_keys()
 
     @classmethod
     def read_csv(cls, path: str | Path) -> ExtendedImportanceTable:
@@ -589,32 +623,7 @@ class ExtendedImportanceTable:
             [str(k), *map(str, self.keys[k]), _num(self.value[k]), _join(self.breaks[k])]
             for k in range(len(self))
         )
-        _write(path, EXT_IMPORTANCE_COLUMNS, rows)
-
-    def __len__(self) -> int:
-        return len(self.st)
-
-    @property
-    def num_positions(self) -> int:
-        """The last position any row reaches."""
-        return int(self.end.max())
-
-    @cached_property
-    def keys(self) -> tuple[ExtBlock, ...]:
-        """``(st, end, st_act, end_act)`` per row, in row order."""
-        return tuple(
-            zip(
-                self.st.tolist(),
-                self.end.tolist(),
-                self.st_act.tolist(),
-                self.end_act.tolist(),
-                strict=True,
-            )
-        )
-
-    def where(self, k: int) -> str:
-        """``file:line`` (or ``source row n``) of row k, for error messages."""
-        return _locator(self.source, self.lines)(k)
+        write_rows(path, EXT_IMPORTANCE_COLUMNS, rows)
 
 
 def _header(path: str | Path) -> tuple[str, ...]:
