@@ -160,6 +160,19 @@ def test_distributed_false_ignores_torchrun_env(linear, data, monkeypatch) -> No
         finetune(linear, data, config)
 
 
+def test_steps_go_to_the_reporter(linear, data) -> None:
+    """A reporter sees the run's steps over all epochs (every 10th, each epoch's start and end)
+    with the epoch and running loss; without one nothing is drawn."""
+    from depthcompress.progress import Step
+
+    steps: list[Step] = []
+    config = FinetuneConfig(epochs=2, lr=0.01, batch_size=32, steps_per_epoch=12)
+    finetune(linear, data, config, holdout_data=data, progress=steps.append)
+    assert {s.task for s in steps} == {"fine-tuning"} and {s.total for s in steps} == {24}
+    assert [s.done for s in steps] == [0, 10, 12, 12, 12, 22, 24, 24]
+    assert steps[1].detail.startswith("epoch 1/2 loss ") and "acc" in steps[-1].detail
+
+
 def test_callers_random_stream_is_untouched(linear, data) -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
