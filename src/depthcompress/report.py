@@ -64,9 +64,10 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape[1:])
 
 
-def progress_bar(*extra: str) -> Progress:
+def progress_bar(*extra: str, console: Any = None) -> Progress:
     """The progress bar every long stage shows: description, bar, done/total, elapsed, ETA,
-    then ``extra`` text columns (format strings over the task, e.g. ``"{task.fields[block]}"``)."""
+    then ``extra`` text columns (format strings over the task, e.g. ``"{task.fields[block]}"``),
+    drawn on ``console`` (rich's default console when None)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -83,6 +84,7 @@ def progress_bar(*extra: str) -> Progress:
         TextColumn("ETA"),
         TimeRemainingColumn(),
         *(TextColumn(text) for text in extra),
+        console=console,
     )
 
 
@@ -93,9 +95,7 @@ class RichProgress:
 
     def __init__(self, console: Any = None, *, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.bar = progress_bar("{task.fields[detail]}")
-        if console is not None:
-            self.bar.console = console  # type: ignore[misc]
+        self.bar = progress_bar("{task.fields[detail]}", console=console)
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> Callable[[Step], None] | None:
