@@ -495,6 +495,17 @@ def test_compress_settings_refuse_fp16_without_a_gpu(monkeypatch) -> None:
     assert demo.importance.amp is None and demo.finetune.amp == "bf16"
 
 
+def test_one_fine_tuning_lr_default() -> None:
+    """The API's, ``compress``'s and the demo's fine-tuning lr are one constant (the demo's)."""
+    import inspect
+
+    from depthcompress.cli import compress_cmd
+    from depthcompress.defaults import FINETUNE_LR
+
+    assert dc.CompressSettings(budget=dc.Budget.parse("0.5x")).finetune.lr == FINETUNE_LR == 0.02
+    assert inspect.signature(compress_cmd).parameters["lr"].default == FINETUNE_LR
+
+
 # --- two processes ---------------------------------------------------------------------------
 
 SCRIPT = """

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .defaults import FINETUNE_LR
 from .errors import BudgetError, DepthCompressError
 
 app = typer.Typer(
@@ -1074,7 +1075,9 @@ def compress_cmd(
         int | None, typer.Option(help="CPU threads of the latency backend (default: all)")
     ] = None,
     epochs: Annotated[int, typer.Option(help="fine-tuning epochs of the linearized network")] = 3,
-    lr: Annotated[float, typer.Option(help="fine-tuning peak learning rate (cosine)")] = 0.02,
+    lr: Annotated[
+        float, typer.Option(help="fine-tuning peak learning rate (cosine)")
+    ] = FINETUNE_LR,
     grad_clip: GradClipOption = None,
     optimizer: Annotated[str, typer.Option(help="fine-tuning optimizer: sgd or adamw")] = "sgd",
     distill: Annotated[
@@ -1221,7 +1224,7 @@ def demo_cmd(
             workers=workers or max(1, min(4, os.cpu_count() or 1)),
             alpha=1.6,
             epochs=epochs,
-            lr=0.02,
+            lr=FINETUNE_LR,
             finetune_batch_size=128,
             optimizer="sgd",
             distill=distill,
