@@ -448,12 +448,6 @@ def _check_resumable(
         raise FinetuneError(f"{path} was written for another linearized network (plan): {fix}")
 
 
-def _save(obj: dict[str, Any], path: Path) -> None:
-    """``torch.save`` through the one atomic write (``files.atomic_open``)."""
-    with atomic_open(path, "wb") as fh:
-        torch.save(obj, fh)
-
-
 # ---------------------------------------------------------------------------------------------
 # training
 
@@ -805,8 +799,9 @@ class Trainer:
                 "network": _network_meta(self.model),
                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             }
+            writes: list[tuple[Path, dict[str, Any]]] = []
             if improved and self.best is not None:
-                _save({**common, "accuracy": state.best_accuracy}, self.best)
+                writes.append((self.best, {**common, "accuracy": state.best_accuracy}))
             resume = {
                 "optimizer": state.optimizer.state_dict(),
                 "scheduler": state.scheduler.state_dict(),
@@ -816,7 +811,10 @@ class Trainer:
                 "history": [asdict(h) for h in state.history],
                 "best_accuracy": state.best_accuracy,
             }
-            _save({**common, **resume}, self.last)
+            writes.append((self.last, {**common, **resume}))
+            for path, data in writes:
+                with atomic_open(path, "wb") as fh:
+                    torch.save(data, fh)
         if world.distributed:
             dist.barrier()
 
