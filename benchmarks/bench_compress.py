@@ -164,7 +164,7 @@ def main() -> None:
         twin = fashion_mbv2()
         twin.load_state_dict(model.state_dict())
         config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=128)
-        finetune(twin, split.train, config, progress=True, distributed=False)
+        finetune(twin, split.train, config, distributed=False)
         control = {"accuracy": evaluate(twin, test), "seconds": time.perf_counter() - start}
         control_path.write_text(json.dumps(control) + "\n")
     shape = (args.batch, 1, 28, 28)

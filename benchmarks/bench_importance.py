@@ -33,10 +33,10 @@ from depthcompress.data import fashion_mnist, load_split
 from depthcompress.importance import (
     FinetuneSettings,
     enumerate_entries,
-    evaluate,
-    finetune,
     importance_table,
     read_table,
+    score_entry,
+    tune_entry,
 )
 from depthcompress.models import FASHION_MBV2_EXCLUDE, fashion_mbv2
 
@@ -83,10 +83,10 @@ def train(args: argparse.Namespace) -> None:
     steps = args.epochs * len(split.train) // 128
     settings = FinetuneSettings(steps=steps, lr=0.1, batch_size=128, weight_decay=4e-5)
     start = time.perf_counter()
-    loss = finetune(model, split.train, settings, seed=0)
+    loss = tune_entry(model, split.train, settings, seed=0)
     seconds = time.perf_counter() - start
-    held = evaluate(model, split.holdout, settings)
-    test = evaluate(model, fashion_mnist("test"), settings)
+    held = score_entry(model, split.holdout, settings)
+    test = score_entry(model, fashion_mnist("test"), settings)
     RUNS.mkdir(parents=True, exist_ok=True)
     model = model.to(memory_format=torch.contiguous_format)
     torch.save(model.state_dict(), WEIGHTS)

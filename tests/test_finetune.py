@@ -123,7 +123,7 @@ def state_equal(a: nn.Module, b: nn.Module) -> bool:
 def test_loss_decreases_and_accuracy_rises(linear, data) -> None:
     config = FinetuneConfig(epochs=4, lr=0.05, batch_size=32)
     before = evaluate(linear, data)
-    result = finetune(linear, data, config, holdout_data=data, progress=False)
+    result = finetune(linear, data, config, holdout_data=data)
     losses = [h.loss for h in result.history]
     assert len(losses) == 4 and losses[-1] < 0.7 * losses[0]
     assert result.model is linear and not linear.training
@@ -134,7 +134,7 @@ def test_loss_decreases_and_accuracy_rises(linear, data) -> None:
 
 
 def test_cosine_schedule_reaches_zero(linear, data) -> None:
-    result = finetune(linear, data, CONFIG, progress=False)
+    result = finetune(linear, data, CONFIG)
     assert result.history[0].lr == pytest.approx(CONFIG.lr / 2)  # cos(π/2) halfway
     assert result.history[-1].lr == pytest.approx(0.0, abs=1e-12)
 
@@ -142,31 +142,42 @@ def test_cosine_schedule_reaches_zero(linear, data) -> None:
 def test_steps_per_epoch_beyond_one_pass(linear, data, tmp_path) -> None:
     seen: list[EpochStats] = []
     config = FinetuneConfig(epochs=1, lr=0.01, batch_size=64, steps_per_epoch=10, optimizer="adamw")
-    finetune(
-        linear, data, config, checkpoint_dir=tmp_path, progress=False, on_epoch_end=seen.append
-    )
+    finetune(linear, data, config, checkpoint_dir=tmp_path, on_epoch_end=seen.append)
     assert [s.epoch for s in seen] == [1]
     steps = load_checkpoint(tmp_path / LAST)["scheduler"]["last_epoch"]
     assert steps == 10  # 10 steps of 64 = 2.5 passes over 256 examples
     few = FinetuneConfig(epochs=1, lr=0.01, batch_size=32, steps_per_epoch=3)
-    assert finetune(linear, make_data(20), few, progress=False).history  # data < one batch
+    assert finetune(linear, make_data(20), few).history  # data < one batch
 
 
 def test_distributed_false_ignores_torchrun_env(linear, data, monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     config = FinetuneConfig(epochs=1, lr=0.01, batch_size=32)
-    assert finetune(linear, data, config, progress=False, distributed=False).history
+    assert finetune(linear, data, config, distributed=False).history
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(FinetuneError, match="torchrun"):
-        finetune(linear, data, config, progress=False)
+        finetune(linear, data, config)
+
+
+def test_steps_go_to_the_reporter(linear, data) -> None:
+    """A reporter sees the run's steps over all epochs (every 10th, each epoch's start and end)
+    with the epoch and running loss; without one nothing is drawn."""
+    from depthcompress.progress import Step
+
+    steps: list[Step] = []
+    config = FinetuneConfig(epochs=2, lr=0.01, batch_size=32, steps_per_epoch=12)
+    finetune(linear, data, config, holdout_data=data, progress=steps.append)
+    assert {s.task for s in steps} == {"fine-tuning"} and {s.total for s in steps} == {24}
+    assert [s.done for s in steps] == [0, 10, 12, 12, 12, 22, 24, 24]
+    assert steps[1].detail.startswith("epoch 1/2 loss ") and "acc" in steps[-1].detail
 
 
 def test_callers_random_stream_is_untouched(linear, data) -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    finetune(linear, data, FinetuneConfig(epochs=1, lr=0.01, batch_size=32), progress=False)
+    finetune(linear, data, FinetuneConfig(epochs=1, lr=0.01, batch_size=32))
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -187,9 +198,9 @@ def test_distillation_runs_and_needs_a_teacher(model, linear, data) -> None:
     teacher = copy.deepcopy(model).train()
     config = FinetuneConfig(epochs=1, lr=0.05, batch_size=32, distill=0.3)
     with pytest.raises(FinetuneError, match="needs a teacher"):
-        finetune(linear, data, config, progress=False)
+        finetune(linear, data, config)
     untouched = copy.deepcopy(teacher)
-    result = finetune(linear, data, config, teacher=teacher, progress=False)
+    result = finetune(linear, data, config, teacher=teacher)
     assert torch.isfinite(torch.tensor(result.train_loss))
     assert teacher.training and state_equal(teacher, untouched)  # teacher not trained
 
@@ -200,11 +211,11 @@ def test_bad_configs_are_refused(linear) -> None:
     with pytest.raises(FinetuneError, match="optimizer"):
         FinetuneConfig(epochs=1, lr=0.1, batch_size=8, optimizer="adam")  # type: ignore[arg-type]
     with pytest.raises(FinetuneError, match="fewer than one batch"):
-        finetune(linear, make_data(16), CONFIG, progress=False)
+        finetune(linear, make_data(16), CONFIG)
 
 
 def test_merge_is_exact_after_finetuning(linear, chain, plan, data) -> None:
-    finetune(linear, data, FinetuneConfig(epochs=2, lr=0.1, batch_size=32), progress=False)
+    finetune(linear, data, FinetuneConfig(epochs=2, lr=0.1, batch_size=32))
     merged = dc.merge(linear, chain, plan)  # raises MergeError if it does not match
     x = data.tensors[0][:64]
     with torch.no_grad():
@@ -221,7 +232,7 @@ class Crash(Exception):
 
 def test_resume_gives_the_same_weights(model, chain, plan, data, tmp_path) -> None:
     whole = dc.linearize(model, chain, plan)
-    one_go = finetune(whole, data, CONFIG, checkpoint_dir=tmp_path / "a", progress=False)
+    one_go = finetune(whole, data, CONFIG, checkpoint_dir=tmp_path / "a")
 
     def crash(stats: EpochStats) -> None:
         if stats.epoch == 1:
@@ -234,13 +245,13 @@ def test_resume_gives_the_same_weights(model, chain, plan, data, tmp_path) -> No
     assert not state_equal(first, whole)
 
     again = dc.linearize(model, chain, plan)
-    resumed = finetune(again, data, CONFIG, checkpoint_dir=tmp_path / "b", progress=False)
+    resumed = finetune(again, data, CONFIG, checkpoint_dir=tmp_path / "b")
     assert resumed.resumed_epochs == 1
     assert state_equal(again, whole)
     assert [h.loss for h in resumed.history] == [h.loss for h in one_go.history]
 
     done = dc.linearize(model, chain, plan)  # a finished run only reloads its weights
-    finished = finetune(done, data, CONFIG, checkpoint_dir=tmp_path / "b", progress=False)
+    finished = finetune(done, data, CONFIG, checkpoint_dir=tmp_path / "b")
     assert finished.resumed_epochs == 2 and state_equal(done, whole)
     assert not done.training
 
@@ -251,20 +262,18 @@ def test_resume_gives_the_same_weights(model, chain, plan, data, tmp_path) -> No
 
 
 def test_mismatched_config_is_refused(linear, data, tmp_path) -> None:
-    finetune(linear, data, CONFIG, checkpoint_dir=tmp_path, progress=False)
+    finetune(linear, data, CONFIG, checkpoint_dir=tmp_path)
     other = FinetuneConfig(epochs=2, lr=0.1, batch_size=32)
     with pytest.raises(FinetuneError, match=r"lr: 0\.05 in the checkpoint, 0\.1 now") as err:
-        finetune(linear, data, other, checkpoint_dir=tmp_path, progress=False)
+        finetune(linear, data, other, checkpoint_dir=tmp_path)
     assert "another checkpoint directory" in str(err.value) and "delete" in str(err.value)
     workers = FinetuneConfig(epochs=2, lr=0.05, batch_size=32, num_workers=1)
-    assert finetune(linear, data, workers, checkpoint_dir=tmp_path, progress=False).history
+    assert finetune(linear, data, workers, checkpoint_dir=tmp_path).history
 
 
 def test_checkpoint_of_another_network_is_refused(model, chain, data, tmp_path) -> None:
     plan_a = dc.Plan.identity(chain)
-    finetune(
-        dc.linearize(model, chain, plan_a), data, CONFIG, checkpoint_dir=tmp_path, progress=False
-    )
+    finetune(dc.linearize(model, chain, plan_a), data, CONFIG, checkpoint_dir=tmp_path)
     plan_b = dc.Plan.for_activations(chain, set(chain.activation_positions) - {1})
     with pytest.raises(FinetuneError, match="another linearized network"):
         finetune(
@@ -272,14 +281,11 @@ def test_checkpoint_of_another_network_is_refused(model, chain, data, tmp_path) 
             data,
             CONFIG,
             checkpoint_dir=tmp_path,
-            progress=False,
         )
 
 
 def test_best_checkpoint_tracks_holdout_accuracy(linear, data, tmp_path) -> None:
-    result = finetune(
-        linear, data, CONFIG, checkpoint_dir=tmp_path, holdout_data=data, progress=False
-    )
+    result = finetune(linear, data, CONFIG, checkpoint_dir=tmp_path, holdout_data=data)
     best = load_checkpoint(tmp_path / BEST)
     assert result.best_checkpoint == tmp_path / BEST
     assert best["accuracy"] == result.best_accuracy
@@ -296,10 +302,10 @@ def test_cpu_defaults_are_the_float32_contiguous_in_process_run(model, chain, pl
     resolved = CONFIG.for_device(torch.device("cpu"))
     assert resolved.channels_last is False and resolved.num_workers == 0
     default = dc.linearize(model, chain, plan)
-    finetune(default, data, CONFIG, progress=False)
+    finetune(default, data, CONFIG)
     explicit = dc.linearize(model, chain, plan)
     old = FinetuneConfig(epochs=2, lr=0.05, batch_size=32, channels_last=False, num_workers=0)
-    finetune(explicit, data, old, progress=False)
+    finetune(explicit, data, old)
     assert state_equal(default, explicit)  # the CPU default is the former behaviour, bit for bit
 
 
@@ -320,7 +326,7 @@ def test_amp_settings_are_validated(linear, data, tmp_path) -> None:
         FinetuneConfig(epochs=1, lr=0.1, batch_size=8, num_workers=-1)
     fp16 = FinetuneConfig(epochs=1, lr=0.05, batch_size=32, amp="fp16")
     with pytest.raises(FinetuneError, match=r"fp16 needs a CUDA device.*--amp bf16") as err:
-        finetune(linear, data, fp16, checkpoint_dir=tmp_path / "ck", progress=False)
+        finetune(linear, data, fp16, checkpoint_dir=tmp_path / "ck")
     assert "Traceback" not in str(err.value)
     assert not (tmp_path / "ck").exists()  # refused before anything was written
     check_amp("bf16", "cpu")  # allowed on the CPU
@@ -329,13 +335,11 @@ def test_amp_settings_are_validated(linear, data, tmp_path) -> None:
 
 def test_bf16_on_the_cpu_trains_and_resumes(model, chain, plan, data, tmp_path) -> None:
     whole = dc.linearize(model, chain, plan)
-    one_go = finetune(
-        whole, data, BF16, checkpoint_dir=tmp_path / "a", holdout_data=data, progress=False
-    )
+    one_go = finetune(whole, data, BF16, checkpoint_dir=tmp_path / "a", holdout_data=data)
     losses = [h.loss for h in one_go.history]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     fp32 = dc.linearize(model, chain, plan)
-    finetune(fp32, data, CONFIG, progress=False)
+    finetune(fp32, data, CONFIG)
     assert not state_equal(whole, fp32)  # autocast was on
     assert all(p.dtype == torch.float32 for p in whole.parameters())  # weights stay float32
     ckpt = load_checkpoint(tmp_path / "a" / LAST)
@@ -353,13 +357,10 @@ def test_bf16_on_the_cpu_trains_and_resumes(model, chain, plan, data, tmp_path) 
             BF16,
             checkpoint_dir=tmp_path / "b",
             holdout_data=data,
-            progress=False,
             on_epoch_end=crash,
         )
     again = dc.linearize(model, chain, plan)
-    resumed = finetune(
-        again, data, BF16, checkpoint_dir=tmp_path / "b", holdout_data=data, progress=False
-    )
+    resumed = finetune(again, data, BF16, checkpoint_dir=tmp_path / "b", holdout_data=data)
     assert resumed.resumed_epochs == 1 and state_equal(again, whole)
     assert [h.loss for h in resumed.history] == losses
     with pytest.raises(FinetuneError, match="amp: 'bf16' in the checkpoint, None now"):
@@ -368,7 +369,6 @@ def test_bf16_on_the_cpu_trains_and_resumes(model, chain, plan, data, tmp_path) 
             data,
             CONFIG,
             checkpoint_dir=tmp_path / "b",
-            progress=False,
         )
 
 
@@ -381,7 +381,7 @@ def test_fp16_gradient_scaler_state_is_checkpointed(
     monkeypatch.setattr(ft, "check_amp", lambda amp, device: None)
     fp16 = FinetuneConfig(epochs=2, lr=0.05, batch_size=32, amp="fp16", grad_clip=5.0)
     whole = dc.linearize(model, chain, plan)
-    one_go = finetune(whole, data, fp16, checkpoint_dir=tmp_path / "a", progress=False)
+    one_go = finetune(whole, data, fp16, checkpoint_dir=tmp_path / "a")
     assert all(math.isfinite(h.loss) for h in one_go.history)
     scaler = load_checkpoint(tmp_path / "a" / LAST)["scaler"]
     assert scaler is not None and scaler["scale"] > 0 and "_growth_tracker" in scaler
@@ -396,11 +396,10 @@ def test_fp16_gradient_scaler_state_is_checkpointed(
             data,
             fp16,
             checkpoint_dir=tmp_path / "b",
-            progress=False,
             on_epoch_end=crash,
         )
     again = dc.linearize(model, chain, plan)
-    finetune(again, data, fp16, checkpoint_dir=tmp_path / "b", progress=False)
+    finetune(again, data, fp16, checkpoint_dir=tmp_path / "b")
     assert state_equal(again, whole)
     assert load_checkpoint(tmp_path / "b" / LAST)["scaler"] == scaler
 
@@ -496,6 +495,17 @@ def test_compress_settings_refuse_fp16_without_a_gpu(monkeypatch) -> None:
     assert demo.importance.amp is None and demo.finetune.amp == "bf16"
 
 
+def test_one_fine_tuning_lr_default() -> None:
+    """The API's, ``compress``'s and the demo's fine-tuning lr are one constant (the demo's)."""
+    import inspect
+
+    from depthcompress.cli import compress_cmd
+    from depthcompress.defaults import FINETUNE_LR
+
+    assert dc.CompressSettings(budget=dc.Budget.parse("0.5x")).finetune.lr == FINETUNE_LR == 0.02
+    assert inspect.signature(compress_cmd).parameters["lr"].default == FINETUNE_LR
+
+
 # --- two processes ---------------------------------------------------------------------------
 
 SCRIPT = """
@@ -519,7 +529,7 @@ linear = dc.linearize(model, chain, plan)
 config = FinetuneConfig(epochs=2, lr=0.05, batch_size=32, distill=0.3)
 data = make_data()
 result = finetune(linear, data, config, teacher=model, checkpoint_dir=out / "ckpt",
-                  holdout_data=make_data(64, seed=1), progress=False)
+                  holdout_data=make_data(64, seed=1))
 h = hashlib.sha256()
 for name, t in linear.state_dict().items():
     h.update(name.encode())

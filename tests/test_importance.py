@@ -96,7 +96,7 @@ def data():
 def whole(model: Tiny, chain: dc.ConvChain, data, tmp_path_factory) -> Path:
     """The complete table of the tiny model, computed once in-process."""
     path = tmp_path_factory.mktemp("whole") / "imp.csv"
-    importance_table(model, chain, data, path, settings=SETTINGS, progress=False)
+    importance_table(model, chain, data, path, settings=SETTINGS)
     return path
 
 
@@ -237,16 +237,16 @@ def test_resume_after_interruption(
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        importance_table(model, chain, data, path, settings=SETTINGS, progress=False, on_row=crash)
+        importance_table(model, chain, data, path, settings=SETTINGS, on_row=crash)
     _, rows = read_table(path)
     assert len(rows) == 3
     with path.open("a") as fh:  # a kill in the middle of writing a row
         fh.write("2,3,1,1,-1.2")
-    again = importance_table(model, chain, data, path, settings=SETTINGS, progress=False)
+    again = importance_table(model, chain, data, path, settings=SETTINGS)
     assert again.skipped == 3
     assert again.computed == len(enumerate_entries(chain)) - 3
     assert same(scores(path), scores(whole))
-    done = importance_table(model, chain, data, path, settings=SETTINGS, progress=False)
+    done = importance_table(model, chain, data, path, settings=SETTINGS)
     assert done.computed == 0
 
 
@@ -255,16 +255,50 @@ def test_resume_refuses_other_settings(
 ) -> None:
     path = tmp_path / "imp.csv"
     one = [enumerate_entries(chain)[0]]
-    importance_table(model, chain, data, path, settings=SETTINGS, entries=one, progress=False)
+    importance_table(model, chain, data, path, settings=SETTINGS, entries=one)
     other = FinetuneSettings(steps=3, lr=0.1, batch_size=16, eval_batch_size=64)
     with pytest.raises(TableError, match=r"settings\.lr: 0\.05 vs 0\.1"):
-        importance_table(model, chain, data, path, settings=other, progress=False)
+        importance_table(model, chain, data, path, settings=other)
     torch.manual_seed(5)
     with pytest.raises(TableError, match="weights_sha256"):
-        importance_table(Tiny(), chain, data, path, settings=SETTINGS, progress=False)
+        importance_table(Tiny(), chain, data, path, settings=SETTINGS)
     sidecar_path(path).unlink()
     with pytest.raises(TableError, match="no sidecar"):
-        importance_table(model, chain, data, path, settings=SETTINGS, progress=False)
+        importance_table(model, chain, data, path, settings=SETTINGS)
+
+
+def test_a_second_run_on_the_same_table_is_refused(
+    model: Tiny, chain: dc.ConvChain, data, tmp_path: Path
+) -> None:
+    """Rows go through the locked appender: a run on a table another run is writing stops
+    before it measures anything, instead of interleaving its rows."""
+    from depthcompress.files import csv_appender
+
+    path = tmp_path / "imp.csv"
+    one = [enumerate_entries(chain)[0]]
+    importance_table(model, chain, data, path, settings=SETTINGS, entries=one)
+    before = path.read_bytes()
+    with csv_appender(path, COLUMNS), pytest.raises(TableError, match="another depthcompress run"):
+        importance_table(model, chain, data, path, settings=SETTINGS, on_row=pytest.fail)
+    assert path.read_bytes() == before
+
+
+def test_steps_go_to_the_reporter(model: Tiny, chain: dc.ConvChain, data, tmp_path: Path) -> None:
+    from depthcompress.progress import Step
+
+    steps: list[Step] = []
+    two = enumerate_entries(chain)[:2]
+    importance_table(
+        model,
+        chain,
+        data,
+        tmp_path / "imp.csv",
+        settings=SETTINGS,
+        entries=two,
+        progress=steps.append,
+    )
+    assert [(s.task, s.done, s.total) for s in steps] == [("importance", n, 2) for n in range(3)]
+    assert steps[-1].detail == f"imp.csv: entry {tuple(two[1])}"
 
 
 def test_a_diverging_entry_is_named_with_the_options_to_change(
@@ -282,7 +316,6 @@ def test_a_diverging_entry_is_named_with_the_options_to_change(
             tmp_path / "imp.csv",
             settings=absurd,
             entries=[entry],
-            progress=False,
         )
     message = str(err.value)
     for part in (
@@ -303,9 +336,9 @@ def test_same_seed_same_table(
     model: Tiny, chain: dc.ConvChain, data, whole: Path, tmp_path: Path
 ) -> None:
     b, c = tmp_path / "b.csv", tmp_path / "c.csv"
-    importance_table(model, chain, data, b, settings=SETTINGS, progress=False)
+    importance_table(model, chain, data, b, settings=SETTINGS)
     other = FinetuneSettings(steps=3, lr=0.05, batch_size=16, eval_batch_size=64, seed=1)
-    importance_table(model, chain, data, c, settings=other, progress=False)
+    importance_table(model, chain, data, c, settings=other)
     assert same(scores(whole), scores(b))
     assert not same(scores(whole), scores(c))
 
@@ -315,9 +348,7 @@ def test_shards_merge_to_the_single_run(
 ) -> None:
     parts = [tmp_path / f"part{k}.csv" for k in (1, 2, 3)]
     for k, part in enumerate(parts, start=1):
-        importance_table(
-            model, chain, data, part, settings=SETTINGS, shard=f"{k}/3", progress=False
-        )
+        importance_table(model, chain, data, part, settings=SETTINGS, shard=f"{k}/3")
         assert json.loads(sidecar_path(part).read_text())["shard"] == f"{k}/3"
     out = tmp_path / "merged.csv"
     meta, rows = merge_tables(parts[::-1], out)
@@ -331,7 +362,7 @@ def test_merge_refuses_mismatched_overlapping_or_incomplete_parts(
 ) -> None:
     p1, p2, q2 = tmp_path / "p1.csv", tmp_path / "p2.csv", tmp_path / "q2.csv"
     first = enumerate_entries(chain)[:4]
-    kw = {"entries": first, "progress": False}
+    kw = {"entries": first}
     importance_table(model, chain, data, p1, settings=SETTINGS, shard="1/2", **kw)
     importance_table(model, chain, data, p2, settings=SETTINGS, shard="2/2", **kw)
     other = FinetuneSettings(steps=4, lr=0.05, batch_size=16, eval_batch_size=64)
@@ -353,7 +384,7 @@ def test_zero_shot_scores_untouched_spans_as_zero(
 ) -> None:
     path = tmp_path / "zs.csv"
     zs = FinetuneSettings(steps=0, eval_batch_size=64)
-    result = importance_table(model, chain, data, path, settings=zs, progress=False)
+    result = importance_table(model, chain, data, path, settings=zs)
     by = {Entry(r["st"], r["end"], r["st_act"], r["end_act"]): r for r in result.rows}
     assert all(r["steps"] == 0 and math.isnan(r["train_loss"]) for r in result.rows)
     # a single conv with both flags as in the original network changes nothing
@@ -367,7 +398,7 @@ def test_worker_processes_give_the_same_table(
     entries = enumerate_entries(chain)[:4]
     path = tmp_path / "w.csv"
     result = importance_table(
-        model, chain, data, path, settings=SETTINGS, entries=entries, workers=2, progress=False
+        model, chain, data, path, settings=SETTINGS, entries=entries, workers=2
     )
     assert result.computed == 4
     assert same(scores(path), scores(whole)[:4])
@@ -392,7 +423,6 @@ def test_ray_executor_on_a_local_instance(
         settings=SETTINGS,
         entries=entries,
         executor="ray",
-        progress=False,
     )
     assert result.computed == 3
     assert same(scores(path), scores(whole)[:3])
@@ -444,7 +474,7 @@ def test_importance_table_follows_the_plan_of_the_machine(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     path = tmp_path / "gpu.csv"
     with pytest.raises(DepthCompressError, match="no CUDA device is visible"):
-        importance_table(model, chain, data, path, settings=SETTINGS, device="cuda", progress=False)
+        importance_table(model, chain, data, path, settings=SETTINGS, device="cuda")
     assert not path.exists() and not sidecar_path(path).exists()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -461,7 +491,6 @@ def test_importance_table_follows_the_plan_of_the_machine(
         settings=SETTINGS,
         workers=2,
         entries=entries,
-        progress=False,
         log=notes.append,
     )
     assert len(notes) == 1 and "exceed the 1 CPU cores" in notes[0]
@@ -473,19 +502,15 @@ def test_bf16_entries_on_the_cpu(
     entries = enumerate_entries(chain)[:2]
     bf16 = FinetuneSettings(steps=3, lr=0.05, batch_size=16, eval_batch_size=64, amp="bf16")
     path = tmp_path / "bf16.csv"
-    result = importance_table(
-        model, chain, data, path, settings=bf16, entries=entries, progress=False
-    )
+    result = importance_table(model, chain, data, path, settings=bf16, entries=entries)
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in result.rows)
     assert result.meta["settings"]["amp"] == "bf16"
     assert not same(scores(path), scores(whole)[:2])  # autocast changed the numbers
     with pytest.raises(TableError, match=r"settings\.amp: 'bf16' vs None"):
-        importance_table(
-            model, chain, data, path, settings=SETTINGS, entries=entries, progress=False
-        )
+        importance_table(model, chain, data, path, settings=SETTINGS, entries=entries)
     fp16 = FinetuneSettings(steps=3, amp="fp16")
     with pytest.raises(DepthCompressError, match="fp16 needs a CUDA device"):
-        importance_table(model, chain, data, tmp_path / "fp16.csv", settings=fp16, progress=False)
+        importance_table(model, chain, data, tmp_path / "fp16.csv", settings=fp16)
     assert not (tmp_path / "fp16.csv").exists()
     with pytest.raises(DepthCompressError, match="amp must be"):
         FinetuneSettings(amp="fp8")

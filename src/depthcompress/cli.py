@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .defaults import FINETUNE_LR
 from .errors import BudgetError, DepthCompressError
 
 app = typer.Typer(
@@ -222,6 +223,7 @@ def train_cmd(
     from .data import load_split, load_test
     from .devices import resolve_device
     from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
+    from .report import RichProgress
 
     checkpoints = output.with_name(output.name + ".ckpt")
     try:
@@ -244,18 +246,20 @@ def train_cmd(
             num_workers=loader_workers,
         )
         start = time.perf_counter()
-        result = finetune(
-            net,
-            split.train,
-            config,
-            checkpoint_dir=checkpoints,
-            holdout_data=split.holdout,
-            progress=progress,
-            device=device,
-        )
+        main_rank = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun rank 0 draws
+        with RichProgress(console, enabled=progress and main_rank) as reporter:
+            result = finetune(
+                net,
+                split.train,
+                config,
+                checkpoint_dir=checkpoints,
+                holdout_data=split.holdout,
+                progress=reporter,
+                device=device,
+            )
         seconds = time.perf_counter() - start
         end_distributed()
-        if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun only rank 0 writes
+        if not main_rank:  # under torchrun only rank 0 writes
             return
         held = result.history[-1].accuracy
         test_acc = evaluate(net, test, amp=amp) if test is not None else None
@@ -381,6 +385,7 @@ def importance_cmd(
     from .devices import resolve_device
     from .graph import trace
     from .importance import FinetuneSettings, importance_table, parse_shard
+    from .report import RichProgress
 
     try:
         device = str(resolve_device(device))
@@ -415,21 +420,22 @@ def importance_cmd(
             grad_clip=grad_clip,
         )
         start = time.perf_counter()
-        result = importance_table(
-            net,
-            chain,
-            split,
-            output,
-            settings=settings,
-            shard=parse_shard(shard) if shard else None,
-            executor=executor,
-            workers=workers,
-            ray_address=ray_address,
-            device=device,
-            progress=progress,
-            model_name=model,
-            log=lambda m: console.print(f"note: {m}", highlight=False, markup=False),
-        )
+        with RichProgress(console, enabled=progress) as reporter:
+            result = importance_table(
+                net,
+                chain,
+                split,
+                output,
+                settings=settings,
+                shard=parse_shard(shard) if shard else None,
+                executor=executor,
+                workers=workers,
+                ray_address=ray_address,
+                device=device,
+                progress=reporter,
+                model_name=model,
+                log=lambda m: console.print(f"note: {m}", highlight=False, markup=False),
+            )
     except DepthCompressError as exc:
         raise fail(exc) from None
     base = result.meta["base"]["val_acc"]
@@ -1015,7 +1021,9 @@ def compress_cmd(
         int | None, typer.Option(help="CPU threads of the latency backend (default: all)")
     ] = None,
     epochs: Annotated[int, typer.Option(help="fine-tuning epochs of the linearized network")] = 3,
-    lr: Annotated[float, typer.Option(help="fine-tuning peak learning rate (cosine)")] = 0.02,
+    lr: Annotated[
+        float, typer.Option(help="fine-tuning peak learning rate (cosine)")
+    ] = FINETUNE_LR,
     grad_clip: GradClipOption = None,
     optimizer: Annotated[str, typer.Option(help="fine-tuning optimizer: sgd or adamw")] = "sgd",
     distill: Annotated[
@@ -1162,7 +1170,7 @@ def demo_cmd(
             workers=workers or max(1, min(4, os.cpu_count() or 1)),
             alpha=1.6,
             epochs=epochs,
-            lr=0.02,
+            lr=FINETUNE_LR,
             finetune_batch_size=128,
             optimizer="sgd",
             distill=distill,

@@ -26,8 +26,10 @@ from torch import nn
 from .data import batches
 from .devices import cuda_count, resolve_device
 from .errors import DivergedError, FinetuneError, plain
+from .files import atomic_open
 from .graph import param_place
 from .linearization import META_KEY
+from .progress import Reporter, tell
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -403,19 +405,6 @@ def _network_meta(model: nn.Module) -> dict[str, Any] | None:
     return meta.get(META_KEY) if isinstance(meta, dict) else None
 
 
-def _save(obj: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, synced, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A fine-tuning checkpoint (``last.pt`` or ``best.pt``) as a dict, tensors on the CPU;
     ``["model"]`` is the state dict to load into ``linearize(model, chain, plan)``."""
@@ -460,48 +449,6 @@ def _check_resumable(
 
 
 # ---------------------------------------------------------------------------------------------
-# progress
-
-
-class _Progress:
-    """A rich progress bar per epoch with the running loss, or nothing."""
-
-    def __init__(self, enabled: bool, epochs: int) -> None:
-        self.enabled, self.epochs = enabled, epochs
-        self.bar: Any = None
-        self.task: Any = None
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from .report import progress_bar
-
-            self.bar = progress_bar()
-            self.bar.start()
-        return self
-
-    def start(self, epoch: int, steps: int) -> None:
-        if self.bar is not None:
-            self.task = self.bar.add_task(self._label(epoch, None), total=steps)
-
-    def update(
-        self, epoch: int, done: int, loss: float | None, accuracy: float | None = None
-    ) -> None:
-        if self.bar is not None:
-            text = self._label(epoch, loss)
-            if accuracy is not None:
-                text += f" acc {accuracy:.2f}%"
-            self.bar.update(self.task, completed=done, description=text)
-
-    def _label(self, epoch: int, loss: float | None) -> str:
-        text = f"epoch {epoch}/{self.epochs}"
-        return text + (f" loss {loss:.4f}" if loss is not None else "")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-# ---------------------------------------------------------------------------------------------
 # training
 
 
@@ -523,14 +470,373 @@ def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _epoch_order(sampler: Any, epoch: int, passes: int, length: int) -> torch.Tensor:
-    """This process's example indices for one epoch: ``passes`` shuffles of its share of the
-    data (``DistributedSampler.set_epoch(epoch·passes + p)``), cut to ``length``."""
-    order = []
-    for p in range(passes):
-        sampler.set_epoch(epoch * passes + p)
-        order.append(torch.as_tensor(list(iter(sampler)), dtype=torch.long))
-    return torch.cat(order)[:length]
+@dataclass(frozen=True)
+class _Epochs:
+    """The shape of every epoch on this process: its sampler, its share of the global batch,
+    the optimizer steps per epoch, and how many shuffles of its data they draw."""
+
+    sampler: Any
+    local_batch: int
+    steps: int
+    passes: int
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """This process's example indices for one epoch: ``passes`` shuffles of its share of the
+        data (``DistributedSampler.set_epoch(epoch·passes + p)``), cut to ``steps`` batches."""
+        order = []
+        for p in range(self.passes):
+            self.sampler.set_epoch(epoch * self.passes + p)
+            order.append(torch.as_tensor(list(iter(self.sampler)), dtype=torch.long))
+        return torch.cat(order)[: self.steps * self.local_batch]
+
+
+def _plan_epochs(data: Dataset, config: FinetuneConfig, world: _World) -> _Epochs:
+    """Split the global batch between the processes and size the epochs; refuses a batch the
+    processes cannot share evenly, and data smaller than one batch without ``steps_per_epoch``."""
+    if config.batch_size % world.size:
+        raise FinetuneError(
+            f"batch_size {config.batch_size} must be divisible by the {world.size} processes "
+            "(it is the global batch, split evenly between them)"
+        )
+    local_batch = config.batch_size // world.size
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(
+        data, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed
+    )
+    full = len(sampler) // local_batch
+    if full == 0 and config.steps_per_epoch is None:
+        raise FinetuneError(
+            f"the training data holds {len(sampler.dataset)} examples, fewer than one batch of "
+            f"{config.batch_size}: lower batch_size, or set steps_per_epoch"
+        )
+    steps = config.steps_per_epoch or full
+    passes = math.ceil(steps * local_batch / len(sampler))
+    return _Epochs(sampler, local_batch, steps, passes)
+
+
+def _check_inputs(
+    train_data: Dataset,
+    holdout_data: Dataset | None,
+    config: FinetuneConfig,
+    teacher: nn.Module | None,
+) -> None:
+    """Refuse a distillation without a teacher and empty training or held-out data."""
+    if config.distill > 0 and teacher is None:
+        raise FinetuneError(
+            f"distill={config.distill} needs a teacher: pass teacher=<the original network>, "
+            "or set distill=0"
+        )
+    if len(train_data) == 0:  # type: ignore[arg-type]
+        raise FinetuneError("the training data is empty")
+    if holdout_data is not None and len(holdout_data) == 0:  # type: ignore[arg-type]
+        raise FinetuneError("the held-out data is empty: pass holdout_data=None to skip scoring")
+
+
+@dataclass
+class TrainState:
+    """What a run changes as it goes: the model (and its DDP wrapper ``net``, the model itself
+    when alone), optimizer, schedule and fp16 gradient scaler, the epochs finished (``epoch``,
+    of which ``resumed_epochs`` came from a checkpoint), their history and the best held-out
+    accuracy. ``last.pt`` holds all of it, with every process's RNG state."""
+
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    epoch: int = 0
+    resumed_epochs: int = 0
+    history: list[EpochStats] = field(default_factory=list)
+    best_accuracy: float | None = None
+
+
+class Trainer:
+    """One fine-tuning (or training) run: ``Trainer(model, data, config, ...).run()``. The
+    config is ``FinetuneConfig`` (device defaults filled in), the changing state a
+    ``TrainState``; each method does one job: set up or resume, one epoch, evaluate, checkpoint.
+    It serves ``depthcompress train``, the pipeline's fine-tuning and each importance entry.
+    Arguments as ``finetune``'s."""
+
+    model: nn.Module
+    train_data: Dataset
+    holdout_data: Dataset | None
+    teacher: nn.Module | None
+    config: FinetuneConfig
+    world: _World
+    epochs: _Epochs
+    last: Path | None
+    best: Path | None
+    progress: Reporter | None
+    on_epoch_end: Callable[[EpochStats], None] | None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Dataset,
+        config: FinetuneConfig,
+        *,
+        teacher: nn.Module | None = None,
+        checkpoint_dir: str | Path | None = None,
+        holdout_data: Dataset | None = None,
+        progress: Reporter | None = None,
+        device: str | torch.device | None = None,
+        distributed: bool = True,
+        on_epoch_end: Callable[[EpochStats], None] | None = None,
+    ) -> None:
+        _check_inputs(train_data, holdout_data, config, teacher)
+        self.world = _world(device, distributed)
+        self.config = config.for_device(self.world.device)
+        self.epochs = _plan_epochs(train_data, self.config, self.world)
+        self.model, self.train_data, self.holdout_data = model, train_data, holdout_data
+        self.teacher = teacher if config.distill > 0 else None
+        folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.last = folder / LAST if folder is not None else None
+        self.best = folder / BEST if folder is not None else None
+        self.progress = progress if self.world.main else None
+        self.on_epoch_end = on_epoch_end
+
+    def run(self) -> FinetuneResult:
+        """Train the remaining epochs on private RNG streams and return the model in eval mode;
+        the teacher's train/eval modes are restored afterwards."""
+        if self.last is not None and self.world.main:
+            self.last.parent.mkdir(parents=True, exist_ok=True)
+        teacher_modes = {m: m.training for m in self.teacher.modules()} if self.teacher else {}
+        with _private_rng(self.world.device):
+            try:
+                state = self.setup()
+                while state.epoch < self.config.epochs:
+                    self.finish_epoch(state, self.train_epoch(state))
+            finally:
+                for mod, mode in teacher_modes.items():
+                    mod.training = mode
+        self.model.eval()
+        best = self.best if self.best is not None and self.best.exists() else None
+        return FinetuneResult(
+            model=self.model,
+            history=state.history,
+            resumed_epochs=state.resumed_epochs,
+            best_accuracy=state.best_accuracy,
+            last_checkpoint=self.last,
+            best_checkpoint=best,
+        )
+
+    def setup(self) -> TrainState:
+        """Place the model (and teacher) on the device, build the optimizer, schedule and scaler,
+        then resume from ``last.pt`` if there is one, else seed this process's RNG."""
+        config, device = self.config, self.world.device
+        self.model.to(device)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.teacher is not None:
+            self.teacher.to(device).eval()
+            if config.channels_last:
+                self.teacher.to(memory_format=torch.channels_last)
+        optimizer = _optimizer(self.model, config)
+        total = config.epochs * self.epochs.steps
+        state = TrainState(
+            model=self.model,
+            net=self.model,
+            optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(total)),
+            scaler=torch.amp.GradScaler(device.type) if config.amp == "fp16" else None,
+        )
+        if self.last is not None and self.last.exists():
+            self.resume(state, self.last)
+        else:
+            _seed(config.seed + self.world.rank, device)
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            state.net = DistributedDataParallel(self.model, device_ids=ids)
+        return state
+
+    def resume(self, state: TrainState, last: Path) -> None:
+        """Load ``last`` (checked to match this config and network) into ``state`` and restore
+        this process's RNG, or reseed it when the checkpoint came from another process count."""
+        ckpt = load_checkpoint(last)
+        _check_resumable(ckpt, last, self.config, self.model)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise FinetuneError(
+                f"{last} holds weights of another network ({str(exc).splitlines()[0]}): "
+                f"use another checkpoint directory, or delete {last} to start over"
+            ) from None
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+        if state.scaler is not None and ckpt.get("scaler"):
+            state.scaler.load_state_dict(ckpt["scaler"])
+        state.epoch = state.resumed_epochs = int(ckpt["epoch"])
+        state.history = [EpochStats(**h) for h in ckpt["history"]]
+        state.best_accuracy = ckpt.get("best_accuracy")
+        rng, world = ckpt.get("rng") or [], self.world
+        if ckpt.get("world_size") == world.size and world.rank < len(rng):
+            _set_rng_state(rng[world.rank], world.device)
+        else:
+            _seed(self.config.seed + 1000003 * state.epoch + world.rank, world.device)
+
+    def train_epoch(self, state: TrainState) -> EpochStats:
+        """One epoch of ``steps`` optimizer steps, then BN sync and held-out evaluation; raises
+        ``DivergedError`` when the mean loss is not finite."""
+        began = time.perf_counter()
+        config, device, steps = self.config, self.world.device, self.epochs.steps
+        epoch = state.epoch + 1
+        state.net.train()
+        self._report(epoch, 0, None)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        order = self.epochs.order(state.epoch)
+        workers, pin = config.num_workers or 0, device.type == "cuda"
+        loader = batches(self.train_data, order, self.epochs.local_batch, workers, pin_memory=pin)
+        for step, (x, y) in enumerate(loader):
+            total += self._step(state, x, y)
+            if self.progress is not None and (step % 10 == 9 or step + 1 == steps):
+                self._report(epoch, step + 1, float(total) / (step + 1))
+        loss_sum, count = _all_sum(self.world, [float(total), float(steps)])
+        mean_loss = loss_sum / count
+        if not math.isfinite(mean_loss):
+            raise DivergedError(
+                f"the training loss became {mean_loss} in epoch {epoch}: lower the learning "
+                f"rate (now {config.lr:g}; --lr) or clip gradients (grad_clip, --grad-clip); "
+                "the last checkpoint, if any, is from before this epoch"
+            )
+        _sync_buffers(self.world, self.model)
+        accuracy = self.evaluate()
+        self._report(epoch, steps, mean_loss, accuracy)
+        return EpochStats(
+            epoch=epoch,
+            loss=mean_loss,
+            accuracy=accuracy,
+            seconds=time.perf_counter() - began,
+            lr=float(state.optimizer.param_groups[0]["lr"]),
+        )
+
+    def _step(self, state: TrainState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch; returns its loss (detached). With a scaler (fp16) the
+        loss is scaled for backward and overflowing steps are skipped, as ``GradScaler`` does."""
+        config, device = self.config, self.world.device
+        x = _to_input(x, device, config.channels_last)
+        y = y.to(device, non_blocking=True)
+        with autocast(config.amp, device):
+            teacher_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x)
+            loss = training_loss(
+                state.net(x),
+                y,
+                teacher_logits,
+                distill=config.distill,
+                label_smoothing=config.label_smoothing,
+            )
+        state.optimizer.zero_grad(set_to_none=True)
+        scaler, params = state.scaler, self.model.parameters()
+        if scaler is None:
+            loss.backward()
+            if config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(params, config.grad_clip)
+            state.optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(state.optimizer)
+                nn.utils.clip_grad_norm_(params, config.grad_clip)
+            scaler.step(state.optimizer)
+            scaler.update()
+        state.scheduler.step()
+        return loss.detach()
+
+    def evaluate(self) -> float | None:
+        """Held-out top-1 accuracy (%), each process scoring every N-th example; None without
+        held-out data."""
+        data, world, config = self.holdout_data, self.world, self.config
+        if data is None:
+            return None
+        self.model.eval()
+        correct, count = _correct_count(
+            self.model,
+            data,
+            torch.arange(world.rank, len(data), world.size),  # type: ignore[arg-type]
+            config.batch_size,
+            world.device,
+            config.channels_last,
+            config.num_workers or 0,
+            config.amp,
+        )
+        self.model.train()
+        correct_all, count_all = _all_sum(world, [float(correct), float(count)])
+        return 100.0 * correct_all / count_all
+
+    def finish_epoch(self, state: TrainState, stats: EpochStats) -> None:
+        """Record an epoch: history, best accuracy, checkpoints, then ``on_epoch_end``."""
+        state.history.append(stats)
+        state.epoch = stats.epoch
+        improved = stats.accuracy is not None and (
+            state.best_accuracy is None or stats.accuracy > state.best_accuracy
+        )
+        if improved:
+            state.best_accuracy = stats.accuracy
+        if self.last is not None:
+            self.checkpoint(state, improved)
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(stats)
+
+    def checkpoint(self, state: TrainState, improved: bool) -> None:
+        """Rank 0 writes ``last.pt`` (everything needed to resume, every process's RNG state and
+        the fp16 gradient scaler included) and, when ``improved``, ``best.pt`` (weights); every
+        process waits for it."""
+        world = self.world
+        rng: list[Any] = [_rng_state(world.device)]
+        if world.distributed:
+            rng = [None] * world.size
+            dist.all_gather_object(rng, _rng_state(world.device))
+        if world.main and self.last is not None:
+            common = {
+                "format": FORMAT,
+                "epoch": state.epoch,
+                "config": self.config.to_dict(),
+                "network": _network_meta(self.model),
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            }
+            writes: list[tuple[Path, dict[str, Any]]] = []
+            if improved and self.best is not None:
+                writes.append((self.best, {**common, "accuracy": state.best_accuracy}))
+            resume = {
+                "optimizer": state.optimizer.state_dict(),
+                "scheduler": state.scheduler.state_dict(),
+                "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+                "rng": rng,
+                "world_size": world.size,
+                "history": [asdict(h) for h in state.history],
+                "best_accuracy": state.best_accuracy,
+            }
+            writes.append((self.last, {**common, **resume}))
+            for path, data in writes:
+                with atomic_open(path, "wb") as fh:
+                    torch.save(data, fh)
+        if world.distributed:
+            dist.barrier()
+
+    def _report(
+        self, epoch: int, step: int, loss: float | None, accuracy: float | None = None
+    ) -> None:
+        """Tell the reporter how far the run is: steps over all epochs, the running loss."""
+        if self.progress is None:
+            return
+        detail = f"epoch {epoch}/{self.config.epochs}"
+        if loss is not None:
+            detail += f" loss {loss:.4f}"
+        if accuracy is not None:
+            detail += f" acc {accuracy:.2f}%"
+        steps = self.epochs.steps
+        tell(
+            self.progress,
+            "fine-tuning",
+            (epoch - 1) * steps + step,
+            self.config.epochs * steps,
+            detail,
+        )
 
 
 def finetune(
@@ -541,313 +847,39 @@ def finetune(
     teacher: nn.Module | None = None,
     checkpoint_dir: str | Path | None = None,
     holdout_data: Dataset | None = None,
-    progress: bool = True,
+    progress: Reporter | None = None,
     device: str | torch.device | None = None,
     distributed: bool = True,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` **in place** (it is the pipeline's own linearized copy) and return it
-    in eval mode, with its history.
+    in eval mode, with its history: ``Trainer(...).run()`` in one call.
 
     ``teacher`` (the original network, needed when ``config.distill > 0``) is moved to the
     device and run in eval mode; its train/eval mode is restored afterwards. With
     ``checkpoint_dir``, ``last.pt`` is written atomically after every epoch (and ``best.pt`` on
     the best held-out accuracy) and an existing ``last.pt`` with the same settings is resumed
     from. Under ``torchrun`` the model runs in DistributedDataParallel, each process reads its
-    share of every batch, and only rank 0 writes checkpoints and shows progress. ``device``
-    defaults to CUDA (``cuda:LOCAL_RANK``) when available, else the CPU. ``distributed=False``
-    trains in this process alone even under ``torchrun`` (for many small independent runs, as
-    importance tables do). ``on_epoch_end`` sees each epoch's stats on every process, after its
-    checkpoint is on disk.
+    share of every batch, and only rank 0 writes checkpoints and reports ``progress``
+    (``progress.Step``s of the task ``"fine-tuning"``). ``device`` defaults to CUDA
+    (``cuda:LOCAL_RANK``) when available, else the CPU. ``distributed=False`` trains in this
+    process alone even under ``torchrun`` (for many small independent runs, as importance
+    tables do). ``on_epoch_end`` sees each epoch's stats on every process, after its checkpoint
+    is on disk.
     """
-    if config.distill > 0 and teacher is None:
-        raise FinetuneError(
-            f"distill={config.distill} needs a teacher: pass teacher=<the original network>, "
-            "or set distill=0"
-        )
-    n = len(train_data)  # type: ignore[arg-type]
-    if n == 0:
-        raise FinetuneError("the training data is empty")
-    if holdout_data is not None and len(holdout_data) == 0:  # type: ignore[arg-type]
-        raise FinetuneError("the held-out data is empty: pass holdout_data=None to skip scoring")
-    world = _world(device, distributed)
-    config = config.for_device(world.device)
-    if config.batch_size % world.size:
-        raise FinetuneError(
-            f"batch_size {config.batch_size} must be divisible by the {world.size} processes "
-            "(it is the global batch, split evenly between them)"
-        )
-    local_batch = config.batch_size // world.size
-    from torch.utils.data.distributed import DistributedSampler
-
-    sampler = DistributedSampler(
-        train_data, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed
-    )
-    full = len(sampler) // local_batch
-    if full == 0 and config.steps_per_epoch is None:
-        raise FinetuneError(
-            f"the training data holds {n} examples, fewer than one batch of "
-            f"{config.batch_size}: lower batch_size, or set steps_per_epoch"
-        )
-    steps = config.steps_per_epoch or full
-    passes = math.ceil(steps * local_batch / len(sampler))
-
-    teacher_modes = {m: m.training for m in teacher.modules()} if teacher is not None else {}
-    last = best = None
-    if checkpoint_dir is not None:
-        checkpoint_dir = Path(checkpoint_dir)
-        last, best = checkpoint_dir / LAST, checkpoint_dir / BEST
-        if world.main:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-
-    with _private_rng(world.device):
-        model.to(world.device)
-        if config.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if teacher is not None and config.distill > 0:
-            teacher.to(world.device).eval()
-            if config.channels_last:
-                teacher.to(memory_format=torch.channels_last)
-        optimizer = _optimizer(model, config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config.epochs * steps))
-        scaler = torch.amp.GradScaler(world.device.type) if config.amp == "fp16" else None
-        result = FinetuneResult(model=model, last_checkpoint=last)
-        start = 0
-        if last is not None and last.exists():
-            ckpt = load_checkpoint(last)
-            _check_resumable(ckpt, last, config, model)
-            try:
-                model.load_state_dict(ckpt["model"])
-            except RuntimeError as exc:
-                raise FinetuneError(
-                    f"{last} holds weights of another network ({str(exc).splitlines()[0]}): "
-                    f"use another checkpoint directory, or delete {last} to start over"
-                ) from None
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            start = int(ckpt["epoch"])
-            result.history = [EpochStats(**h) for h in ckpt["history"]]
-            result.best_accuracy = ckpt.get("best_accuracy")
-            rng = ckpt.get("rng") or []
-            if ckpt.get("world_size") == world.size and world.rank < len(rng):
-                _set_rng_state(rng[world.rank], world.device)
-            else:
-                _seed(config.seed + 1000003 * start + world.rank, world.device)
-        else:
-            _seed(config.seed + world.rank, world.device)
-        result.resumed_epochs = start
-
-        net: nn.Module = model
-        if world.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [world.device.index] if world.device.type == "cuda" else None
-            net = DistributedDataParallel(model, device_ids=ids)
-
-        try:
-            with _Progress(progress and world.main, config.epochs) as bar:
-                for epoch in range(start, config.epochs):
-                    stats = _train_epoch(
-                        net,
-                        model,
-                        teacher,
-                        train_data,
-                        holdout_data,
-                        config,
-                        world,
-                        optimizer,
-                        scheduler,
-                        scaler,
-                        sampler,
-                        bar,
-                        epoch,
-                        steps,
-                        passes,
-                        local_batch,
-                    )
-                    result.history.append(stats)
-                    improved = stats.accuracy is not None and (
-                        result.best_accuracy is None or stats.accuracy > result.best_accuracy
-                    )
-                    if improved:
-                        result.best_accuracy = stats.accuracy
-                    if checkpoint_dir is not None:
-                        rng = [_rng_state(world.device)]
-                        if world.distributed:
-                            rng = [None] * world.size
-                            dist.all_gather_object(rng, _rng_state(world.device))
-                        if world.main:
-                            _write_checkpoints(
-                                model,
-                                optimizer,
-                                scheduler,
-                                scaler,
-                                config,
-                                result,
-                                rng,
-                                world,
-                                last,
-                                best if improved else None,
-                            )
-                        if world.distributed:
-                            dist.barrier()
-                    if on_epoch_end is not None:
-                        on_epoch_end(stats)
-        finally:
-            for mod, mode in teacher_modes.items():
-                mod.training = mode
-    if best is not None and best.exists():
-        result.best_checkpoint = best
-    model.eval()
-    return result
-
-
-def _train_epoch(
-    net: nn.Module,
-    model: nn.Module,
-    teacher: nn.Module | None,
-    train_data: Dataset,
-    holdout_data: Dataset | None,
-    config: FinetuneConfig,
-    world: _World,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
-    sampler: Any,
-    bar: _Progress,
-    epoch: int,
-    steps: int,
-    passes: int,
-    local_batch: int,
-) -> EpochStats:
-    """One epoch of ``steps`` optimizer steps, then BN sync and held-out evaluation. With a
-    ``scaler`` (fp16) the loss is scaled for backward and steps with overflowing gradients are
-    skipped, as ``torch.amp.GradScaler`` does."""
-    began = time.perf_counter()
-    order = _epoch_order(sampler, epoch, passes, steps * local_batch)
-    net.train()
-    bar.start(epoch + 1, steps)
-    total = torch.zeros((), dtype=torch.float64, device=world.device)
-    use_teacher = teacher is not None and config.distill > 0
-    pin = world.device.type == "cuda"
-    workers = config.num_workers or 0
-    for step, (x, y) in enumerate(batches(train_data, order, local_batch, workers, pin_memory=pin)):
-        x = _to_input(x, world.device, config.channels_last)
-        y = y.to(world.device, non_blocking=True)
-        with autocast(config.amp, world.device):
-            teacher_logits = None
-            if use_teacher:
-                assert teacher is not None
-                with torch.no_grad():
-                    teacher_logits = teacher(x)
-            loss = training_loss(
-                net(x),
-                y,
-                teacher_logits,
-                distill=config.distill,
-                label_smoothing=config.label_smoothing,
-            )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            if config.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        scheduler.step()
-        total += loss.detach()
-        if bar.bar is not None and (step % 10 == 9 or step + 1 == steps):
-            bar.update(epoch + 1, step + 1, float(total) / (step + 1))
-    loss_sum, count = _all_sum(world, [float(total), float(steps)])
-    mean_loss = loss_sum / count
-    if not math.isfinite(mean_loss):
-        raise DivergedError(
-            f"the training loss became {mean_loss} in epoch {epoch + 1}: lower the learning "
-            f"rate (now {config.lr:g}; --lr) or clip gradients (grad_clip, --grad-clip); the last "
-            "checkpoint, if any, is from before this epoch"
-        )
-    _sync_buffers(world, model)
-    accuracy = None
-    if holdout_data is not None:
-        accuracy = _distributed_accuracy(model, holdout_data, config, world)
-    bar.update(epoch + 1, steps, mean_loss, accuracy)
-    return EpochStats(
-        epoch=epoch + 1,
-        loss=mean_loss,
-        accuracy=accuracy,
-        seconds=time.perf_counter() - began,
-        lr=float(optimizer.param_groups[0]["lr"]),
-    )
-
-
-def _distributed_accuracy(
-    model: nn.Module, data: Dataset, config: FinetuneConfig, world: _World
-) -> float:
-    """Held-out top-1 accuracy (%), each process scoring every N-th example."""
-    n = len(data)  # type: ignore[arg-type]
-    if n == 0:
-        raise FinetuneError("the held-out data is empty")
-    model.eval()
-    correct, count = _correct_count(
+    trainer = Trainer(
         model,
-        data,
-        torch.arange(world.rank, n, world.size),
-        config.batch_size,
-        world.device,
-        config.channels_last,
-        config.num_workers or 0,
-        config.amp,
+        train_data,
+        config,
+        teacher=teacher,
+        checkpoint_dir=checkpoint_dir,
+        holdout_data=holdout_data,
+        progress=progress,
+        device=device,
+        distributed=distributed,
+        on_epoch_end=on_epoch_end,
     )
-    model.train()
-    correct_all, count_all = _all_sum(world, [float(correct), float(count)])
-    return 100.0 * correct_all / count_all
-
-
-def _write_checkpoints(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
-    config: FinetuneConfig,
-    result: FinetuneResult,
-    rng: list[Any],
-    world: _World,
-    last: Path,
-    best: Path | None,
-) -> None:
-    """Write ``last.pt`` (everything needed to resume, the fp16 gradient scaler included) and,
-    if given, ``best.pt`` (weights)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    common = {
-        "format": FORMAT,
-        "epoch": result.history[-1].epoch,
-        "config": config.to_dict(),
-        "network": _network_meta(model),
-        "model": state,
-    }
-    if best is not None:
-        _save({**common, "accuracy": result.best_accuracy}, best)
-    _save(
-        {
-            **common,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng,
-            "world_size": world.size,
-            "history": [asdict(h) for h in result.history],
-            "best_accuracy": result.best_accuracy,
-        },
-        last,
-    )
+    return trainer.run()
 
 
 __all__ = [
@@ -857,6 +889,8 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneError",
     "FinetuneResult",
+    "TrainState",
+    "Trainer",
     "autocast",
     "check_amp",
     "cuda_count",

@@ -18,7 +18,6 @@ import os
 import pickle
 import platform
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -31,15 +30,28 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ._version import __version__
 from .data import SplitData, batches, tensor_bytes
 from .errors import DepthCompressError, DivergedError, TableError, plain
-from .files import json_sha, nested_diff, read_sidecar, repair_tail, sidecar_path, write_json
+from .files import (
+    atomic_open,
+    csv_appender,
+    json_sha,
+    nested_diff,
+    read_sidecar,
+    repair_tail,
+    sidecar_path,
+    write_json,
+)
 from .graph import ConvChain, symbolic_trace
 from .linearization import linearize
 from .plan import Plan
+from .progress import LOG, Reporter, tell
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
+
+    from .finetune import FinetuneConfig
 
 FORMAT = "depthcompress-importance/1"
 SCORE = "val_acc"
@@ -106,6 +118,25 @@ class FinetuneSettings:
     def zero_shot(self) -> bool:
         """Whether entries are scored without fine-tuning."""
         return self.steps == 0
+
+    def config(self, seed: int) -> FinetuneConfig:
+        """The ``Trainer`` config of one entry: one epoch of ``steps`` SGD steps (Nesterov,
+        cosine decay to 0) on batches drawn by ``seed``."""
+        from .finetune import FinetuneConfig
+
+        return FinetuneConfig(
+            epochs=1,
+            steps_per_epoch=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            seed=seed,
+            num_workers=self.loader_workers,
+            channels_last=self.channels_last,
+            amp=self.amp,  # type: ignore[arg-type]
+            grad_clip=self.grad_clip,
+        )
 
 
 @dataclass
@@ -235,10 +266,11 @@ def _inputs(x: torch.Tensor, settings: FinetuneSettings, device: str) -> torch.T
     return x.to(memory_format=torch.channels_last) if settings.channels_last else x
 
 
-def evaluate(
+def score_entry(
     net: nn.Module, dataset: Dataset, settings: FinetuneSettings, device: str = "cpu"
 ) -> tuple[float, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of ``net`` (eval mode) on ``dataset``."""
+    """Top-1 accuracy (%) and mean cross-entropy of ``net`` (eval mode) on ``dataset``: the
+    score of an entry's network (and of the unmodified one) on the held-out split."""
     from .finetune import autocast
 
     net = _prepare(net, settings, device).eval()
@@ -260,30 +292,15 @@ def evaluate(
     return 100.0 * correct / count, loss / count
 
 
-def finetune(
+def tune_entry(
     net: nn.Module, dataset: Dataset, settings: FinetuneSettings, seed: int, device: str = "cpu"
 ) -> float:
-    """Fine-tune ``net`` in place for ``settings.steps`` SGD steps (Nesterov, cosine decay to
-    0) on batches drawn by ``seed``, in this process alone; returns the mean training loss.
-    This is ``finetune.finetune`` as one epoch of ``steps`` steps."""
-    from .finetune import FinetuneConfig
-    from .finetune import finetune as run
+    """Fine-tune an entry's ``net`` in place with the ``Trainer`` (``settings.config(seed)``), in
+    this process alone; returns the mean training loss."""
+    from .finetune import Trainer
 
-    config = FinetuneConfig(
-        epochs=1,
-        steps_per_epoch=settings.steps,
-        lr=settings.lr,
-        batch_size=settings.batch_size,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-        seed=seed,
-        num_workers=settings.loader_workers,
-        channels_last=settings.channels_last,
-        amp=settings.amp,  # type: ignore[arg-type]
-        grad_clip=settings.grad_clip,
-    )
-    result = run(net, dataset, config, progress=False, device=device, distributed=False)
-    return result.train_loss
+    trainer = Trainer(net, dataset, settings.config(seed), device=device, distributed=False)
+    return trainer.run().train_loss
 
 
 @contextmanager
@@ -334,10 +351,10 @@ def measure_entry(job: _Job, entry: Entry) -> dict[str, Any]:
         train_loss = math.nan
         if s.steps:
             try:
-                train_loss = finetune(net, job.data.train, s, seed, job.device)
+                train_loss = tune_entry(net, job.data.train, s, seed, job.device)
             except DivergedError:
                 raise DivergedError(_diverged(job.chain, entry, s)) from None
-        acc, loss = evaluate(net, job.data.holdout, s, job.device)
+        acc, loss = score_entry(net, job.data.holdout, s, job.device)
     return {
         **entry._asdict(),
         SCORE: round(acc - job.base[0], 10),
@@ -362,8 +379,6 @@ def weights_sha(model: nn.Module) -> str:
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
-
     return {"depthcompress": __version__, "torch": torch.__version__}
 
 
@@ -466,38 +481,12 @@ def _key(row: dict[str, Any]) -> Entry:
 
 def write_table(path: str | Path, meta: dict[str, Any], rows: Iterable[dict[str, Any]]) -> None:
     """Write a whole table (sorted by entry) and its sidecar, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_open(path) as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(COLUMNS)
         for row in sorted(rows, key=_key):
             writer.writerow(_format(row))
-    write_json(sidecar_path(path), meta)
-    os.replace(tmp, path)
-
-
-class _RowWriter:
-    """Appends rows to a table, each flushed and fsynced as soon as it is written."""
-
-    def __init__(self, path: Path) -> None:
-        new = not path.exists() or path.stat().st_size == 0
-        self.fh = path.open("a", newline="")
-        self.writer = csv.writer(self.fh, lineterminator="\n")
-        if new:
-            self.writer.writerow(COLUMNS)
-            self._sync()
-
-    def _sync(self) -> None:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.writer.writerow(_format(row))
-        self._sync()
-
-    def close(self) -> None:
-        self.fh.close()
+        write_json(sidecar_path(path), meta)  # before the table it describes is replaced
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,7 +680,7 @@ def importance_table(
     workers: int = 1,
     ray_address: str | None = None,
     device: str = "cpu",
-    progress: bool = True,
+    progress: Reporter | None = None,
     model_name: str | None = None,
     entries: Sequence[Entry] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
@@ -699,17 +688,68 @@ def importance_table(
 ) -> TableResult:
     """Measure every entry of ``chain`` (or of one shard) and write the table at ``path``.
 
-    Rows are appended as they finish; an existing table with a matching sidecar is resumed
-    (finished rows are skipped), a mismatching one is refused. ``entries`` restricts the run to
-    a subset of the enumeration (for benchmarks); ``on_row`` sees each new row. Local workers
-    follow ``execution_plan`` (on a GPU: never two processes on one device); its note, if any,
-    goes to ``log`` (a warning without it).
+    Rows are appended as they finish, under a lock that refuses a second run on the same file;
+    an existing table with a matching sidecar is resumed (finished rows are skipped), a
+    mismatching one is refused. ``entries`` restricts the run to a subset of the enumeration
+    (for benchmarks); ``on_row`` sees each new row; ``progress`` gets a ``progress.Step`` of the
+    task ``"importance"`` per row. Local workers follow ``execution_plan`` (on a GPU: never two
+    processes on one device); its note, if any, goes to ``log`` (``progress.LOG`` without it).
     """
     settings = settings or FinetuneSettings()
     if isinstance(shard, str):
         shard = parse_shard(shard)
     if executor not in EXECUTORS:
         raise DepthCompressError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    plan = _local_plan(device, workers, settings)
+    if plan.note is not None and executor == "local":
+        (log or LOG.warning)(plan.note)
+    device = plan.devices[0]
+    path = Path(path)
+    all_entries = enumerate_entries(chain, exclude_zeros=settings.exclude_zeros)
+    mine = _my_entries(all_entries, shard, entries)
+    net = portable_model(model, chain)
+    if path.exists():
+        meta, done = _resume_table(path, model, chain, data, settings, all_entries, shard)
+    else:
+        with torch_threads(settings.threads):
+            base = score_entry(copy.deepcopy(net), data.holdout, settings, device)
+        name = model_name or type(model).__name__
+        meta = table_meta(
+            model, chain, data, settings, base, all_entries, shard=shard, model_name=name
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(sidecar_path(path), meta)
+        done = {}
+
+    todo = [e for e in mine if e not in done]
+    base = (meta["base"][SCORE], meta["base"]["val_loss"])
+    job = _Job(net, chain, data, settings, base, device)
+    result = TableResult(path=path, meta=meta, skipped=len(mine) - len(todo))
+    with csv_appender(path, COLUMNS) as append:
+        if executor == "ray":
+            rows = _run_ray(job, todo, ray_address)
+        elif plan.workers > 1 and len(todo) > 1:
+            rows = _run_processes(job, todo, plan.devices[: len(todo)])
+        else:
+            rows = _run_local(job, todo)
+        tell(progress, "importance", result.skipped, len(mine), path.name)
+        for row in rows:
+            append(_format(row))
+            done[_key(row)] = row
+            result.computed += 1
+            detail = f"{path.name}: entry {tuple(_key(row))}"
+            tell(progress, "importance", result.skipped + result.computed, len(mine), detail)
+            if on_row is not None:
+                on_row(row)
+    mine_set = set(mine)
+    if all(e in done for e in mine):
+        write_table(path, meta, done.values())
+    result.rows = sorted((r for k, r in done.items() if k in mine_set), key=_key)
+    return result
+
+
+def _local_plan(device: str, workers: int, settings: FinetuneSettings) -> ExecutionPlan:
+    """``execution_plan`` on this machine, its first device checked for ``settings.amp``."""
     from .devices import cuda_count
     from .finetune import check_amp
 
@@ -722,96 +762,45 @@ def importance_table(
         loader_workers=settings.loader_workers,
     )
     check_amp(settings.amp, plan.devices[0])
-    if plan.note is not None and executor == "local":
-        (log or (lambda m: warnings.warn(m, stacklevel=2)))(plan.note)
-    device = plan.devices[0]
-    path = Path(path)
-    all_entries = enumerate_entries(chain, exclude_zeros=settings.exclude_zeros)
-    if entries is not None:
-        unknown = sorted(set(entries) - set(all_entries))
-        if unknown:
-            raise DepthCompressError(f"entries {unknown[:3]} are not entries of this chain")
-    mine = shard_entries(all_entries, shard)
-    if entries is not None:
-        wanted = set(entries)
-        mine = [e for e in mine if e in wanted]
-    net = portable_model(model, chain)
+    return plan
 
-    done: dict[Entry, dict[str, Any]] = {}
-    if path.exists():
-        old_meta = _read_meta(path)
-        repair_tail(path)
-        _, rows = read_table(path)
-        base = (old_meta["base"][SCORE], old_meta["base"]["val_loss"])
-        meta = table_meta(
-            model, chain, data, settings, base, all_entries, shard=shard, model_name=""
+
+def _my_entries(
+    all_entries: list[Entry], shard: tuple[int, int] | None, entries: Sequence[Entry] | None
+) -> list[Entry]:
+    """The entries this run measures: its shard, restricted to ``entries`` when given."""
+    if entries is None:
+        return shard_entries(all_entries, shard)
+    unknown = sorted(set(entries) - set(all_entries))
+    if unknown:
+        raise DepthCompressError(f"entries {unknown[:3]} are not entries of this chain")
+    wanted = set(entries)
+    return [e for e in shard_entries(all_entries, shard) if e in wanted]
+
+
+def _resume_table(
+    path: Path,
+    model: nn.Module,
+    chain: ConvChain,
+    data: SplitData,
+    settings: FinetuneSettings,
+    all_entries: list[Entry],
+    shard: tuple[int, int] | None,
+) -> tuple[dict[str, Any], dict[Entry, dict[str, Any]]]:
+    """The sidecar and finished rows of an existing table, after checking that it was computed
+    from the same model, data and settings (``TableError`` if not)."""
+    old_meta = _read_meta(path)
+    repair_tail(path)
+    _, rows = read_table(path)
+    base = (old_meta["base"][SCORE], old_meta["base"]["val_loss"])
+    meta = table_meta(model, chain, data, settings, base, all_entries, shard=shard, model_name="")
+    diff = _mismatch(old_meta, meta, (*COMPATIBLE_KEYS, "shard"))
+    if diff:
+        raise TableError(
+            f"{path} was computed with other settings ({diff}): "
+            "resume with the same model, data and flags, or write to a new file"
         )
-        diff = _mismatch(old_meta, meta, (*COMPATIBLE_KEYS, "shard"))
-        if diff:
-            raise TableError(
-                f"{path} was computed with other settings ({diff}): "
-                "resume with the same model, data and flags, or write to a new file"
-            )
-        meta = old_meta
-        done = {_key(r): r for r in rows}
-    else:
-        with torch_threads(settings.threads):
-            base = evaluate(copy.deepcopy(net), data.holdout, settings, device)
-        name = model_name or type(model).__name__
-        meta = table_meta(
-            model, chain, data, settings, base, all_entries, shard=shard, model_name=name
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(sidecar_path(path), meta)
-
-    todo = [e for e in mine if e not in done]
-    job = _Job(net, chain, data, settings, base, device)
-    result = TableResult(path=path, meta=meta, skipped=len(mine) - len(todo))
-    writer = _RowWriter(path)
-    try:
-        if executor == "ray":
-            rows_iter = _run_ray(job, todo, ray_address)
-        elif plan.workers > 1 and len(todo) > 1:
-            rows_iter = _run_processes(job, todo, plan.devices[: len(todo)])
-        else:
-            rows_iter = _run_local(job, todo)
-        with _Progress(progress, len(mine), len(mine) - len(todo), path.name) as advance:
-            for row in rows_iter:
-                writer.write(row)
-                done[_key(row)] = row
-                result.computed += 1
-                advance()
-                if on_row is not None:
-                    on_row(row)
-    finally:
-        writer.close()
-    mine_set = set(mine)
-    if all(e in done for e in mine):
-        write_table(path, meta, done.values())
-    result.rows = sorted((r for k, r in done.items() if k in mine_set), key=_key)
-    return result
-
-
-class _Progress:
-    """A rich progress bar (rows done / total, elapsed, ETA), or nothing."""
-
-    def __init__(self, enabled: bool, total: int, completed: int, label: str) -> None:
-        self.enabled, self.total, self.completed, self.label = enabled, total, completed, label
-        self.bar: Any = None
-
-    def __enter__(self) -> Callable[[], None]:
-        if not self.enabled:
-            return lambda: None
-        from .report import progress_bar
-
-        self.bar = progress_bar()
-        self.bar.start()
-        task = self.bar.add_task(self.label, total=self.total, completed=self.completed)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+    return old_meta, {_key(r): r for r in rows}
 
 
 def merge_tables(

@@ -38,6 +38,7 @@ from .backends import (
     package_version,
 )
 from .data import SplitData, fetch, fingerprint, num_classes
+from .defaults import FINETUNE_LR
 from .devices import device_name, resolve_device
 from .dp import Budget
 from .errors import BudgetError, DepthCompressError, TableError, WorkdirError, plain
@@ -82,7 +83,7 @@ class CompressSettings:
     workers: int = 1
     alpha: float = 1.6
     finetune: FinetuneConfig = field(
-        default_factory=lambda: FinetuneConfig(epochs=3, lr=0.01, batch_size=128)
+        default_factory=lambda: FinetuneConfig(epochs=3, lr=FINETUNE_LR, batch_size=128)
     )
     device: str | torch.device | None = None
     seed: int = 0

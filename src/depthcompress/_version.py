@@ -1,0 +1,3 @@
+"""The package version, in one place (the package and its records read it here)."""
+
+__version__ = "0.1.0"
