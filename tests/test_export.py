@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import torch
 
 import depthcompress as dc
 from depthcompress.export import ExportError, export_onnx, save_torch
+from depthcompress.graph import symbolic_trace
 from tests.conftest import randomize_bn
 from tests.test_graph import Functional
 
@@ -39,6 +41,19 @@ def test_torch_file_loads_without_depthcompress(tmp_path, merged):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_traced_and_merged_modules_pickle_through_public_fx_only(merged):
+    """No type annotations (torch 2.11 cannot pickle the string ones ``from __future__ import
+    annotations`` gives) and fx's default tracer, so unpickling needs neither us nor user code."""
+    module, x = merged
+    traced = symbolic_trace(randomize_bn(Functional()).eval())
+    for gm in (traced, module):
+        assert all(node.type is None for node in gm.graph.nodes)
+        data = pickle.dumps(gm)
+        assert b"depthcompress.graph" not in data  # our tracer class is not referenced
+        again = pickle.loads(data)
+        assert torch.equal(again(x), gm(x))
 
 
 def test_onnx_export_matches_pytorch(tmp_path, merged):

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .merging import merge
     from .pipeline import Budget, CompressResult, CompressSettings, compress
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 _LAZY = {
     "trace": "graph",

@@ -349,10 +349,25 @@ def symbolic_trace(model: nn.Module, leaf_modules: Iterable[str | type] = ()) ->
             f"torch.fx cannot trace {place}: {type(exc).__name__}: {exc}. Fix: {fix}; "
             "data-dependent Python control flow is the usual cause"
         ) from None
-    # Forget our tracer class, so a pickled (merged) module loads without depthcompress.
-    graph._tracer_cls = None
-    graph._tracer_extras = None
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return fx.GraphModule(tracer.root, _portable_graph(graph), type(model).__name__)
+
+
+def _portable_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` on fx's default tracer, without type annotations, so its module
+    pickles and unpickles on every supported torch without depthcompress or the user's code.
+
+    The copy forgets our tracer class (unpickling re-traces with the graph's tracer class, and
+    ours is neither importable without depthcompress nor constructible without arguments). The
+    annotations go because the saved code imports every annotation's type on load, and a string
+    annotation (``from __future__ import annotations`` in the user's file) breaks
+    ``GraphModule.__reduce__`` on torch 2.11.
+    """
+    portable = fx.Graph()
+    out = portable.graph_copy(graph, {})
+    portable.output(out)
+    for node in portable.nodes:
+        node.type = None
+    return portable
 
 
 def prepare(

@@ -219,9 +219,7 @@ def entry_network(
 def portable_model(model: nn.Module, chain: ConvChain) -> fx.GraphModule:
     """An eval-mode fx copy of ``model`` made of torch modules only, so worker processes and Ray
     tasks can unpickle it without importing the user's model code."""
-    net = symbolic_trace(copy.deepcopy(model).eval(), chain.leaf_modules)
-    net._tracer_cls = None  # unpickling re-traces with this class; fx's default needs no args
-    return net
+    return symbolic_trace(copy.deepcopy(model).eval(), chain.leaf_modules)
 
 
 def entry_seed(seed: int, entry: Entry) -> int:

@@ -121,7 +121,7 @@ def table_meta(
     passes: int = 1,
 ) -> dict[str, Any]:
     """The sidecar of a table: model, blocks, batch, backend, protocol, machine and versions."""
-    from . import __version__
+    from ._version import __version__
 
     return {
         "format": FORMAT,

@@ -1054,7 +1054,7 @@ def _grid(fastest: float, original: float, n: int = 40) -> list[float]:
 
 def versions() -> dict[str, str | None]:
     """Versions of the software that produced a result."""
-    from . import __version__
+    from ._version import __version__
 
     return {
         "depthcompress": __version__,
