@@ -112,7 +112,6 @@ def cmd_table(args: argparse.Namespace) -> None:
             batch=args.batch,
             passes=args.passes,
             force=True,
-            progress=False,
             model_name="mbv2",
             on_row=keep,
         )

@@ -229,14 +229,14 @@ def test_the_latency_stage_records_its_timing_device(tmp_path: Path) -> None:
     import json
 
     wd = tmp_path / "wd"
-    pipeline.compress(small_model(), small_data(), wd, settings(), until="latency", progress=False)
+    pipeline.compress(small_model(), small_data(), wd, settings(), until="latency")
     stages = json.loads((wd / "stages.json").read_text())
     assert stages["latency"]["settings"]["device"] == "cpu"
     stages["latency"]["settings"]["device"] = "cuda (Fake GPU)"  # as if timed on a GPU before
     (wd / "stages.json").write_text(json.dumps(stages))
     before = (wd / "latency.csv").read_bytes()
     with pytest.raises(pipeline.WorkdirError, match=r"device: 'cuda \(Fake GPU\)' → 'cpu'"):
-        pipeline.compress(small_model(), small_data(), wd, settings(), progress=False)
+        pipeline.compress(small_model(), small_data(), wd, settings())
     assert (wd / "latency.csv").read_bytes() == before
 
 

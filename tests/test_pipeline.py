@@ -598,7 +598,7 @@ def test_cli_train_interrupted_then_resumed_counts_its_epochs(tmp_path, monkeypa
         "5",
         "--no-progress",
     ]
-    epoch, calls = finetune_module._train_epoch, []
+    epoch, calls = finetune_module.Trainer.train_epoch, []
 
     def ctrl_c_in_epoch_2(*a, **kw):
         calls.append(1)
@@ -606,7 +606,7 @@ def test_cli_train_interrupted_then_resumed_counts_its_epochs(tmp_path, monkeypa
             raise KeyboardInterrupt
         return epoch(*a, **kw)
 
-    monkeypatch.setattr(finetune_module, "_train_epoch", ctrl_c_in_epoch_2)
+    monkeypatch.setattr(finetune_module.Trainer, "train_epoch", ctrl_c_in_epoch_2)
     runner = CliRunner()
     stopped = runner.invoke(app, args)
     assert stopped.exit_code == 130, stopped.output
@@ -614,7 +614,7 @@ def test_cli_train_interrupted_then_resumed_counts_its_epochs(tmp_path, monkeypa
     last = weights.with_name("net.pt.ckpt") / "last.pt"
     assert f"interrupted in epoch 2 of 2; the last finished epoch (1) is saved in {last}" in text
     assert "run the same command to resume" in text and not weights.exists()
-    monkeypatch.setattr(finetune_module, "_train_epoch", epoch)
+    monkeypatch.setattr(finetune_module.Trainer, "train_epoch", epoch)
     resumed = runner.invoke(app, args)
     assert resumed.exit_code == 0, resumed.output
     text = " ".join(resumed.output.split())
