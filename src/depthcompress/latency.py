@@ -33,7 +33,7 @@ from .backends import Backend, Timing, machine_info, package_version
 from .errors import TableError, plain
 from .files import json_sha, nested_diff, read_sidecar, repair_tail, sidecar_path, write_json
 from .graph import ConvChain
-from .linearization import make_activation
+from .kinds import make_activation
 
 COLUMNS = ("id", "st", "end", "time", "stdev")
 PASS_COLUMNS = ("id", "pass", "time", "stdev")
