@@ -626,7 +626,7 @@ def analyze(
             f"{gm.__class__.__name__} has no nn.Conv2d to compress"
             + (f" outside the excluded modules {list(exclude)}" if exclude else "")
             + ": depthcompress merges 2-D convolutions"
-            + "".join(f"; {_overriding_words(p, c)}" for p, c in unknown.items())
+            + "".join(f"; {c.__name__} ({p}) is {_overriding_note(c)}" for p, c in unknown.items())
         )
     shortcuts = {j.shortcut.conv for j in an.joins.values() if j.shortcut is not None}
     units = _order_units(an, [u for u in an.units if u.conv not in shortcuts])
@@ -764,12 +764,13 @@ def _overriding_module(node: fx.Node) -> tuple[str, type] | None:
     return None
 
 
-def _overriding_words(path: str, cls: type) -> str:
+def _overriding_note(cls: type) -> str:
+    """Why a conv/BN subclass with its own forward is not recognised, and how to register it."""
     base = overridden_base(cls)
-    name = base.__name__ if base is not None else "conv"
+    name = base.__name__ if base is not None else "Conv2d"
     return (
-        f"{cls.__name__} ({path}) is a {name} subclass that overrides forward, so it is not taken "
-        f"for a {name}; if its forward computes exactly that, call {how_to_register(cls)}"
+        f"a {name} subclass that overrides forward (not taken for a {name}: if its forward "
+        f"computes exactly that, call {how_to_register(cls)})"
     )
 
 
@@ -777,7 +778,8 @@ def _describe(an: _Analysis, node: fx.Node) -> str:
     """A node as a person reads it: 'a MaxPool2d (features.2)', 'max_pool2d() (max_pool2d)'."""
     inside = _overriding_module(node)
     if inside is not None:
-        return f"module {inside[0]} ({_overriding_words(*inside)})"
+        path, cls = inside
+        return f"a {cls.__name__} ({path}), {_overriding_note(cls)}"
     mod = an.module_of(node)
     if mod is not None:
         kind = type(mod).__name__
