@@ -87,7 +87,8 @@ def _stochastic_depth() -> tuple[Any, ...]:
 
 @dataclass
 class _Registry:
-    """Every recognised kind; module classes map to the class whose forward they must keep."""
+    """Every recognised kind. Kinds without a value are dicts to ``True`` (not sets), so that one
+    ``Registration`` undoes an entry of any table."""
 
     activation_modules: dict[type, str] = field(
         default_factory=lambda: {c: c.__name__.lower() for c in _ACTIVATION_MODULES}
