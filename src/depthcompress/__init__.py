@@ -3,7 +3,8 @@
 Trace a CNN into convolution positions (``trace``), choose which activations to keep and which
 convolutions to merge (``Plan``), fine-tune the ``linearize``-d network, then ``merge`` it
 exactly into a shallower one. ``compress`` runs the whole job (tables, DP, fine-tuning, merge,
-export, report) in one resumable call.
+export, report) in one resumable call. Your own layer kinds (activations, drop paths, conv and
+batch norm subclasses) are registered with the ``register_*`` functions (see ``kinds``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ from .plan import Plan
 
 if TYPE_CHECKING:
     from .graph import BlockGeometry, ConvChain, Position, Residual, trace
+    from .kinds import (
+        Registration,
+        register_activation,
+        register_batchnorm,
+        register_conv,
+        register_passthrough,
+        registry_restored,
+    )
     from .linearization import linearize
     from .merging import merge
     from .pipeline import Budget, CompressResult, CompressSettings, compress
@@ -42,6 +51,12 @@ _LAZY = {
     "Position": "graph",
     "Residual": "graph",
     "BlockGeometry": "graph",
+    "Registration": "kinds",
+    "register_activation": "kinds",
+    "register_batchnorm": "kinds",
+    "register_conv": "kinds",
+    "register_passthrough": "kinds",
+    "registry_restored": "kinds",
     "linearize": "linearization",
     "merge": "merging",
     "compress": "pipeline",
@@ -79,6 +94,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "Position",
+    "Registration",
     "Residual",
     "TableError",
     "TraceError",
@@ -86,5 +102,10 @@ __all__ = [
     "compress",
     "linearize",
     "merge",
+    "register_activation",
+    "register_batchnorm",
+    "register_conv",
+    "register_passthrough",
+    "registry_restored",
     "trace",
 ]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import operator
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -21,82 +20,27 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import DepthCompressError, NoConvolutionError, TraceError
 from .kernels import Pair, front_padding, pair
+from .kinds import (
+    ADD_FUNCTIONS,
+    ADD_METHODS,
+    activation_function_kind,
+    activation_method_kind,
+    activation_module_kind,
+    how_to_register,
+    is_batchnorm,
+    is_conv,
+    is_known_module,
+    is_passthrough_function,
+    is_passthrough_module,
+    overridden_base,
+)
 
 MODES = ("general", "reference")
-
-ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.Hardswish,
-    nn.SiLU,
-    nn.GELU,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.Mish,
-    nn.PReLU,
-    nn.Hardtanh,
-)
-ACTIVATION_FUNCTIONS: dict[Any, str] = {
-    F.relu: "relu",
-    torch.relu: "relu",
-    F.relu_: "relu",
-    torch.relu_: "relu",
-    F.relu6: "relu6",
-    F.leaky_relu: "leakyrelu",
-    F.hardswish: "hardswish",
-    F.silu: "silu",
-    F.gelu: "gelu",
-    F.elu: "elu",
-    F.celu: "celu",
-    F.selu: "selu",
-    F.mish: "mish",
-    F.hardtanh: "hardtanh",
-}
-ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu"}
-ACTIVATION_CLASSES: dict[str, type[nn.Module]] = {
-    cls.__name__.lower(): cls for cls in ACTIVATION_MODULES
-}
-ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-ADD_METHODS = ("add", "add_")
-DROPOUT_MODULES = (
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
-
-
-def is_batchnorm(mod: object) -> bool:
-    """An ``nn.BatchNorm2d`` (or a subclass keeping its forward) with running statistics: in eval
-    mode a per-channel affine that folds exactly into an adjacent conv."""
-    return (
-        isinstance(mod, nn.BatchNorm2d)
-        and type(mod).forward is nn.BatchNorm2d.forward
-        and mod.running_mean is not None
-        and mod.running_var is not None
-    )
-
-
-def _stochastic_depth_targets() -> tuple[Any, ...]:
-    try:
-        from torchvision.ops import stochastic_depth
-    except ImportError:
-        return ()
-    return (stochastic_depth,)
-
-
-PASSTHROUGH_FUNCTIONS = _stochastic_depth_targets()
 
 
 @dataclass(frozen=True)
@@ -310,8 +254,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
             return True
-        if isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward:
-            return True  # a subclass (as converters define) is still one BN, not traced through
+        if is_known_module(m):
+            return True  # a recognised kind (subclasses keeping its forward too) is one node
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
@@ -408,14 +352,25 @@ def param_place(model: nn.Module) -> dict[str, Any]:
 # graph analysis
 
 
-@dataclass
+@dataclass(eq=False)
 class _Unit:
+    """A conv of the chain, its BN and the identity-like nodes after them (``tail``)."""
+
     conv: fx.Node
     bn: fx.Node | None
     tail: fx.Node
     module: nn.Conv2d
     mergeable: bool
     why_not: str
+
+
+@dataclass(frozen=True)
+class _Output:
+    """A unit's position tensor (after its BN, residual add, activation and a BN right after the
+    activation) and that post-activation BN, if any."""
+
+    node: fx.Node
+    post_bn: fx.Node | None = None
 
 
 @dataclass
@@ -429,7 +384,12 @@ class _Join:
 
 
 class _Analysis:
-    """Finds conv units, residual joins and positions in a shape-propagated GraphModule."""
+    """Conv units, residual joins and positions of a shape-propagated GraphModule.
+
+    Joins are classified in one pass in graph (topological) order: classifying an add only looks
+    upstream of it (the branch's convs, the skip's source), at adds already classified. Each
+    unit's position then follows from the joins.
+    """
 
     def __init__(self, gm: fx.GraphModule, exclude: Sequence[str]) -> None:
         self.gm = gm
@@ -438,17 +398,18 @@ class _Analysis:
         self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         self.units: list[_Unit] = []
         self.by_tail: dict[fx.Node, _Unit] = {}
-        self.joins: dict[fx.Node, _Join | None] = {}
-        self.pos_cache: dict[int, fx.Node] = {}
-        self.post_bns: dict[int, fx.Node] = {}
         for node in gm.graph.nodes:
-            if node.op == "call_module" and type(self.modules[node.target]) is nn.Conv2d:
-                if self._excluded(node.target):
-                    continue
+            if is_conv(self.module_of(node)) and not self._excluded(node.target):
                 unit = self._make_unit(node)
                 self.units.append(unit)
                 self.by_tail[unit.tail] = unit
         self.conv_nodes = {u.conv for u in self.units}
+        self.joins: dict[fx.Node, _Join] = {}
+        for node in gm.graph.nodes:
+            join = self._classify(node) if self.is_add(node) else None
+            if join is not None:
+                self.joins[node] = join
+        self.outputs: dict[fx.Node, _Output] = {u.conv: self._output(u) for u in self.units}
 
     def _excluded(self, name: str) -> bool:
         return any(name == e or name.startswith(e + ".") for e in self.exclude)
@@ -460,11 +421,11 @@ class _Analysis:
     def activation_kind(self, node: fx.Node) -> str | None:
         mod = self.module_of(node)
         if mod is not None:
-            return type(mod).__name__.lower() if isinstance(mod, ACTIVATION_MODULES) else None
-        if node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS:
-            return ACTIVATION_FUNCTIONS[node.target]
-        if node.op == "call_method" and node.target in ACTIVATION_METHODS:
-            return ACTIVATION_METHODS[node.target]
+            return activation_module_kind(mod)
+        if node.op == "call_function":
+            return activation_function_kind(node.target)
+        if node.op == "call_method":
+            return activation_method_kind(node.target)
         return None
 
     def is_add(self, node: fx.Node) -> bool:
@@ -481,8 +442,8 @@ class _Analysis:
     def is_passthrough(self, node: fx.Node) -> bool:
         mod = self.module_of(node)
         if mod is not None:
-            return isinstance(mod, DROPOUT_MODULES)
-        return node.op == "call_function" and node.target in PASSTHROUGH_FUNCTIONS
+            return is_passthrough_module(mod)
+        return node.op == "call_function" and is_passthrough_function(node.target)
 
     def is_bn(self, node: fx.Node) -> bool:
         return is_batchnorm(self.module_of(node)) and self.calls[node.target] == 1
@@ -529,26 +490,26 @@ class _Analysis:
         return unit.conv.args[0]
 
     def pos(self, unit: _Unit) -> fx.Node:
-        """The node holding a unit's position tensor: after its BN, residual add, activation."""
-        key = id(unit)
-        if key not in self.pos_cache:
-            node = unit.tail
-            user = self.only_user(node)
-            if user is not None and self.is_add(user):
-                join = self.join(user)
-                if join is not None and join.branch is unit:
-                    node = user
-            user = self.only_user(node)
-            if user is not None and self.activation_kind(user) is not None:
-                node = user
-                user = self.only_user(node)
-                if user is not None and self.is_post_bn(user):
-                    node = self.post_bns[key] = user
-            self.pos_cache[key] = node
-        return self.pos_cache[key]
+        """The node holding a unit's position tensor."""
+        return self.outputs[unit.conv].node
+
+    def _output(self, unit: _Unit) -> _Output:
+        """Where a unit's position tensor is, given the joins classified so far."""
+        node = unit.tail
+        user = self.only_user(node)
+        join = self.joins.get(user) if user is not None else None
+        if join is not None and join.branch is unit:
+            node = user
+        user = self.only_user(node)
+        if user is None or self.activation_kind(user) is None:
+            return _Output(node)
+        after = self.only_user(user)
+        if after is not None and self.is_post_bn(after):
+            return _Output(after, after)
+        return _Output(user)
 
     def producer(self, node: fx.Node) -> _Unit | None:
-        """The unit whose position tensor is ``node``, if any."""
+        """The unit whose position tensor is ``node``, if any (only upstream joins are read)."""
         candidates = [node]
         cur = node
         for _ in range(2):  # back through a post-activation BN, then the activation
@@ -559,17 +520,9 @@ class _Analysis:
             cur = cur.args[0]
             candidates.append(cur)
         for n in candidates:
-            if not isinstance(n, fx.Node):
-                continue
-            units = []
-            if n in self.by_tail:
-                units.append(self.by_tail[n])
-            if self.is_add(n):
-                join = self.join(n)
-                if join is not None:
-                    units.append(join.branch)
-            for unit in units:
-                if self.pos(unit) is node:
+            join = self.joins.get(n)
+            for unit in (self.by_tail.get(n), join.branch if join is not None else None):
+                if unit is not None and self._output(unit).node is node:
                     return unit
         return None
 
@@ -598,24 +551,22 @@ class _Analysis:
             node, reader = node.args[0], node
         return node, reader
 
-    def join(self, add: fx.Node) -> _Join | None:
-        """Classify an add node as a residual join (branch + identity or conv shortcut)."""
-        if add in self.joins:
-            return self.joins[add]
-        self.joins[add] = None  # guards against re-entry while classifying
+    def _shortcut(self, skip_node: fx.Node, branch: _Unit) -> _Unit | None:
+        """The conv unit ending at a skip operand, if it can serve as a projection shortcut."""
+        shortcut = self.by_tail.get(skip_node)
+        if shortcut is None or shortcut is branch or not shortcut.mergeable:
+            return None
+        return shortcut if len(skip_node.users) == 1 else None
+
+    def _classify(self, add: fx.Node) -> _Join | None:
+        """An add as a residual join (branch + identity or conv shortcut), identity preferred."""
         found: list[_Join] = []
         a, b = add.args
         for branch_node, skip_node in ((a, b), (b, a)):
             branch = self.by_tail.get(branch_node)
             if branch is None or len(branch_node.users) != 1:
                 continue
-            shortcut = self.by_tail.get(skip_node)
-            if shortcut is not None and (
-                len(skip_node.users) != 1 or shortcut is branch or not shortcut.mergeable
-            ):
-                shortcut = None
-            if shortcut is not None and shortcut.tail is not skip_node:
-                shortcut = None
+            shortcut = self._shortcut(skip_node, branch)
             if shortcut is not None:
                 source, reader = self.skip_source(self.input_of(shortcut), shortcut.conv)
             else:
@@ -623,12 +574,8 @@ class _Analysis:
             units = self.reaches(branch, source)
             if units is not None:
                 found.append(_Join(add, branch, skip_node, shortcut, units, reader))
-        result = None
-        if found:
-            found.sort(key=lambda j: j.shortcut is not None)
-            result = found[0]
-        self.joins[add] = result
-        return result
+        found.sort(key=lambda j: j.shortcut is not None)
+        return found[0] if found else None
 
 
 def _order_units(an: _Analysis, chain_units: list[_Unit]) -> list[_Unit]:
@@ -637,13 +584,13 @@ def _order_units(an: _Analysis, chain_units: list[_Unit]) -> list[_Unit]:
     for u in chain_units:
         readers.setdefault(an.input_of(u), []).append(u)
     order: list[_Unit] = []
-    done: set[int] = set()
+    done: set[fx.Node] = set()
     for u in chain_units:
         cur: _Unit | None = u
-        while cur is not None and id(cur) not in done:
+        while cur is not None and cur.conv not in done:
             order.append(cur)
-            done.add(id(cur))
-            nxt = [w for w in readers.get(an.pos(cur), []) if id(w) not in done]
+            done.add(cur.conv)
+            nxt = [w for w in readers.get(an.pos(cur), []) if w.conv not in done]
             cur = nxt[0] if nxt else None
     return order
 
@@ -689,17 +636,16 @@ def analyze(
     """Build the ConvChain of a traced, shape-propagated GraphModule."""
     an = _Analysis(gm, exclude)
     if not an.units:
+        unknown = _overriding_modules(gm)
         raise NoConvolutionError(
             f"{gm.__class__.__name__} has no nn.Conv2d to compress"
             + (f" outside the excluded modules {list(exclude)}" if exclude else "")
             + ": depthcompress merges 2-D convolutions"
+            + "".join(f"; {c.__name__} ({p}) is {_overriding_note(c)}" for p, c in unknown.items())
         )
-    for node in gm.graph.nodes:
-        if an.is_add(node):
-            an.join(node)
-    shortcuts = {id(j.shortcut) for j in an.joins.values() if j and j.shortcut}
-    units = _order_units(an, [u for u in an.units if id(u) not in shortcuts])
-    index = {id(u): k for k, u in enumerate(units, start=1)}
+    shortcuts = {j.shortcut.conv for j in an.joins.values() if j.shortcut is not None}
+    units = _order_units(an, [u for u in an.units if u.conv not in shortcuts])
+    index = {u.conv: k for k, u in enumerate(units, start=1)}
 
     def shape(node: fx.Node) -> tuple[int, ...]:
         meta = node.meta.get("tensor_meta")
@@ -710,7 +656,7 @@ def analyze(
     for k, u in enumerate(units, start=1):
         mod = u.module
         out = an.pos(u)
-        post_bn = an.post_bns.get(id(u))
+        post_bn = an.outputs[u.conv].post_bn
         act = post_bn.args[0] if post_bn is not None else out
         act = act if an.activation_kind(act) is not None and act is not u.tail else None
         pre = act.args[0] if act is not None else out
@@ -751,9 +697,9 @@ def analyze(
     residuals: list[Residual] = []
     skip_users: dict[int, set[fx.Node]] = {}
     for join in an.joins.values():
-        if join is None or id(join.branch) not in index:
+        if join.branch.conv not in index:
             continue
-        ks = [index.get(id(u)) for u in join.units]
+        ks = [index.get(u.conv) for u in join.units]
         if None in ks or ks != list(range(ks[0], ks[0] + len(ks))):
             continue
         s, t = ks[0] - 1, ks[-1]
@@ -814,8 +760,41 @@ def analyze(
     return replace(chain, blocks=blocks, invalid_reasons=reasons)
 
 
+def _overriding_modules(gm: fx.GraphModule) -> dict[str, type]:
+    """Conv and BN subclasses with their own forward that the trace went into, by module path."""
+    found: dict[str, type] = {}
+    for node in gm.graph.nodes:
+        path_cls = _overriding_module(node)
+        if path_cls is not None:
+            found.setdefault(*path_cls)
+    return found
+
+
+def _overriding_module(node: fx.Node) -> tuple[str, type] | None:
+    """The innermost conv or BN subclass with its own forward that ``node`` was traced inside."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, cls in reversed(list(stack.values())):
+        if isinstance(cls, type) and overridden_base(cls) is not None:
+            return path, cls
+    return None
+
+
+def _overriding_note(cls: type) -> str:
+    """Why a conv/BN subclass with its own forward is not recognised, and how to register it."""
+    base = overridden_base(cls)
+    name = base.__name__ if base is not None else "Conv2d"
+    return (
+        f"a {name} subclass that overrides forward (not taken for a {name}: if its forward "
+        f"computes exactly that, call {how_to_register(cls)})"
+    )
+
+
 def _describe(an: _Analysis, node: fx.Node) -> str:
     """A node as a person reads it: 'a MaxPool2d (features.2)', 'max_pool2d() (max_pool2d)'."""
+    inside = _overriding_module(node)
+    if inside is not None:
+        path, cls = inside
+        return f"a {cls.__name__} ({path}), {_overriding_note(cls)}"
     mod = an.module_of(node)
     if mod is not None:
         kind = type(mod).__name__
@@ -830,8 +809,13 @@ def _describe(an: _Analysis, node: fx.Node) -> str:
 
 
 def _describe_all(an: _Analysis, nodes: Sequence[fx.Node]) -> str:
-    words = [_describe(an, n) for n in nodes]
+    words = _words(an, nodes)
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _words(an: _Analysis, nodes: Sequence[fx.Node]) -> list[str]:
+    """Distinct descriptions of ``nodes`` (the nodes traced inside one module read as one)."""
+    return list(dict.fromkeys(_describe(an, n) for n in nodes))
 
 
 def _not_read_reason(an: _Analysis, out: fx.Node, nxt: _Unit, k: int) -> str:
@@ -850,7 +834,7 @@ def _not_read_reason(an: _Analysis, out: fx.Node, nxt: _Unit, k: int) -> str:
             "continue the chain of convs before it"
         )
     path.reverse()
-    verb = "lies" if len(path) == 1 else "lie"
+    verb = "lies" if len(_words(an, path)) == 1 else "lie"
     why = f"{_describe_all(an, path)} {verb} between position {k} and {conv}"
     readers = [u for n in [out, *path] for u in n.users if u not in path and u is not nxt.conv]
     if readers:

@@ -40,7 +40,7 @@ from .files import (
     write_json,
 )
 from .graph import ConvChain
-from .linearization import make_activation
+from .kinds import make_activation
 from .progress import Reporter, tell
 from .tables import LATENCY_COLUMNS, LatencyRow, read_latency_rows, write_latency_rows
 

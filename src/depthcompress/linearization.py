@@ -13,7 +13,6 @@ from torch import nn
 
 from .errors import PlanError
 from .graph import (
-    ACTIVATION_CLASSES,
     ConvChain,
     Residual,
     analyze,
@@ -22,6 +21,7 @@ from .graph import (
     prepare,
 )
 from .kernels import Pair, pair
+from .kinds import make_activation
 from .plan import Plan
 
 META_KEY = "depthcompress"
@@ -95,12 +95,6 @@ def block_of(layouts: list[BlockLayout], position: int) -> BlockLayout:
         if lay.start < position <= lay.end:
             return lay
     raise AssertionError(f"position {position} is in no block")
-
-
-def make_activation(kind: str) -> nn.Module:
-    """A fresh activation module of ``kind`` (default parameters) for inserted activations."""
-    cls = ACTIVATION_CLASSES.get(kind, nn.ReLU)
-    return cls()
 
 
 def retrace(model: nn.Module, chain: ConvChain) -> tuple[fx.GraphModule, ConvChain]:
@@ -233,6 +227,5 @@ __all__ = [
     "fused_residuals",
     "linearize",
     "linearized_plan",
-    "make_activation",
     "pair",
 ]

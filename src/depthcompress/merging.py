@@ -13,7 +13,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils._pytree import tree_leaves
 
 from .errors import DepthCompressError, MergeError
-from .graph import ConvChain, Residual, example_input_for, is_batchnorm, param_place
+from .graph import ConvChain, Residual, example_input_for, param_place
 from .kernels import (
     ConvSpec,
     add_shortcut,
@@ -22,6 +22,7 @@ from .kernels import (
     spec_from_conv,
     to_conv2d,
 )
+from .kinds import is_batchnorm, is_conv
 from .linearization import META_KEY, fused_residuals, linearized_plan
 from .plan import Plan
 
@@ -230,7 +231,7 @@ def _fold_remaining_bn(gm: fx.GraphModule) -> None:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.Conv2d):
+        if node.op != "call_module" or not is_conv(gm.get_submodule(node.target)):
             continue
         if len(node.users) != 1:
             continue
