@@ -21,7 +21,7 @@ import numpy as np
 
 from .backends import Backend, ModelLike, Runner, machine_info
 from .errors import BackendError, DepthCompressError
-from .progress import LOG, Reporter, tell
+from .progress import Reporter, tell
 
 Clock = Callable[[], float]
 
@@ -271,14 +271,14 @@ def paired_speedup(
     reporter: Reporter | None = None,
 ) -> SpeedupResult:
     """Speed-up of ``b`` over ``a`` (modules, ONNX bytes or ``.onnx`` paths) on ``backend`` at
-    ``input_shape``, measured in paired rounds until ``rule`` stops them."""
+    ``input_shape``, in paired rounds until ``rule`` stops them; a result whose interval missed
+    the target has ``converged=False`` and says why in ``message`` (the caller decides)."""
     with backend.timing_scope():
         run_a, run_b = prepare_pair(a, b, backend, input_shape, names)
         rounds = paired_rounds(run_a.time, run_b.time, rule, reporter=reporter)
     stats = rounds.stats
     converged = stats.half_width <= rule.target
     message = summary_message(stats, rule, rounds.elapsed, converged)
-    (LOG.info if converged else LOG.warning)("%s", message)
     return SpeedupResult(
         speedup=stats.median,
         low=stats.low,
