@@ -10,6 +10,7 @@ not reach the target says so (``converged``, ``message``) instead of passing for
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -275,7 +276,13 @@ def paired_speedup(
     the target has ``converged=False`` and says why in ``message`` (the caller decides)."""
     with backend.timing_scope():
         run_a, run_b = prepare_pair(a, b, backend, input_shape, names)
-        rounds = paired_rounds(run_a.time, run_b.time, rule, reporter=reporter)
+        enabled = gc.isenabled()
+        gc.disable()  # no collection pause inside a timed block
+        try:
+            rounds = paired_rounds(run_a.time, run_b.time, rule, reporter=reporter)
+        finally:
+            if enabled:
+                gc.enable()
     stats = rounds.stats
     converged = stats.half_width <= rule.target
     message = summary_message(stats, rule, rounds.elapsed, converged)
