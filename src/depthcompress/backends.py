@@ -7,6 +7,7 @@ so a missing one only fails when it is used, with a message naming the extra to 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import importlib.util
@@ -17,7 +18,7 @@ import statistics
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -113,6 +114,20 @@ class Protocol:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for sidecars."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Runner:
+    """A model prepared once on a backend, ready to be timed many times: ``call`` runs it on a
+    fixed input, ``timer`` times one call in ms; ``output_shape`` is that of the check run."""
+
+    call: Callable[[], object]
+    timer: Callable[[Callable[[], object]], float]
+    output_shape: tuple[int, ...]
+
+    def time(self) -> float:
+        """Milliseconds of one run."""
+        return self.timer(self.call)
 
 
 def wall_timer(call: Callable[[], object]) -> float:
@@ -299,6 +314,15 @@ class Backend(ABC):
         if self.name != "torch":
             _require_onnx()
 
+    def prepare(self, model: ModelLike, input_shape: tuple[int, ...]) -> Runner:
+        """``model`` loaded once and run once on the seeded random input of ``input_shape``, for
+        repeated timing (paired speed-ups); call it inside ``timing_scope()``."""
+        raise BackendError(f"the {self.name} backend cannot prepare a model for repeated timing")
+
+    def timing_scope(self) -> contextlib.AbstractContextManager[None]:
+        """The settings a prepared runner must be timed under (threads, the current GPU)."""
+        return contextlib.nullcontext()
+
 
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime, CPU execution provider, one session per model: ``intra_op_num_threads`` =
@@ -326,16 +350,20 @@ class OnnxRuntimeBackend(Backend):
 
     def measure(self, model: ModelLike, input_shape: tuple[int, ...]) -> Timing:
         """Latency of one ``session.run`` on a random float32 input of ``input_shape``."""
+        return time_calls(self.prepare(model, input_shape).call, self.protocol)
+
+    def prepare(self, model: ModelLike, input_shape: tuple[int, ...]) -> Runner:
+        """One session and one feed, checked by one run."""
         self._ort()
         sess = self.session(_onnx_bytes(model, input_shape))
         feed = {sess.get_inputs()[0].name: _random_input(input_shape)}
         try:
-            sess.run(None, feed)
+            out = sess.run(None, feed)
         except Exception as exc:
             raise BackendError(
                 f"ONNX Runtime cannot run the model on {input_shape}: {exc}"
             ) from None
-        return time_calls(lambda: sess.run(None, feed), self.protocol)
+        return Runner(lambda: sess.run(None, feed), wall_timer, tuple(out[0].shape))
 
     def info(self) -> dict[str, Any]:
         """Backend name, versions, device and settings that a timing depends on."""
@@ -402,6 +430,48 @@ class TorchBackend(Backend):
         finally:
             torch.set_num_threads(old_threads)
 
+    def prepare(self, model: ModelLike, input_shape: tuple[int, ...]) -> Runner:
+        """An eval-mode copy on ``device`` and an input there, checked by one forward."""
+        torch = self._torch()
+        if not isinstance(model, torch.nn.Module):
+            raise BackendError(
+                "the torch backend times torch modules, not ONNX files: pass the PyTorch model, "
+                "or use the onnxruntime backend for an ONNX file"
+            )
+        import copy
+
+        module = copy.deepcopy(model).to(self.device).eval()
+        x = torch.from_numpy(_random_input(input_shape)).to(self.device)
+
+        def call() -> object:
+            with torch.inference_mode():
+                return module(x)
+
+        with self.timing_scope():
+            try:
+                out = call()
+            except Exception as exc:
+                raise BackendError(
+                    f"the model fails on an input of shape {input_shape}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+        timer = wall_timer if self.device == "cpu" else _cuda_timer(torch)
+        return Runner(call, timer, tuple(getattr(out, "shape", ())))
+
+    @contextlib.contextmanager
+    def timing_scope(self) -> Iterator[None]:
+        """``threads`` torch threads, and on CUDA this backend's GPU as the current one."""
+        torch = self._torch()
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.device != "cpu":
+                    stack.enter_context(torch.cuda.device(torch.device(self.device)))
+                yield
+        finally:
+            torch.set_num_threads(old_threads)
+
     def info(self) -> dict[str, Any]:
         """Backend name, versions, device and settings that a timing depends on."""
         torch = self._torch()
@@ -455,10 +525,20 @@ class OpenVinoBackend(Backend):
 
     def measure(self, model: ModelLike, input_shape: tuple[int, ...]) -> Timing:
         """Latency of one synchronous ``infer()`` on a random input of ``input_shape``."""
+        request = self._request(_onnx_bytes(model, input_shape), input_shape)
+        return time_calls(request.infer, self.protocol)
+
+    def prepare(self, model: ModelLike, input_shape: tuple[int, ...]) -> Runner:
+        """One compiled model and infer request, checked by one ``infer()``."""
+        request = self._request(_onnx_bytes(model, input_shape), input_shape)
+        shape = tuple(int(d) for d in request.get_output_tensor(0).shape)
+        return Runner(request.infer, wall_timer, shape)
+
+    def _request(self, onnx: bytes, input_shape: tuple[int, ...]) -> Any:
+        """A compiled infer request holding the seeded random input, run once."""
         import tempfile
 
         ov = self._ov()
-        onnx = _onnx_bytes(model, input_shape)
         core = ov.Core()
         try:
             with tempfile.TemporaryDirectory() as tmp:  # read_model takes a file in every version
@@ -480,7 +560,7 @@ class OpenVinoBackend(Backend):
             request.infer()
         except Exception as exc:
             raise BackendError(f"OpenVINO cannot run the model on {input_shape}: {exc}") from None
-        return time_calls(request.infer, self.protocol)
+        return request
 
     def info(self) -> dict[str, Any]:
         """Backend name, versions, device and settings that a timing depends on."""

@@ -1195,3 +1195,129 @@ def demo_cmd(
         )
     except DepthCompressError as exc:
         raise fail(exc) from None
+
+
+SpeedupModelArgument = Annotated[
+    str,
+    typer.Argument(
+        help="depthcompress:NAME, torchvision:NAME or file.py:factory (with its --weights), a "
+        "merged.pt or an .onnx file"
+    ),
+]
+
+
+@app.command("speedup")
+def speedup_cmd(
+    a: SpeedupModelArgument,
+    b: SpeedupModelArgument,
+    weights_a: Annotated[Path | None, typer.Option(help="state_dict of A (a MODEL spec)")] = None,
+    weights_b: Annotated[Path | None, typer.Option(help="state_dict of B (a MODEL spec)")] = None,
+    backend: Annotated[str, typer.Option(help="onnxruntime (default), torch or openvino")] = (
+        "onnxruntime"
+    ),
+    device: Annotated[
+        str | None, typer.Option(help="torch: cpu (default), cuda or cuda:N; others: cpu only")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads (default: all cores of this machine)")
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option(help="batch size (default: N of --input-shape)")
+    ] = None,
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--input-shape",
+            help="input N,C,H,W (default: that of an .onnx argument, else 1,3,224,224)",
+        ),
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="paired rounds (at least)")] = 10,
+    max_time: Annotated[
+        float, typer.Option(help="seconds of rounds after which timing stops (≥ --rounds)")
+    ] = 60.0,
+    target: Annotated[
+        float, typer.Option(help="stop once the 95 % interval is within ± this fraction")
+    ] = 0.02,
+    accept_noisy: Annotated[
+        bool,
+        typer.Option(help="report the speed-up even if the interval did not reach --target"),
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the result as JSON to this file")
+    ] = None,
+) -> None:
+    """Speed-up of B over A (A's latency / B's): paired rounds A, B, B, A, ... on one backend,
+    the median of per-round ratios with a bootstrap 95 % interval."""
+    from .backends import get_backend
+    from .files import write_json
+    from .speedup import Rule, paired_speedup
+
+    try:
+        nets = (_speedup_network(a, weights_a), _speedup_network(b, weights_b))
+        shape = _speedup_shape(input_shape, (a, b), batch)
+        runner = get_backend(backend, threads=threads, device=device)
+        console.print(
+            f"timing {a} against {b} on {backend}, {runner.threads} threads, input {shape} "
+            f"(at least {rounds} rounds, at most {max_time:g} s)",
+            highlight=False,
+        )
+        rule = Rule(
+            min_rounds=rounds, max_rounds=max(rounds, 1000), max_time=max_time, target=target
+        )
+        result = paired_speedup(*nets, runner, shape, rule, names=(a, b))
+    except DepthCompressError as exc:
+        raise fail(exc) from None
+    if json_out is not None:
+        write_json(json_out, result.to_dict())
+    console.print(
+        f"{a}: {result.latency_a_ms:.3f} ms, {b}: {result.latency_b_ms:.3f} ms (medians); "
+        f"inter-quartile range of the ratios {result.q1:.3f}–{result.q3:.3f}; "
+        f"{result.backend['name']} {result.backend.get('version', '')}, "
+        f"{result.threads} threads, batch {result.batch}, {result.machine['cpu']}",
+        highlight=False,
+    )
+    if not result.converged:
+        console.print(f"[bold yellow]{escape(result.message)}[/]", highlight=False)
+        if not accept_noisy:
+            console.print("pass --accept-noisy to take this number anyway", highlight=False)
+            raise typer.Exit(code=3)
+        return
+    console.print(f"[bold]{escape(result.message)}[/]", highlight=False)
+
+
+def _speedup_shape(text: str | None, specs: tuple[str, str], batch: int | None) -> tuple[int, ...]:
+    """--input-shape, else the fixed input of the first .onnx argument, else 1,3,224,224; with
+    --batch as N."""
+    from .speedup import onnx_input_shape
+
+    shape: tuple[int, ...] | None = _parse_shape(text) if text else None
+    for spec in specs:
+        if shape is None and spec.endswith(".onnx"):
+            shape = onnx_input_shape(Path(spec))
+    shape = shape or (1, 3, 224, 224)
+    return (batch or shape[0], *shape[1:])
+
+
+def _speedup_network(spec: str, weights: Path | None):  # returns nn.Module | Path
+    """An .onnx path, a whole pickled module (merged.pt), or a MODEL spec with its weights."""
+    from .errors import ModelSpecError
+
+    if spec.endswith((".onnx", ".pt", ".pth")) and weights is None:
+        path = Path(spec)
+        if not path.is_file():
+            raise ModelSpecError(f"{spec} does not exist")
+        if spec.endswith(".onnx"):
+            return path
+        import torch
+
+        try:
+            net = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ModelSpecError(f"{spec} does not load: {type(exc).__name__}: {exc}") from None
+        if not isinstance(net, torch.nn.Module):
+            raise ModelSpecError(
+                f"{spec} holds a {type(net).__name__}, not a whole network; for a state_dict "
+                "pass the MODEL it belongs to with --weights-a/--weights-b"
+            )
+        return net
+    return _load_model_with_weights(spec, weights)
