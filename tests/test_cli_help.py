@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from depthcompress.cli import app
 
 COMMAND = typer.main.get_command(app)
-COMMANDS = COMMAND.commands  # type: ignore[attr-defined]
+COMMANDS = COMMAND.commands  # a TyperGroup: the commands by name
 NAMES = sorted(COMMANDS)
 
 
