@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -12,7 +13,11 @@ import depthcompress as dc
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
-torch.set_num_threads(2)
+# One intra-op thread per test process, and for the processes the tests start (torchrun,
+# importance workers, the latency CLI): processes × threads stay within a shared 2-core machine,
+# and OpenMP never spins threads against a busy neighbour.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -31,8 +31,6 @@ from depthcompress.kernels import (
     to_dense,
 )
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

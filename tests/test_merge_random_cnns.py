@@ -21,8 +21,6 @@ from torch import nn
 
 import depthcompress as dc
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

@@ -19,7 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
+    rich_markup_mode=None,
 )
 # not a terminal (a log, a pipe, CI): tables 160 wide, and lines never wrapped, so that paths and
 # the summary stay whole for grep

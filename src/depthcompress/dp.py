@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -238,9 +238,9 @@ def optimal_latency(latency: LatencyTable) -> OptimalLatencyTable:
     return OptimalLatencyTable(
         st=latency.st,
         end=latency.end,
-        time=[found[b][0] for b in blocks],
-        stdev=[found[b][1] for b in blocks],
-        breaks=[found[b][2] for b in blocks],
+        time=np.asarray([found[b][0] for b in blocks]),
+        stdev=np.asarray([found[b][1] for b in blocks]),
+        breaks=tuple(found[b][2] for b in blocks),
         ids=latency.ids,
         source=latency.source,
         lines=latency.lines,
@@ -296,8 +296,8 @@ def extended_importance(
         end=normed.end,
         st_act=normed.st_act,
         end_act=normed.end_act,
-        value=[ext[k] for k in normed.keys],
-        breaks=[brk[k] for k in normed.keys],
+        value=np.asarray([ext[k] for k in normed.keys]),
+        breaks=tuple(brk[k] for k in normed.keys),
         alpha=float(alpha),
         offset=float(offset),
         source=normed.source,
@@ -387,7 +387,9 @@ def _solution(problem: _Problem, rows: Sequence[int], budget: float, **extra: An
     """Assemble a Solution from its extended rows, in chain order."""
     ext, opt = problem.ext, problem.opt
     latency, importance = 0.0, 0.0
-    segments, kept, bounds = [], set(), set()
+    segments: list[Segment] = []
+    kept: set[int] = set()
+    bounds: set[int] = set()
     for k in rows:
         i, j, x, y = ext.keys[k]
         t, v = problem.t_opt[k], float(ext.value[k])
@@ -598,7 +600,8 @@ def _reference_dp(problem: _Problem, budget: float, prec: float) -> Solution:
         if (who >= 0).any():
             value[s], used[s], arg[s] = best, tbest, who
     ends = [
-        value[s][limit] if value[s] is not None else -np.inf for s in (n_states - 2, n_states - 1)
+        -np.inf if (final := value[s]) is None else final[limit]
+        for s in (n_states - 2, n_states - 1)
     ]
     if max(ends) == -np.inf:
         raise _too_tight(problem, budget, f" (reference rounding, prec {prec:g}, grid B = {limit})")
@@ -670,7 +673,7 @@ def sweep(
         raise _too_tight(problem, min(values), " (the smallest of the sweep)")
     sols = tuple(
         _solution(problem, _rows_of(fronts, final, k), b)
-        for b, k in zip(values, picks, strict=True)
+        for b, k in zip(values, cast("list[int]", picks), strict=True)
     )
     return Sweep(budgets=values, solutions=sols, front=front)
 

@@ -24,7 +24,8 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with tmp.open(mode, **({} if "b" in mode else {"newline": ""})) as fh:
+        text: dict[str, Any] = {} if "b" in mode else {"newline": ""}
+        with tmp.open(mode, **text) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

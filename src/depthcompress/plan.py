@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def _positions(values: Iterable[int], what: str) -> frozenset[int]:
-    out = set()
+    out: set[int] = set()
     for v in values:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise PlanError(f"{what} must hold integer positions, got {plain(v)!r}")

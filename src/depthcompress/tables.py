@@ -60,8 +60,8 @@ class LatencyRow:
 # shared validation
 
 
-def _frozen(values: Sequence[float] | Sequence[int], dtype: type) -> np.ndarray:
-    arr = np.array(values, dtype=dtype)
+def _frozen(values: Sequence[float] | Sequence[int] | np.ndarray, dtype: type) -> np.ndarray:
+    arr: np.ndarray = np.array(values, dtype=dtype)
     arr.setflags(write=False)
     return arr
 
@@ -366,11 +366,11 @@ class LatencyTable(_BlockRows):
         """Build from ``(st, end, time, stdev)`` rows; ids are the row numbers."""
         data = list(rows)
         return cls(
-            st=[r[0] for r in data],
-            end=[r[1] for r in data],
-            time=[r[2] for r in data],
-            stdev=[r[3] for r in data],
-            ids=list(range(len(data))),
+            st=np.asarray([r[0] for r in data]),
+            end=np.asarray([r[1] for r in data]),
+            time=np.asarray([r[2] for r in data]),
+            stdev=np.asarray([r[3] for r in data]),
+            ids=np.asarray(list(range(len(data)))),
             source=source,
         )
 
@@ -379,11 +379,11 @@ class LatencyTable(_BlockRows):
         """Read ``id,st,end,time,stdev`` (the reference's ``time_*.csv``)."""
         rows, lines = _read_latency_csv(path, partial=False)
         return cls(
-            st=[r.st for r in rows],
-            end=[r.end for r in rows],
-            time=[r.time for r in rows],
-            stdev=[r.stdev for r in rows],
-            ids=[r.id for r in rows],
+            st=np.asarray([r.st for r in rows]),
+            end=np.asarray([r.end for r in rows]),
+            time=np.asarray([r.time for r in rows]),
+            stdev=np.asarray([r.stdev for r in rows]),
+            ids=np.asarray([r.id for r in rows]),
             source=str(Path(path)),
             lines=tuple(lines),
         )
@@ -427,12 +427,12 @@ class OptimalLatencyTable(_BlockRows):
         f = _Csv(path, "optimal latency", OPT_LATENCY_COLUMNS)
         f.require(OPT_LATENCY_COLUMNS, OPT_LATENCY_COLUMNS)
         return cls(
-            st=f.ints("st"),
-            end=f.ints("end"),
-            time=f.floats("time"),
-            stdev=f.floats("stdev"),
-            breaks=f.breaks(),
-            ids=f.ints("id"),
+            st=np.asarray(f.ints("st")),
+            end=np.asarray(f.ints("end")),
+            time=np.asarray(f.floats("time")),
+            stdev=np.asarray(f.floats("stdev")),
+            breaks=tuple(f.breaks()),
+            ids=np.asarray(f.ints("id")),
             source=str(f.path),
             lines=tuple(f.lines),
         )
@@ -512,11 +512,11 @@ class ImportanceTable(_ExtBlockRows):
         """Build from ``(st, end, st_act, end_act, score)`` rows."""
         data = list(rows)
         return cls(
-            st=[r[0] for r in data],
-            end=[r[1] for r in data],
-            st_act=[r[2] for r in data],
-            end_act=[r[3] for r in data],
-            score=[r[4] for r in data],
+            st=np.asarray([r[0] for r in data]),
+            end=np.asarray([r[1] for r in data]),
+            st_act=np.asarray([r[2] for r in data]),
+            end_act=np.asarray([r[3] for r in data]),
+            score=np.asarray([r[4] for r in data]),
             score_name=score_name,
             source=source,
         )
@@ -556,11 +556,11 @@ class ImportanceTable(_ExtBlockRows):
             hint = f" (pick the score column with --score; this file has: {', '.join(others)})"
         f.require(layout, layout, hint)
         return cls(
-            st=f.ints("st"),
-            end=f.ints("end"),
-            st_act=f.ints("st_act"),
-            end_act=f.ints("end_act"),
-            score=f.floats(score),
+            st=np.asarray(f.ints("st")),
+            end=np.asarray(f.ints("end")),
+            st_act=np.asarray(f.ints("st_act")),
+            end_act=np.asarray(f.ints("end_act")),
+            score=np.asarray(f.floats(score)),
             score_name=score,
             source=str(f.path),
             lines=tuple(f.lines),
@@ -607,12 +607,12 @@ class ExtendedImportanceTable(_ExtBlockRows):
         f = _Csv(path, "extended importance", EXT_IMPORTANCE_COLUMNS)
         f.require((*IMPORTANCE_KEYS, "imp", "breaks"), EXT_IMPORTANCE_COLUMNS)
         return cls(
-            st=f.ints("st"),
-            end=f.ints("end"),
-            st_act=f.ints("st_act"),
-            end_act=f.ints("end_act"),
-            value=f.floats("imp"),
-            breaks=f.breaks(),
+            st=np.asarray(f.ints("st")),
+            end=np.asarray(f.ints("end")),
+            st_act=np.asarray(f.ints("st_act")),
+            end_act=np.asarray(f.ints("end_act")),
+            value=np.asarray(f.floats("imp")),
+            breaks=tuple(f.breaks()),
             source=str(f.path),
             lines=tuple(f.lines),
         )
