@@ -402,33 +402,9 @@ class TorchBackend(Backend):
 
     def measure(self, model: ModelLike, input_shape: tuple[int, ...]) -> Timing:
         """Latency of one forward of ``model`` on a random input of ``input_shape``."""
-        torch = self._torch()
-        if not isinstance(model, torch.nn.Module):
-            raise BackendError(
-                "the torch backend times torch modules, not ONNX files: pass the PyTorch model, "
-                "or use the onnxruntime backend for an ONNX file"
-            )
-        import copy
-
-        module = copy.deepcopy(model).to(self.device).eval()
-        x = torch.from_numpy(_random_input(input_shape)).to(self.device)
-        old_threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            with torch.inference_mode():
-                try:
-                    module(x)
-                except Exception as exc:
-                    raise BackendError(
-                        f"the model fails on an input of shape {input_shape}: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from None
-                if self.device == "cpu":
-                    return time_calls(lambda: module(x), self.protocol)
-                with torch.cuda.device(torch.device(self.device)):  # events on its stream
-                    return time_calls(lambda: module(x), self.protocol, _cuda_timer(torch))
-        finally:
-            torch.set_num_threads(old_threads)
+        runner = self.prepare(model, input_shape)
+        with self.timing_scope():
+            return time_calls(runner.call, self.protocol, runner.timer)
 
     def prepare(self, model: ModelLike, input_shape: tuple[int, ...]) -> Runner:
         """An eval-mode copy on ``device`` and an input there, checked by one forward."""

@@ -94,6 +94,15 @@ def fail(exc: DepthCompressError) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _interrupted(where: str) -> typer.Exit:
+    """Say where an interrupted resumable command stands; exit 130 (the shell's Ctrl-C code)."""
+    console.print(
+        f"[bold yellow]interrupted:[/] {where}; run the same command again to resume",
+        highlight=False,
+    )
+    return typer.Exit(code=130)
+
+
 def _parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.lower().replace("x", ",").split(",") if v.strip())
@@ -632,11 +641,7 @@ def _latency_table(
                 progress=reporter,
             )
     except KeyboardInterrupt:
-        console.print(
-            f"[bold yellow]interrupted:[/] the rows measured so far are in {output}; run the "
-            "same command again to resume"
-        )
-        raise typer.Exit(code=130) from None
+        raise _interrupted(f"the rows measured so far are in {output}") from None
     singles = sum(r.time for r in result.rows if r.end == r.st + 1)
     console.print(
         f"{len(result.rows)} of {len(chain.blocks)} blocks in {output} ({result.measured} "
@@ -924,11 +929,7 @@ def _run_compress(
                 latency_from=latency_from,
             )
     except KeyboardInterrupt:
-        console.print(
-            f"[bold yellow]interrupted:[/] everything finished so far is in {workdir}; run the "
-            "same command again to resume"
-        )
-        raise typer.Exit(code=130) from None
+        raise _interrupted(f"everything finished so far is in {workdir}") from None
     if result is None:
         if until is not None:
             console.print(f"stopped after the {until} stage; its files are in {workdir}")
