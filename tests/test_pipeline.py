@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import depthcompress as dc
 from depthcompress import importance as importance_module
 from depthcompress import pipeline
+from depthcompress import report as dc_report
 from depthcompress.backends import OnnxRuntimeBackend, Protocol, get_backend
 from depthcompress.cli import app
 from depthcompress.data import split_dataset
@@ -28,9 +29,14 @@ from depthcompress.importance import FinetuneSettings, read_table
 from depthcompress.latency import build_latency_table
 from depthcompress.models import FashionMBV2
 from depthcompress.pipeline import Budget, CompressSettings, WorkdirError, compress
+from depthcompress.speedup import Rule
 from tests.conftest import randomize_bn, rel_err
 
 BLOCKS = ((1, 8, 1), (2, 8, 1), (2, 16, 2))
+TINY_RULE = Rule(min_rounds=3, max_rounds=4, max_time=1.0, block=1, warmup=1, resamples=100)
+"""A paired timing of a few milliseconds: tests check what is recorded, not the figure."""
+NOISY_RULE = Rule(min_rounds=2, max_rounds=2, max_time=0.01, target=1e-12, block=1, warmup=0)
+"""A paired timing that cannot reach its target: the machine counts as too noisy."""
 
 
 def small_model(seed: int = 0) -> FashionMBV2:
@@ -56,6 +62,7 @@ def settings(budget: str = "0.7x", epochs: int = 2) -> CompressSettings:
         exclude=("stem", "head"),
         importance=FinetuneSettings(steps=2, batch_size=32, eval_batch_size=64),
         finetune=FinetuneConfig(epochs=epochs, lr=0.01, batch_size=32, steps_per_epoch=3),
+        speedup_rule=TINY_RULE,
     )
 
 
@@ -171,6 +178,88 @@ def test_merged_files_match_the_finetuned_network(finished) -> None:
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert rel_err(expected, torch.from_numpy(out)) <= 1e-4
     assert result.compressed.depth < result.original.depth
+
+
+def test_evaluation_records_the_paired_speedup(finished) -> None:
+    wd, result, _ = finished
+    evaluation = json.loads((wd / "evaluation.json").read_text())
+    paired = evaluation["paired"]
+    assert evaluation["speedup_method"] == "paired"
+    assert paired["names"] == ["original", "compressed"]
+    assert paired["rule"]["max_rounds"] == TINY_RULE.max_rounds
+    assert paired["threads"] == evaluation["threads"] == 1 and paired["batch"] == 2
+    assert paired["machine"]["cpu"] and paired["backend"]["name"] == "onnxruntime"
+    assert evaluation["speedup"] == paired["speedup"] == result.speedup
+    assert evaluation["speedup_interval"] == [paired["low"], paired["high"]]
+    assert paired["low"] <= paired["speedup"] <= paired["high"]
+    assert evaluation["original"]["latency"] == paired["latency_a_ms"]
+    assert evaluation["compressed"]["latency"] == paired["latency_b_ms"]
+
+
+def test_report_shows_the_measured_speedup_next_to_the_prediction(finished) -> None:
+    wd, _, _ = finished
+    evaluation = json.loads((wd / "evaluation.json").read_text())
+    report = (wd / "report.md").read_text()
+    low, high = evaluation["speedup_interval"]
+    measured = f"speed-up {evaluation['speedup']:.2f}× [{low:.2f}, {high:.2f}]"
+    assert f"| measured, whole network | {measured} |" in report
+    predicted = (
+        f"| predicted by the latency table, chain only | {evaluation['predicted_speedup']:.2f}×"
+    )
+    assert predicted in report
+    assert "1 thread (set with --threads)" in report and evaluation["machine"]["cpu"] in report
+    assert "paired rounds" in report
+
+
+def test_accuracy_latency_plot_is_linked(finished) -> None:
+    pytest.importorskip("matplotlib")
+    wd, _, _ = finished
+    assert (wd / "accuracy_latency.png").stat().st_size > 0
+    assert "(accuracy_latency.png)" in (wd / "report.md").read_text()
+
+
+def test_a_too_noisy_machine_is_reported_not_crashed(finished, tmp_path: Path) -> None:
+    wd = copy_of(finished, tmp_path)
+    noisy = replace(settings(), speedup_rule=NOISY_RULE)
+    said: list[str] = []
+    result = compress(small_model(), small_data(), wd, noisy, redo="evaluate", log=said.append)
+    assert result is not None and result.ran == ["evaluate"]
+    evaluation = json.loads((wd / "evaluation.json").read_text())
+    assert evaluation["speedup_converged"] is False and not evaluation["paired"]["converged"]
+    assert any("too noisy" in line for line in said)
+    report = (wd / "report.md").read_text()
+    assert "too noisy" in report and "not trustworthy" in report
+    rows = dict((r[0], r[3]) for r in dc_report.summary_rows(evaluation))
+    assert any("(too noisy)" in change for change in rows.values())
+    lines = dc_report.summary_lines(evaluation)
+    assert any("not trustworthy" in line for line in lines)
+
+
+class Unprepared(pipeline.Backend):
+    """ONNX Runtime as a backend without ``prepare`` (like tensorrt) would time it."""
+
+    def __init__(self, inner: pipeline.Backend) -> None:
+        super().__init__(threads=inner.threads, protocol=inner.protocol)
+        self.inner = inner
+        self.name = inner.name
+
+    def measure(self, model, input_shape):
+        return self.inner.measure(model, input_shape)
+
+    def info(self) -> dict:
+        return self.inner.info()
+
+
+def test_a_backend_without_paired_rounds_falls_back(finished, tmp_path, monkeypatch) -> None:
+    wd = copy_of(finished, tmp_path)
+    monkeypatch.setattr(pipeline, "get_backend", lambda *a, **k: Unprepared(get_backend(*a, **k)))
+    result = compress(small_model(), small_data(), wd, settings(), redo="evaluate")
+    assert result is not None
+    evaluation = json.loads((wd / "evaluation.json").read_text())
+    assert evaluation["speedup_method"] == "alternating medians" and evaluation["paired"] is None
+    assert result.speedup == pytest.approx(result.original.latency / result.compressed.latency)
+    report = (wd / "report.md").read_text()
+    assert "cannot time in paired rounds" in report and "(no interval)" in report
 
 
 def test_summary_numbers_are_consistent(finished) -> None:
@@ -518,10 +607,12 @@ def build():
 """
 
 
-def test_cli_train_then_compress_an_image_folder(tmp_path: Path) -> None:
+def test_cli_train_then_compress_an_image_folder(tmp_path: Path, monkeypatch) -> None:
     """The user's path: a model file, an ImageFolder (train/ and val/), depthcompress train,
     then depthcompress compress, twice (the second run resumes and recomputes nothing)."""
     from tests.test_data import make_image_folder
+
+    monkeypatch.setattr(pipeline, "EVALUATE_RULE", TINY_RULE)
 
     data = tmp_path / "images"
     make_image_folder(data / "train", classes=3, per_class=24, size=16)

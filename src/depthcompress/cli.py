@@ -897,7 +897,7 @@ def _run_compress(
 
     from .data import load_split, load_test
     from .pipeline import compress
-    from .report import RichProgress, summary_table
+    from .report import RichProgress, noisy_warning, summary_lines, summary_table
 
     channels = _parse_shape(input_shape)[1] if input_shape else channels
     split = load_split(
@@ -936,6 +936,10 @@ def _run_compress(
         return
     console.print(f"compressed {model_name}:", highlight=False)
     console.print(summary_table(result.evaluation))
+    warning = noisy_warning(result.evaluation)
+    for line in summary_lines(result.evaluation):
+        style = "bold yellow" if line == warning else ""
+        console.print(line, style=style, highlight=False, markup=False)
     console.print(
         f"plan: {len(result.plan.activations)} activations kept, "
         f"{result.original.depth} → {result.compressed.depth} convolutions; "

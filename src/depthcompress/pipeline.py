@@ -51,10 +51,15 @@ from .linearization import linearize
 from .merging import check_close, merge
 from .plan import Plan
 from .progress import LOG, Reporter
+from .speedup import Rule, SpeedupResult, paired_speedup
 from .tables import ImportanceTable, LatencyTable, OptimalLatencyTable
 
 MANIFEST = "stages.json"
 RUN = "run.json"
+
+EVALUATE_RULE = Rule(max_time=60.0)
+"""The evaluate stage's default paired-timing rule: rounds until the 95 % interval is within
+±2 % or 60 s of rounds are spent (``CompressSettings.speedup_rule`` overrides it)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,6 +74,9 @@ class CompressSettings:
     ``device`` (``cpu``, ``cuda``, ``cuda:N``; default: the GPU if there is one) is where
     fine-tuning runs, and where the torch and tensorrt backends time (torch: the CPU when
     ``device`` is None). ONNX Runtime and OpenVINO always time on the CPU, whatever ``device``.
+
+    ``speedup_rule`` bounds the evaluate stage's paired timing (``speedup.Rule``); it is recorded
+    in ``evaluation.json`` but is no stage setting, so changing it refuses no finished run.
     """
 
     budget: Budget
@@ -87,6 +95,7 @@ class CompressSettings:
     )
     device: str | torch.device | None = None
     seed: int = 0
+    speedup_rule: Rule = field(default_factory=lambda: EVALUATE_RULE)
 
     def __post_init__(self) -> None:
         problems = []
@@ -180,8 +189,11 @@ class CompressResult:
 
     @property
     def speedup(self) -> float:
-        """Measured end-to-end speed-up of the merged network over the original."""
-        return self.original.latency / self.compressed.latency
+        """Measured end-to-end speed-up of the merged network over the original (the paired
+        median ratio of ``evaluation.json``; the latency ratio for older work directories)."""
+        return float(
+            self.evaluation.get("speedup", self.original.latency / self.compressed.latency)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,7 +688,8 @@ class MergeStage(Stage):
 
 
 class EvaluateStage(Stage):
-    """Accuracy and end-to-end latency of both networks."""
+    """Accuracy of both networks and the merged one's end-to-end speed-up, measured in paired
+    rounds on the run's backend, threads and batch."""
 
     name = "evaluate"
     files = ("evaluation.json",)
@@ -697,29 +710,26 @@ class EvaluateStage(Stage):
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         nets = (ctx.original, _need(ctx.merged, "merged"))
-        # each network timed twice in alternation; the faster of its two medians counts, so
-        # a slow phase of a shared machine does not decide the speed-up alone
-        times: tuple[list[float], list[float]] = ([], [])
-        for _ in range(2):
-            for net, samples in zip(nets, times, strict=True):
-                samples.append(ctx.runner.measure(net, ctx.shape).median)
+        timing = _time_networks(ctx, nets)
         before, after = (
             NetworkStats(
                 accuracy=evaluate(net, ctx.test),
-                latency=min(samples),
+                latency=ms,
                 depth=conv_depth(net),
                 params=sum(p.numel() for p in net.parameters()),
             )
-            for net, samples in zip(nets, times, strict=True)
+            for net, ms in zip(nets, timing.latencies, strict=True)
         )
         original_ms = _need(ctx.original_ms, "original_ms")
         evaluation = {
             "original": asdict(before),
             "compressed": asdict(after),
-            "speedup": before.latency / after.latency,
+            **timing.record(),
             "predicted_speedup": original_ms / _need(ctx.plan_data, "plan_data")["latency"],
             "test_set": ctx.test_kind,
             "backend": ctx.runner.info(),
+            "threads": ctx.runner.threads,
+            "threads_default": ctx.settings.threads is None,
             "batch": ctx.settings.batch,
             "input_shape": list(ctx.shape),
             "machine": machine_info(),
@@ -732,11 +742,56 @@ class EvaluateStage(Stage):
         ctx.evaluation = _read_json(ctx.wd.file("evaluation.json"))
 
 
+@dataclass(frozen=True)
+class NetworkTiming:
+    """The evaluate stage's timing of (original, merged): each network's latency (ms), the
+    speed-up, and the paired result behind them (None where the backend cannot pair)."""
+
+    latencies: tuple[float, float]
+    speedup: float
+    paired: SpeedupResult | None
+
+    def record(self) -> dict[str, Any]:
+        """The fields ``evaluation.json`` keeps about the speed-up."""
+        paired = self.paired
+        return {
+            "speedup": self.speedup,
+            "speedup_method": "paired" if paired else "alternating medians",
+            "speedup_interval": [paired.low, paired.high] if paired else None,
+            "speedup_converged": paired.converged if paired else None,
+            "paired": paired.to_dict() if paired else None,
+        }
+
+
+def _time_networks(ctx: RunContext, nets: tuple[nn.Module, nn.Module]) -> NetworkTiming:
+    """Paired rounds of the original and the merged network on the run's backend
+    (``speedup.paired_speedup``); a backend that cannot prepare a model (tensorrt) falls back to
+    the smaller of two medians taken in alternation. A noisy result is kept and said."""
+    if type(ctx.runner).prepare is Backend.prepare:
+        ctx.say(f"note: {ctx.runner.name} cannot time in paired rounds; alternating medians used")
+        times: tuple[list[float], list[float]] = ([], [])
+        for _ in range(2):
+            for net, samples in zip(nets, times, strict=True):
+                samples.append(ctx.runner.measure(net, ctx.shape).median)
+        before, after = min(times[0]), min(times[1])
+        return NetworkTiming((before, after), before / after, None)
+    res = paired_speedup(
+        *nets,
+        ctx.runner,
+        ctx.shape,
+        ctx.settings.speedup_rule,
+        names=("original", "compressed"),
+        reporter=ctx.progress,
+    )
+    ctx.say(res.message if res.converged else f"warning: {res.message}")
+    return NetworkTiming((res.latency_a_ms, res.latency_b_ms), res.speedup, res)
+
+
 class ReportStage(Stage):
     """``report.md`` and its plots, redone from the work directory's files on every run."""
 
     name = "report"
-    files = ("report.md", "front.png", "blocks.png")
+    files = ("report.md", "front.png", "blocks.png", "accuracy_latency.png")
     reads = ("latency", "opt", "evaluation")
     recorded = False
     torchrun = True

@@ -150,7 +150,16 @@ def summary_rows(evaluation: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(quantity, original, compressed, change) rows of the final comparison."""
     a, b = evaluation["original"], evaluation["compressed"]
     backend = evaluation["backend"]
-    where = f"{backend['name']} {backend.get('device', '')}, batch {evaluation['batch']}".strip()
+    threads = evaluation.get("threads", backend.get("threads"))
+    where = f"{backend['name']} {backend.get('device', '')}".strip()
+    where += f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""
+    speedup = evaluation["speedup"]
+    change = f"{speedup:.2f}× " + ("faster" if speedup >= 1 else "(slower)")
+    interval = evaluation.get("speedup_interval")
+    if interval:
+        change += f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+    if evaluation.get("speedup_converged") is False:
+        change += " (too noisy)"
     return [
         (
             f"accuracy ({evaluation['test_set']}, %)",
@@ -159,15 +168,92 @@ def summary_rows(evaluation: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             _change(a["accuracy"], b["accuracy"], ".2f", " pp"),
         ),
         (
-            f"latency ({where}, ms)",
+            f"latency ({where}, batch {evaluation['batch']}, ms)",
             f"{a['latency']:.4f}",
             f"{b['latency']:.4f}",
-            f"{evaluation['speedup']:.2f}× "
-            + ("faster" if evaluation["speedup"] >= 1 else "(slower)"),
+            change,
         ),
         ("depth (convolutions)", str(a["depth"]), str(b["depth"]), f"{b['depth'] - a['depth']:+d}"),
         ("parameters", f"{a['params']:,}", f"{b['params']:,}", f"{b['params'] / a['params']:.2f}×"),
     ]
+
+
+def measured_speedup(evaluation: dict[str, Any]) -> str:
+    """The measured speed-up as one phrase: ``speed-up 1.52× [1.49, 1.55]`` (95 % interval of
+    the paired rounds), or without an interval where the run had none."""
+    interval = evaluation.get("speedup_interval")
+    span = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else " (no interval)"
+    return f"speed-up {evaluation['speedup']:.2f}×{span}"
+
+
+def noisy_warning(evaluation: dict[str, Any]) -> str | None:
+    """Why the measured speed-up is not to be trusted (the machine was too noisy), or None."""
+    if evaluation.get("speedup_converged") is not False:
+        return None
+    message = evaluation["paired"]["message"]
+    return f"Warning: {message[0].upper()}{message[1:]}. The speed-up is not trustworthy."
+
+
+def summary_lines(evaluation: dict[str, Any]) -> list[str]:
+    """The lines printed under the summary table: the measured speed-up with its interval next
+    to the prediction, a warning when the machine was too noisy, and the timing's settings."""
+    whole = evaluation.get("predicted_whole")
+    calibrated = f", {whole:.2f}× for the whole network after calibration" if whole else ""
+    lines = [
+        f"measured {measured_speedup(evaluation)} (95 % interval); the latency table predicted "
+        f"{evaluation['predicted_speedup']:.2f}× for the chain{calibrated}"
+    ]
+    warning = noisy_warning(evaluation)
+    return [*lines, *([warning] if warning else []), timing_lines(evaluation)[0]]
+
+
+def timing_lines(evaluation: dict[str, Any]) -> list[str]:
+    """How the latencies were measured: the method, the threads (the default and how to change
+    them), the batch, the CPU model and the runtime's settings."""
+    backend, machine = evaluation["backend"], evaluation.get("machine", {})
+    threads = evaluation.get("threads", backend.get("threads"))
+    default = evaluation.get("threads_default")
+    chosen = (
+        " (the default: all cores this process may use)"
+        if default
+        else " (set with --threads)"
+        if default is False
+        else ""
+    )
+    settings = ", ".join(
+        f"{k} {v}" for k, v in backend.items() if k not in ("name", "version", "device", "threads")
+    )
+    lines = [
+        f"Timing: {backend['name']} {backend.get('version', '')} on {backend.get('device', '')}"
+        + (f", {threads} thread{'s' if threads != 1 else ''}{chosen}" if threads else "")
+        + f", batch {evaluation['batch']}"
+        + (f", CPU {machine['cpu']}" if machine.get("cpu") else "")
+        + (f"; runtime settings: {settings}" if settings else "")
+        + ". Threads are a deployment choice: time with the thread count you deploy with "
+        "(--threads N)."
+    ]
+    method = evaluation.get("speedup_method", "alternating medians")
+    if method == "paired":
+        paired = evaluation["paired"]
+        lines.append(
+            f"Method: {paired['rounds']} paired rounds (original and compressed in alternating "
+            f"order, {paired['rule']['block']} runs each per round) in {paired['elapsed_s']:.0f} "
+            "s; the speed-up is the median of the per-round ratios with a 95 % bootstrap "
+            f"interval (inter-quartile range {paired['q1']:.2f}–{paired['q3']:.2f}); each "
+            "network's latency is the median of its per-round times."
+        )
+    elif "speedup_method" in evaluation:
+        lines.append(
+            f"Method: {backend['name']} cannot time in paired rounds, so each network's latency "
+            "is the best of two alternating median measurements and the speed-up their ratio "
+            "(no interval)."
+        )
+    else:
+        lines.append(
+            "Method: each network's latency is the best of two alternating median measurements "
+            "(an earlier depthcompress; --redo evaluate measures the speed-up in paired rounds)."
+        )
+    return lines
 
 
 def summary_table(evaluation: dict[str, Any], title: str = "original vs compressed") -> Table:
@@ -339,11 +425,115 @@ def _plot_blocks(path: Path, rows: list[tuple[str, float, float]]) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class LatencyPoint:
+    """One network on the accuracy-latency plot: measured latency (ms) with its interval
+    (``low``, ``high``; equal to ``latency`` when there is none) and test accuracy (%)."""
+
+    label: str
+    latency: float
+    accuracy: float
+    low: float
+    high: float
+
+
+def latency_points(evaluation: dict[str, Any]) -> list[LatencyPoint]:
+    """The networks a run measured, from ``evaluation.json``: the original, the compressed one
+    (its latency scaled by the speed-up's interval: speed-up / high … speed-up / low) and any
+    other evaluated plans in ``evaluation["plans"]`` (label, latency, accuracy, optional
+    low/high)."""
+    a, b = evaluation["original"], evaluation["compressed"]
+    interval = evaluation.get("speedup_interval") or [evaluation["speedup"]] * 2
+    scale = b["latency"] * evaluation["speedup"]
+    low, high = scale / interval[1], scale / interval[0]
+    raw = [
+        {"label": "original", "latency": a["latency"], "accuracy": a["accuracy"]},
+        {**b, "label": "compressed (chosen plan)", "low": low, "high": high},
+        *evaluation.get("plans", []),
+    ]
+    return [
+        LatencyPoint(
+            label=r["label"],
+            latency=r["latency"],
+            accuracy=r["accuracy"],
+            low=r.get("low", r["latency"]),
+            high=r.get("high", r["latency"]),
+        )
+        for r in raw
+        if r.get("accuracy") is not None
+    ]
+
+
+def plot_accuracy_latency(
+    path: str | Path, points: Sequence[LatencyPoint], *, title: str, accuracy: str
+) -> bool:
+    """Accuracy (``accuracy`` names the set) against measured latency (PNG), the latency
+    interval as a horizontal error bar; False without matplotlib or anything to draw."""
+    fig = _figure(6, 4.2)
+    if fig is None or not points:
+        return False
+    ax = fig.subplots()
+    for k, pt in enumerate(points):
+        ax.errorbar(
+            pt.latency,
+            pt.accuracy,
+            xerr=[[pt.latency - pt.low], [pt.high - pt.latency]],
+            fmt="o",
+            ms=7,
+            capsize=4,
+            color=f"C{k}",
+            label=pt.label,
+        )
+    ax.set_xlabel("measured latency of the whole network (ms)")
+    ax.set_ylabel(f"accuracy ({accuracy}, %)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def speedup_section(evaluation: dict[str, Any], plan: dict[str, Any]) -> list[str]:
+    """report.md's comparison of the measured speed-up (with its interval) with the latency
+    table's prediction for the chain and, when a calibration gave one, for the whole network."""
+    whole = evaluation.get("predicted_whole")
+    rows = [
+        (
+            "measured, whole network",
+            measured_speedup(evaluation),
+            "paired rounds on the backend below"
+            if evaluation.get("speedup_method") == "paired"
+            else "best of two alternating medians",
+        ),
+        (
+            "predicted by the latency table, chain only",
+            f"{evaluation['predicted_speedup']:.2f}×",
+            f"Σ T of the original chain {plan['original_latency']:.4f} ms → Σ T_opt "
+            f"{plan['latency']:.4f} ms (stem, head and per-call overheads not included)",
+        ),
+        (
+            "predicted for the whole network (calibrated)",
+            "–" if whole is None else f"{whole:.2f}×",
+            "no calibration in this run" if whole is None else "calibrated latency table",
+        ),
+    ]
+    lines = ["## Speed-up", ""]
+    lines += _md_table(("", "speed-up", "from"), rows)
+    lines.append("")
+    warning = noisy_warning(evaluation)
+    if warning:
+        lines += [f"**{warning}**", ""]
+    for line in timing_lines(evaluation):
+        lines += [line, ""]
+    return lines
+
+
 def write_report(
     workdir: str | Path, *, chain: ConvChain, latency: LatencyTable, opt: OptimalLatencyTable
 ) -> Path:
-    """Write ``report.md`` (and ``front.png``, ``blocks.png`` when matplotlib is installed) from
-    the files of a finished ``compress`` run in ``workdir``."""
+    """Write ``report.md`` (and ``front.png``, ``blocks.png``, ``accuracy_latency.png`` when
+    matplotlib is installed) from the files of a finished ``compress`` run in ``workdir``."""
     wd = Path(workdir)
     run = json.loads((wd / "run.json").read_text())
     stages = json.loads((wd / "stages.json").read_text())
@@ -356,14 +546,14 @@ def write_report(
 
     lines = [f"# depthcompress report: {ident['model']}", ""]
     lines += _md_table(("", "original", "compressed", "change"), summary_rows(evaluation))
-    pred = evaluation["predicted_speedup"]
+    lines.append("")
+    lines += speedup_section(evaluation, plan)
+    title = f"{ident['model']}: accuracy against measured latency"
+    points = latency_points(evaluation)
+    path = wd / "accuracy_latency.png"
+    if plot_accuracy_latency(path, points, title=title, accuracy=evaluation["test_set"]):
+        lines += ["![accuracy against measured latency](accuracy_latency.png)", ""]
     lines += [
-        "",
-        f"The latency table predicted a chain speed-up of {pred:.2f}× (Σ T of the original "
-        f"chain {plan['original_latency']:.4f} ms → Σ T_opt {plan['latency']:.4f} ms); the "
-        f"whole network measured {evaluation['speedup']:.2f}×. Latency is the best of two "
-        "alternating median measurements of each network.",
-        "",
         "## Plan",
         "",
         f"Budget {plan['budget_spec']} = **{plan['budget']:.4f} ms** (table units; the fastest "
