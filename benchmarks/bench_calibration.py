@@ -7,8 +7,9 @@ The demo's settings (``depthcompress:fashion_mbv2`` with its shipped weights, ba
 head excluded, general mode, kernels ≤ 15), 1 thread. The latency table is built (or resumed) in
 ``--workdir``; the calibration times 3 plans and the original whole (seeded synthetic importance
 table, seed 0: only latencies matter); then for each budget (a fraction of the measured whole
-original; the demo's fastest plan is about 0.69x of it, so 0.65x and 0.5x have no plan) a plan is solved on the calibrated table with another synthetic table (seed 1, so the
-plans are not the calibration's), merged with the original weights and timed against the
+original; the demo's fastest plan is about 0.69x of it, so 0.65x and 0.5x have no plan) a plan
+is solved on the calibrated table with another synthetic table (seed 1, so the plans are not
+the calibration's), merged with the original weights and timed against the
 original in paired rounds. Target: |predicted / measured − 1| ≤ 10 % at every budget. The chain
 prediction (Σ T of the raw table) is printed beside it for contrast.
 """
