@@ -46,7 +46,7 @@ def test_overhead_model_is_recovered_exactly() -> None:
 
 
 def test_residuals_are_measured_minus_fitted() -> None:
-    whole = np.array([2.0 + 0.7 * t for t in SUM_T]) + [0.1, -0.1, 0.1, -0.1]
+    whole = np.array([2.0 + 0.7 * t for t in SUM_T]) + np.array([0.1, -0.1, 0.1, -0.1])
     fit = fit_whole(SUM_T, [8, 7, 7, 3], whole)
     fitted = [fit.predict(t, n) for t, n in zip(SUM_T, [8, 7, 7, 3], strict=True)]
     assert np.allclose(fit.residuals, whole - fitted)
