@@ -63,6 +63,7 @@ def settings(budget: str = "0.7x", epochs: int = 2) -> CompressSettings:
         importance=FinetuneSettings(steps=2, batch_size=32, eval_batch_size=64),
         finetune=FinetuneConfig(epochs=epochs, lr=0.01, batch_size=32, steps_per_epoch=3),
         speedup_rule=TINY_RULE,
+        budget_mode="chain",  # budgets of the table's Σ T; "whole" is in test_calibration.py
     )
 
 

@@ -37,12 +37,13 @@ from .backends import (
     machine_info,
     package_version,
 )
+from .calibration import Calibration, calibrate, calibrated_table
 from .data import SplitData, fetch, fingerprint, num_classes
 from .defaults import FINETUNE_LR
 from .devices import device_name, resolve_device
-from .dp import Budget
+from .dp import Budget, optimal_boundaries, optimal_latency, original_latency
 from .errors import BudgetError, DepthCompressError, TableError, WorkdirError, plain
-from .files import nested_diff, sidecar_path, write_json
+from .files import json_sha, nested_diff, sidecar_path, write_json
 from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
 from .graph import ConvChain, trace
 from .importance import FinetuneSettings, importance_table, weights_sha
@@ -77,6 +78,12 @@ class CompressSettings:
 
     ``speedup_rule`` bounds the evaluate stage's paired timing (``speedup.Rule``); it is recorded
     in ``evaluation.json`` but is no stage setting, so changing it refuses no finished run.
+
+    ``budget_mode`` says what the budget is of: ``"whole"`` (default) the whole network's
+    latency on the backend (``0.6x`` = 60 % of the measured original; ms = whole-network ms),
+    through the calibration (``calibration.py``: ``calibration_plans`` plans timed whole in
+    paired rounds under ``calibration_rule``); ``"chain"`` Σ T of the latency table (the meaning
+    before calibration existed: no whole network is timed before fine-tuning).
     """
 
     budget: Budget
@@ -96,6 +103,9 @@ class CompressSettings:
     device: str | torch.device | None = None
     seed: int = 0
     speedup_rule: Rule = field(default_factory=lambda: EVALUATE_RULE)
+    budget_mode: str = "whole"
+    calibration_rule: Rule = field(default_factory=lambda: Rule(max_time=10.0))
+    calibration_plans: int = 3
 
     def __post_init__(self) -> None:
         problems = []
@@ -105,6 +115,10 @@ class CompressSettings:
             problems.append(f"workers must be ≥ 1, got {self.workers}")
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads must be ≥ 1, got {self.threads}")
+        if self.budget_mode not in ("whole", "chain"):
+            problems.append(f"budget_mode must be 'whole' or 'chain', got {self.budget_mode!r}")
+        if self.calibration_plans < 1:
+            problems.append(f"calibration_plans must be ≥ 1, got {self.calibration_plans}")
         if self.mode not in ("general", "reference"):
             problems.append(f"mode must be 'general' or 'reference', got {self.mode!r}")
         try:
@@ -144,11 +158,19 @@ class CompressSettings:
         }
         imp = {"importance": asdict(self.importance)}
         budget = {"value": self.budget.value, "relative": self.budget.relative}
+        calibrate = {
+            **lat,
+            "rule": asdict(self.calibration_rule),
+            "plans": self.calibration_plans,
+        }
         solve = {**lat, **imp, "budget": budget, "alpha": self.alpha}
+        if self.budget_mode == "whole":  # absent in "chain" mode: older work directories resume
+            solve = {**solve, "budget_mode": "whole", "calibration": calibrate}
         tune = {**solve, "finetune": self.finetune.to_dict()}
         return {
             "latency": lat,
             "optimal": lat,
+            "calibrate": calibrate,
             "importance": imp,
             "solve": solve,
             "finetune": tune,
@@ -278,6 +300,15 @@ class Workdir:
         manifest[stage] = {"settings": _normalised(settings), **info}
         write_json(self.file(MANIFEST), manifest)
 
+    def new_previous(self) -> Path:
+        """A new, empty ``previous/N/`` folder for files set aside (the first free N)."""
+        k = 1
+        while self.file(f"previous/{k}").exists():
+            k += 1
+        target = self.file(f"previous/{k}")
+        target.mkdir(parents=True)
+        return target
+
     def redo(self, stage: str) -> Path | None:
         """Move ``stage``'s and every later stage's files to ``previous/N/``; returns that
         folder (None when there was nothing to move)."""
@@ -288,11 +319,7 @@ class Workdir:
         present = [self.file(f) for s in later for f in STAGE_FILES[s] if self.file(f).exists()]
         if not present and not any(s in manifest for s in later):
             return None
-        k = 1
-        while self.file(f"previous/{k}").exists():
-            k += 1
-        target = self.file(f"previous/{k}")
-        target.mkdir(parents=True)
+        target = self.new_previous()
         for p in present:
             shutil.move(str(p), str(target / p.name))
         if any(s in manifest for s in later):
@@ -388,6 +415,7 @@ class RunContext:
     latency: LatencyTable | None = None
     original_ms: float | None = None
     opt: OptimalLatencyTable | None = None
+    calibration: Calibration | None = None
     importance: ImportanceTable | None = None
     budget_ms: float | None = None
     fastest_ms: float | None = None
@@ -503,19 +531,97 @@ class OptimalStage(Stage):
         return "optimal latency table (stage 1)"
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        from .dp import optimal_latency
-
         optimal_latency(_need(ctx.latency, "latency")).write_csv(ctx.wd.file("opt_latency.csv"))
         return {}
 
     def load(self, ctx: RunContext) -> None:
-        from .dp import optimal_boundaries
-
         ctx.opt = OptimalLatencyTable.read_csv(ctx.wd.file("opt_latency.csv"))
         _, fastest = optimal_boundaries(_need(ctx.latency, "latency"), ())
         budget_ms = ctx.settings.budget.resolve(_need(ctx.original_ms, "original_ms"))
-        if budget_ms < fastest * (1 - 1e-9) - 1e-12:
+        chain_mode = ctx.settings.budget_mode == "chain"  # "whole": checked once calibrated
+        if chain_mode and budget_ms < fastest * (1 - 1e-9) - 1e-12:
             raise _unreachable(ctx, budget_ms, fastest, "no importance entry was computed")
+
+
+class CalibrateStage(Stage):
+    """With ``budget_mode="whole"``: the latency table calibrated against whole-network timings
+    of a few plans (``calibration.json``, reused while its settings and table hold), the budget
+    converted to the calibrated table, and refused here, before any importance entry, when no
+    plan meets it. Not recorded: it decides nothing the solve stage's settings do not name."""
+
+    name = "calibrate"
+    files = ("calibration.json",)
+    reads = ("latency", "opt", "original_ms")
+    recorded = False
+    run_fills = True
+
+    def settings(self, ctx: RunContext) -> dict[str, Any]:
+        table = _need(ctx.latency, "latency")
+        return {**super().settings(ctx), "table_sha256": json_sha(table.time.tolist())}
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        if ctx.settings.budget_mode != "whole":
+            return {}
+        cal = self._kept(ctx) or self._measure(ctx)
+        latency = calibrated_table(_need(ctx.latency, "latency"), cal.fit)
+        ctx.calibration, ctx.opt = cal, optimal_latency(latency)
+        ctx.original_ms = original_latency(latency)
+        _, fastest = optimal_boundaries(latency, ())
+        budget = cal.table_budget(ctx.settings.budget)
+        ctx.say(_calibration_line(ctx, cal, budget))
+        if budget < fastest * (1 - 1e-9) - 1e-12:
+            raise _refusal(ctx, budget, fastest, "no importance entry was computed")
+        return {}
+
+    def load(self, ctx: RunContext) -> None:
+        self.run(ctx)
+
+    def _kept(self, ctx: RunContext) -> Calibration | None:
+        """The calibration in the work directory if made with these settings; one made with
+        others is moved to ``previous/N/`` (None)."""
+        path = ctx.wd.file("calibration.json")
+        if not path.exists():
+            return None
+        data = _read_json(path)
+        if data.get("settings") == _normalised(self.settings(ctx)):
+            return Calibration.from_dict(data)
+        if ctx.world > 1:
+            raise WorkdirError(f"{path} was made with other settings: run once without torchrun")
+        target = ctx.wd.new_previous()
+        shutil.move(str(path), str(target / path.name))
+        ctx.say(f"moved {path.name}, made with other settings or another table, to {target}")
+        return None
+
+    def _measure(self, ctx: RunContext) -> Calibration:
+        """Time the plans whole and fit; write ``calibration.json``."""
+        s = ctx.settings
+        if ctx.world > 1:
+            raise WorkdirError(
+                "under torchrun compress only fine-tunes, but the latency table is not "
+                "calibrated yet: run the same command once without torchrun and --until solve"
+            )
+        ctx.say(
+            f"calibrate the latency table: {s.calibration_plans} plan(s) and the original "
+            f"timed whole on {ctx.runner.name}, paired with the original"
+        )
+        cal = calibrate(
+            ctx.original,
+            ctx.chain,
+            _need(ctx.latency, "latency"),
+            ctx.runner,
+            ctx.shape,
+            s.calibration_rule,
+            count=s.calibration_plans,
+            seed=s.seed,
+        )
+        meaning = (
+            "budget_mode 'whole': a budget of r x is r × original_whole_ms of the whole network "
+            "(ms budgets are whole-network ms); the DP solves on T' = a·T + o per block (stage 1 "
+            "recomputed) with the budget less c, and predicts whole = c + Σ T'_opt"
+        )
+        data = {"settings": self.settings(ctx), **cal.to_dict(), "meaning": meaning}
+        write_json(ctx.wd.file("calibration.json"), data)
+        return cal
 
 
 class ImportanceStage(Stage):
@@ -567,9 +673,9 @@ class SolveStage(Stage):
         from .dp import min_latency
 
         fastest = min_latency(_need(ctx.opt, "opt"), _need(ctx.importance, "importance"))
-        budget_ms = ctx.settings.budget.resolve(_need(ctx.original_ms, "original_ms"))
+        budget_ms = _table_budget(ctx)
         if budget_ms < fastest - 1e-12:  # checked before anything is moved or written
-            raise _unreachable(ctx, budget_ms, fastest, "nothing else was changed")
+            raise _refusal(ctx, budget_ms, fastest, "nothing else was changed")
         ctx.budget_ms, ctx.fastest_ms = budget_ms, fastest
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
@@ -589,6 +695,7 @@ class SolveStage(Stage):
                 "budget_spec": str(s.budget),
                 "original_latency": original_ms,
                 "fastest_latency": fastest,
+                **_whole_prediction(ctx, sol.latency),
             },
         )
         return {}
@@ -721,11 +828,13 @@ class EvaluateStage(Stage):
             for net, ms in zip(nets, timing.latencies, strict=True)
         )
         original_ms = _need(ctx.original_ms, "original_ms")
+        plan_data = _need(ctx.plan_data, "plan_data")
         evaluation = {
             "original": asdict(before),
             "compressed": asdict(after),
             **timing.record(),
-            "predicted_speedup": original_ms / _need(ctx.plan_data, "plan_data")["latency"],
+            "predicted_speedup": original_ms / plan_data["latency"],
+            "predicted_whole": plan_data.get("predicted_whole_speedup"),
             "test_set": ctx.test_kind,
             "backend": ctx.runner.info(),
             "threads": ctx.runner.threads,
@@ -811,6 +920,7 @@ class ReportStage(Stage):
 PIPELINE: tuple[Stage, ...] = (
     LatencyStage(),
     OptimalStage(),
+    CalibrateStage(),
     ImportanceStage(),
     SolveStage(),
     FinetuneStage(),
@@ -917,6 +1027,55 @@ def _unreachable(ctx: RunContext, budget_ms: float, fastest: float, kept: str) -
     return BudgetError(
         f"{head}: nothing can be merged profitably, because {_why_no_gain(ctx)}, so the "
         f"original network is the fastest plan and no budget below 1x can be met{tail}"
+    )
+
+
+def _table_budget(ctx: RunContext) -> float:
+    """The budget in the units of ``ctx.opt``: through the calibration in "whole" mode."""
+    if ctx.calibration is not None:
+        return ctx.calibration.table_budget(ctx.settings.budget)
+    return ctx.settings.budget.resolve(_need(ctx.original_ms, "original_ms"))
+
+
+def _refusal(ctx: RunContext, budget_ms: float, fastest: float, kept: str) -> BudgetError:
+    """A budget below the fastest plan, said in whole-network terms when calibrated."""
+    cal = ctx.calibration
+    if cal is None or fastest >= _need(ctx.original_ms, "original_ms") * (1 - 1e-9):
+        return _unreachable(ctx, budget_ms, fastest, kept)
+    least = math.ceil(1000 * cal.least_fraction(fastest)) / 1000
+    return BudgetError(
+        f"budget {ctx.settings.budget} = {cal.whole_target(ctx.settings.budget):.4f} ms of the "
+        f"whole network is below the fastest plan, predicted at "
+        f"{cal.predicted_whole(fastest):.4f} ms ({cal.least_fraction(fastest):.3f}x of the "
+        f"measured original {cal.original_whole_ms:.4f} ms): raise --budget to at least "
+        f"{least:.3f}x. The tables are kept; {kept}"
+    )
+
+
+def _whole_prediction(ctx: RunContext, table_latency: float) -> dict[str, Any]:
+    """What plan.json records of the budget's meaning and the whole-network prediction."""
+    cal = ctx.calibration
+    if cal is None:
+        return {"budget_mode": ctx.settings.budget_mode}
+    whole = cal.predicted_whole(table_latency)
+    return {
+        "budget_mode": "whole",
+        "whole_target_ms": cal.whole_target(ctx.settings.budget),
+        "original_whole_ms": cal.original_whole_ms,
+        "predicted_whole_latency": whole,
+        "predicted_whole_speedup": cal.original_whole_ms / whole,
+    }
+
+
+def _calibration_line(ctx: RunContext, cal: Calibration, table_budget: float) -> str:
+    """The calibration in one line: the fit, its residuals, and what the budget became."""
+    fit = cal.fit
+    form = f"{fit.a:.3f}·ΣT" if fit.model == "scale" else f"ΣT + {fit.o:.4f}·blocks"
+    return (
+        f"calibration ({fit.model}): whole ≈ {fit.c:.4f} + {form} ms, rms residual "
+        f"{fit.rms:.4f} ms over {len(cal.points)} networks; budget {ctx.settings.budget} = "
+        f"{cal.whole_target(ctx.settings.budget):.4f} ms whole = {table_budget:.4f} ms of the "
+        "calibrated table"
     )
 
 
