@@ -53,7 +53,9 @@ class FinetuneConfig:
     ``num_workers`` (DataLoader processes for datasets not held in memory) and ``channels_last``
     left at None follow the device: 4 workers (at most the cores) and channels_last on CUDA, none
     and off on the CPU. ``amp`` runs forward passes under autocast: ``"bf16"`` (CUDA or CPU) or
-    ``"fp16"`` (CUDA only, with a gradient scaler)."""
+    ``"fp16"`` (CUDA only, with a gradient scaler). ``threads`` is torch's CPU threads during the
+    run (None: as they are): 1 by default, because more threads collapse when another process
+    competes for the cores, and it is a setting because it changes CPU results in the last bits."""
 
     epochs: int
     lr: float
@@ -69,6 +71,7 @@ class FinetuneConfig:
     num_workers: int | None = None
     channels_last: bool | None = None
     amp: Literal["bf16", "fp16"] | None = None
+    threads: int | None = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -96,6 +99,8 @@ class FinetuneConfig:
             problems.append(f"num_workers must be ≥ 0 or None, got {self.num_workers}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             problems.append(f"amp must be 'bf16', 'fp16' or None (off), got {self.amp!r}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be ≥ 1 or None, got {self.threads}")
         if problems:
             raise FinetuneError("; ".join(problems))
 
@@ -147,6 +152,20 @@ def check_amp(amp: str | None, device: str | torch.device) -> None:
         )
     if amp == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise FinetuneError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16")
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``n`` torch CPU threads (None: as they are), then restore the count."""
+    if n is None:
+        yield
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def autocast(amp: str | None, device: torch.device) -> AbstractContextManager[Any]:
@@ -602,7 +621,7 @@ class Trainer:
         if self.last is not None and self.world.main:
             self.last.parent.mkdir(parents=True, exist_ok=True)
         teacher_modes = {m: m.training for m in self.teacher.modules()} if self.teacher else {}
-        with _private_rng(self.world.device):
+        with _private_rng(self.world.device), torch_threads(self.config.threads):
             try:
                 state = self.setup()
                 while state.epoch < self.config.epochs:
@@ -899,5 +918,6 @@ __all__ = [
     "load_checkpoint",
     "loader_workers",
     "process_group_backend",
+    "torch_threads",
     "training_loss",
 ]

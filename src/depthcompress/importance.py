@@ -19,7 +19,6 @@ import pickle
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +42,7 @@ from .files import (
     sidecar_path,
     write_json,
 )
+from .finetune import torch_threads
 from .graph import ConvChain, symbolic_trace
 from .linearization import linearize
 from .plan import Plan
@@ -136,6 +136,7 @@ class FinetuneSettings:
             channels_last=self.channels_last,
             amp=self.amp,  # type: ignore[arg-type]
             grad_clip=self.grad_clip,
+            threads=self.threads,
         )
 
 
@@ -299,17 +300,6 @@ def tune_entry(
 
     trainer = Trainer(net, dataset, settings.config(seed), device=device, distributed=False)
     return trainer.run().train_loss
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run a block with ``n`` torch CPU threads, then restore the previous count."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 def describe_entry(chain: ConvChain, entry: Entry) -> str:
