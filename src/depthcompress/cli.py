@@ -329,10 +329,16 @@ def _train_interrupted(checkpoints: Path, epochs: int) -> typer.Exit:
 
     last = checkpoints / LAST
     try:
-        done = int(load_checkpoint(last)["epoch"]) if last.is_file() else 0
+        ckpt = load_checkpoint(last) if last.is_file() else {}
+        done, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
     except (FinetuneError, KeyError, TypeError, ValueError):
-        done = 0
-    if not done:
+        done, step = 0, 0
+    if step:
+        text = (
+            f"in epoch {done + 1} of {epochs}; its first {step} steps are saved in {last}; run "
+            "the same command to resume from there"
+        )
+    elif not done:
         text = "before the first epoch finished; nothing was saved; run the same command to start"
     elif done < epochs:
         text = (
