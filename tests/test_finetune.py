@@ -29,6 +29,7 @@ from depthcompress.finetune import (
     EpochStats,
     FinetuneConfig,
     FinetuneError,
+    StepCheckpoints,
     check_amp,
     evaluate,
     finetune,
@@ -265,6 +266,76 @@ def test_resume_gives_the_same_weights(model, chain, plan, data, tmp_path) -> No
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [LAST]  # no temp files left
 
 
+def test_resume_mid_epoch_gives_the_same_weights(model, chain, plan, data, tmp_path) -> None:
+    """An interruption within an epoch loses only the steps since the last step checkpoint: the
+    rerun goes on from that step with the same batches and RNG, bit-identical on the CPU."""
+    from depthcompress.progress import Step
+
+    config = FinetuneConfig(epochs=2, lr=0.05, batch_size=32, steps_per_epoch=12)
+    tune = functools.partial(finetune, device="cpu", holdout_data=data)
+    whole = dc.linearize(model, chain, plan)
+    one_go = tune(whole, data, config, checkpoint_dir=tmp_path / "a")
+
+    def crash(step: Step) -> None:
+        if step.done == 12 + 10:  # epoch 2, after its 10th step
+            raise Crash
+
+    every = StepCheckpoints(seconds=None, steps=3)
+    first = dc.linearize(model, chain, plan)
+    with pytest.raises(Crash):
+        tune(first, data, config, checkpoint_dir=tmp_path / "b", progress=crash,
+             checkpoint_every=every)  # fmt: skip
+    saved = load_checkpoint(tmp_path / "b" / LAST)
+    assert (saved["epoch"], saved["step"]) == (1, 9)  # steps 10 was lost, 1..9 were not
+
+    again = dc.linearize(model, chain, plan)
+    resumed = tune(again, data, config, checkpoint_dir=tmp_path / "b", checkpoint_every=every)
+    assert resumed.resumed_epochs == 1 and state_equal(again, whole)
+    assert [h.loss for h in resumed.history] == [h.loss for h in one_go.history]
+    assert [h.accuracy for h in resumed.history] == [h.accuracy for h in one_go.history]
+    assert load_checkpoint(tmp_path / "b" / LAST)["step"] == 0  # the run's end: whole epochs
+
+
+def test_step_checkpoints_by_time(linear, data, tmp_path) -> None:
+    """By default a checkpoint is due after 120 s of an epoch; a tiny interval writes one after
+    every step, so a crash loses none."""
+    assert StepCheckpoints().due(7, 119.0) is False and StepCheckpoints().due(7, 120.0) is True
+    assert StepCheckpoints(seconds=None, steps=4).due(8, 0.0) is True
+    assert StepCheckpoints(seconds=None).due(8, 1e9) is False
+    with pytest.raises(FinetuneError, match="checkpoint seconds"):
+        StepCheckpoints(seconds=0.0)
+    with pytest.raises(FinetuneError, match="checkpoint steps"):
+        StepCheckpoints(steps=0)
+
+    def crash(step) -> None:
+        if step.done == 10:
+            raise Crash
+
+    config = FinetuneConfig(epochs=1, lr=0.01, batch_size=32, steps_per_epoch=12)
+    with pytest.raises(Crash):
+        finetune(linear, data, config, checkpoint_dir=tmp_path, progress=crash,
+                 checkpoint_every=StepCheckpoints(seconds=1e-9))  # fmt: skip
+    saved = load_checkpoint(tmp_path / LAST)
+    assert (saved["epoch"], saved["step"]) == (0, 10)
+
+
+def test_training_threads_are_a_setting(linear, data, tmp_path) -> None:
+    """The run trains with ``config.threads`` torch threads (1 by default), restores the caller's
+    count, and a checkpoint made with another count is refused: it changes CPU results."""
+    assert FinetuneConfig(epochs=1, lr=0.01, batch_size=32).threads == 1
+    with pytest.raises(FinetuneError, match="threads must be"):
+        FinetuneConfig(epochs=1, lr=0.01, batch_size=32, threads=0)
+    seen: list[int] = []
+    two = FinetuneConfig(epochs=1, lr=0.01, batch_size=32, threads=2)
+    finetune(linear, data, two, checkpoint_dir=tmp_path,
+             on_epoch_end=lambda _: seen.append(torch.get_num_threads()))  # fmt: skip
+    assert seen == [2] and torch.get_num_threads() == 1
+    assert load_checkpoint(tmp_path / LAST)["config"]["threads"] == 2
+    one = FinetuneConfig(epochs=1, lr=0.01, batch_size=32, threads=1)
+    with pytest.raises(FinetuneError, match="threads: 2 in the checkpoint, 1 now"):
+        finetune(linear, data, one, checkpoint_dir=tmp_path)
+
+
 def test_mismatched_config_is_refused(linear, data, tmp_path) -> None:
     finetune(linear, data, CONFIG, checkpoint_dir=tmp_path)
     other = FinetuneConfig(epochs=2, lr=0.1, batch_size=32)
@@ -497,6 +568,9 @@ def test_compress_settings_refuse_fp16_without_a_gpu(monkeypatch) -> None:
     assert stages["finetune"]["finetune"]["amp"] == "bf16"  # a changed --amp refuses a resume
     demo = _compress_settings(**kw, amp="bf16", importance_amp=None)
     assert demo.importance.amp is None and demo.finetune.amp == "bf16"
+    assert demo.importance.threads == demo.finetune.threads == 1  # --train-threads' default
+    two = _compress_settings(**kw, amp=None, train_threads=2).stage_settings()
+    assert two["importance"]["importance"]["threads"] == two["finetune"]["finetune"]["threads"] == 2
 
 
 def test_one_fine_tuning_lr_default() -> None:

@@ -436,9 +436,26 @@ def test_execution_plan_on_the_cpu() -> None:
     assert plan.devices == ("cpu",) * 3 and plan.workers == 3 and plan.note is None
     assert execution_plan("cpu", 1, cuda_count=2, cpu_count=1).devices == ("cpu",)
     busy = execution_plan("cpu", 4, cuda_count=0, cpu_count=4, loader_workers=1)
-    assert busy.workers == 4  # what was asked, with a warning
+    assert busy.workers == 2  # workers × (threads + loaders) kept within the cores
     assert busy.note is not None and "exceed the 4 CPU cores" in busy.note
-    assert "lower --workers to 2" in busy.note
+    assert "so 2 worker(s) run the entries" in busy.note
+
+
+def test_cpu_workers_times_threads_never_exceed_the_cores() -> None:
+    """Fewer workers, never fewer threads (they change CPU results, so they key the table)."""
+    for cores in range(1, 9):
+        for threads in range(1, 5):
+            for workers in range(1, 9):
+                plan = execution_plan(
+                    "cpu", workers, cuda_count=0, cpu_count=cores, threads=threads
+                )
+                assert 1 <= plan.workers <= workers
+                assert plan.workers * threads <= cores or plan.workers == 1
+                assert (plan.note is None) == (workers * threads <= cores)
+    two = execution_plan("cpu", 2, cuda_count=0, cpu_count=2, threads=2)
+    assert two.workers == 1 and "4 would exceed the 2 CPU cores" in (two.note or "")
+    alone = execution_plan("cpu", 1, cuda_count=0, cpu_count=2, threads=4)
+    assert alone.workers == 1 and "lower --train-threads" in (alone.note or "")
 
 
 def test_execution_plan_never_shares_a_gpu_between_processes() -> None:

@@ -79,6 +79,22 @@ AmpOption = Annotated[
         "fp16 (CUDA only, with gradient scaling); default off (float32)"
     ),
 ]
+# training threads (torch, per process) apart from --threads, the timing (deployment) threads
+TrainThreadsOption = Annotated[
+    int,
+    typer.Option(
+        help="torch CPU threads of each training process (default 1: more collapse when "
+        "another process competes for the cores; a setting, as it changes CPU results in the "
+        "last bits)"
+    ),
+]
+TimingThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        help="CPU threads of the latency backend: the deployment's (default: all cores); "
+        "training threads are --train-threads"
+    ),
+]
 LoaderWorkersOption = Annotated[
     int | None,
     typer.Option(
@@ -216,6 +232,7 @@ def train_cmd(
     device: DeviceOption = None,
     amp: AmpOption = None,
     loader_workers: LoaderWorkersOption = None,
+    train_threads: TrainThreadsOption = 1,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Train MODEL from scratch on DATA (minus the held-out split); resumable, torchrun-ready.
@@ -253,6 +270,7 @@ def train_cmd(
             seed=seed,
             amp=amp,  # type: ignore[arg-type]
             num_workers=loader_workers,
+            threads=train_threads,
         )
         start = time.perf_counter()
         main_rank = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun rank 0 draws
@@ -311,10 +329,16 @@ def _train_interrupted(checkpoints: Path, epochs: int) -> typer.Exit:
 
     last = checkpoints / LAST
     try:
-        done = int(load_checkpoint(last)["epoch"]) if last.is_file() else 0
+        ckpt = load_checkpoint(last) if last.is_file() else {}
+        done, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
     except (FinetuneError, KeyError, TypeError, ValueError):
-        done = 0
-    if not done:
+        done, step = 0, 0
+    if step:
+        text = (
+            f"in epoch {done + 1} of {epochs}; its first {step} steps are saved in {last}; run "
+            "the same command to resume from there"
+        )
+    elif not done:
         text = "before the first epoch finished; nothing was saved; run the same command to start"
     elif done < epochs:
         text = (
@@ -349,7 +373,14 @@ def importance_cmd(
         str | None, typer.Option(help="K/N: compute only the K-th of N disjoint parts")
     ] = None,
     executor: Annotated[str, typer.Option(help="'local' or 'ray'")] = "local",
-    workers: Annotated[int, typer.Option(help="local worker processes (1 thread each)")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="local worker processes of --train-threads each (fewer when workers × threads "
+            "would exceed the cores)"
+        ),
+    ] = 1,
+    train_threads: TrainThreadsOption = 1,
     ray_address: Annotated[
         str | None,
         typer.Option(
@@ -427,6 +458,7 @@ def importance_cmd(
             amp=amp,
             loader_workers=loader_workers,
             grad_clip=grad_clip,
+            threads=train_threads,
         )
         start = time.perf_counter()
         with RichProgress(console, enabled=progress) as reporter:
@@ -971,6 +1003,7 @@ def _compress_settings(**kw):  # returns pipeline.CompressSettings
             seed=kw["seed"],
             amp=kw.get("importance_amp", kw["amp"]),
             grad_clip=kw.get("importance_grad_clip"),
+            threads=kw.get("train_threads", 1),
         ),
         workers=kw["workers"],
         alpha=kw["alpha"],
@@ -984,6 +1017,7 @@ def _compress_settings(**kw):  # returns pipeline.CompressSettings
             seed=kw["seed"],
             amp=kw["amp"],
             num_workers=kw["loader_workers"],
+            threads=kw.get("train_threads", 1),
         ),
         device=kw["device"],
         seed=kw["seed"],
@@ -1031,9 +1065,8 @@ def compress_cmd(
     batch: Annotated[
         int, typer.Option(help="batch size of every latency measurement and of the ONNX file")
     ] = 1,
-    threads: Annotated[
-        int | None, typer.Option(help="CPU threads of the latency backend (default: all)")
-    ] = None,
+    threads: TimingThreadsOption = None,
+    train_threads: TrainThreadsOption = 1,
     epochs: Annotated[int, typer.Option(help="fine-tuning epochs of the linearized network")] = 3,
     lr: Annotated[
         float, typer.Option(help="fine-tuning peak learning rate (cosine)")
@@ -1065,7 +1098,12 @@ def compress_cmd(
             "batch, backend, device and chain flags; only missing rows are measured"
         ),
     ] = None,
-    workers: Annotated[int, typer.Option(help="importance worker processes")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="importance worker processes (fewer when workers × --train-threads > cores)"
+        ),
+    ] = 1,
     alpha: Annotated[float, typer.Option(help="importance normalisation alpha (§6)")] = 1.6,
     holdout: HoldoutOption = 10000,
     holdout_seed: HoldoutSeedOption = 0,
@@ -1154,6 +1192,8 @@ def demo_cmd(
         ),
     ] = None,
     device: DeviceOption = None,
+    threads: TimingThreadsOption = None,
+    train_threads: TrainThreadsOption = 1,
     redo: RedoOption = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
@@ -1178,7 +1218,8 @@ def demo_cmd(
             budget=budget,
             budget_mode=budget_mode,
             backend="onnxruntime",
-            threads=None,
+            threads=threads,
+            train_threads=train_threads,
             batch=64,
             mode="general",
             max_kernel_size=15,

@@ -1,9 +1,10 @@
 """Fine-tune a linearized network before merging it (ALGORITHM.md §8.2): SGD (Nesterov) or AdamW
 with per-iteration cosine decay to 0, optional knowledge distillation from the original network,
-a checkpoint every epoch that a rerun resumes from, and DistributedDataParallel when launched by
-``torchrun`` (gloo on CPU, nccl on GPU, rank r on ``cuda:LOCAL_RANK``) with no change to the
-calling code. On CUDA it trains in channels_last with pinned-memory batches by default, and
-optionally under automatic mixed precision (bf16, or fp16 with a gradient scaler).
+a checkpoint every epoch (and every two minutes within long epochs) that a rerun resumes from,
+and DistributedDataParallel when launched by ``torchrun`` (gloo on CPU, nccl on GPU, rank r on
+``cuda:LOCAL_RANK``) with no change to the calling code. On CUDA it trains in channels_last with
+pinned-memory batches by default, and optionally under automatic mixed precision (bf16, or fp16
+with a gradient scaler).
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ class FinetuneConfig:
     ``num_workers`` (DataLoader processes for datasets not held in memory) and ``channels_last``
     left at None follow the device: 4 workers (at most the cores) and channels_last on CUDA, none
     and off on the CPU. ``amp`` runs forward passes under autocast: ``"bf16"`` (CUDA or CPU) or
-    ``"fp16"`` (CUDA only, with a gradient scaler)."""
+    ``"fp16"`` (CUDA only, with a gradient scaler). ``threads`` is torch's CPU threads during the
+    run (None: as they are): 1 by default, because more threads collapse when another process
+    competes for the cores, and it is a setting because it changes CPU results in the last bits."""
 
     epochs: int
     lr: float
@@ -69,6 +72,7 @@ class FinetuneConfig:
     num_workers: int | None = None
     channels_last: bool | None = None
     amp: Literal["bf16", "fp16"] | None = None
+    threads: int | None = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -96,6 +100,8 @@ class FinetuneConfig:
             problems.append(f"num_workers must be ≥ 0 or None, got {self.num_workers}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             problems.append(f"amp must be 'bf16', 'fp16' or None (off), got {self.amp!r}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be ≥ 1 or None, got {self.threads}")
         if problems:
             raise FinetuneError("; ".join(problems))
 
@@ -149,11 +155,47 @@ def check_amp(amp: str | None, device: str | torch.device) -> None:
         raise FinetuneError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16")
 
 
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``n`` torch CPU threads (None: as they are), then restore the count."""
+    if n is None:
+        yield
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def autocast(amp: str | None, device: torch.device) -> AbstractContextManager[Any]:
     """Autocast to ``amp``'s dtype on ``device`` (a no-op context when ``amp`` is None)."""
     if amp is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+@dataclass(frozen=True)
+class StepCheckpoints:
+    """When ``last.pt`` is also written within an epoch, so that an interruption loses little:
+    after ``seconds`` of training since the last checkpoint and/or every ``steps`` optimizer
+    steps (None: not by that rule). It does not change the result, so it is no setting."""
+
+    seconds: float | None = 120.0
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.seconds is not None and not self.seconds > 0:
+            raise FinetuneError(f"checkpoint seconds must be positive or None, got {self.seconds}")
+        if self.steps is not None and self.steps < 1:
+            raise FinetuneError(f"checkpoint steps must be ≥ 1 or None, got {self.steps}")
+
+    def due(self, step: int, since: float) -> bool:
+        """Whether a checkpoint is due after ``step`` steps of an epoch, ``since`` seconds after
+        the last one."""
+        by_steps = self.steps is not None and step % self.steps == 0
+        return by_steps or (self.seconds is not None and since >= self.seconds)
 
 
 @dataclass(frozen=True)
@@ -538,7 +580,9 @@ class TrainState:
     """What a run changes as it goes: the model (and its DDP wrapper ``net``, the model itself
     when alone), optimizer, schedule and fp16 gradient scaler, the epochs finished (``epoch``,
     of which ``resumed_epochs`` came from a checkpoint), their history and the best held-out
-    accuracy. ``last.pt`` holds all of it, with every process's RNG state."""
+    accuracy; within an unfinished epoch, its ``step``s done and this process's ``loss_sum``
+    over them. ``last.pt`` holds all of it, with every process's RNG state; ``saved_at`` is
+    when it was last written (``time.perf_counter``)."""
 
     model: nn.Module
     net: nn.Module
@@ -549,6 +593,9 @@ class TrainState:
     resumed_epochs: int = 0
     history: list[EpochStats] = field(default_factory=list)
     best_accuracy: float | None = None
+    step: int = 0
+    loss_sum: float = 0.0
+    saved_at: float = field(default_factory=time.perf_counter)
 
 
 class Trainer:
@@ -569,6 +616,7 @@ class Trainer:
     best: Path | None
     progress: Reporter | None
     on_epoch_end: Callable[[EpochStats], None] | None
+    every: StepCheckpoints
 
     def __init__(
         self,
@@ -583,6 +631,7 @@ class Trainer:
         device: str | torch.device | None = None,
         distributed: bool = True,
         on_epoch_end: Callable[[EpochStats], None] | None = None,
+        checkpoint_every: StepCheckpoints | None = None,
     ) -> None:
         _check_inputs(train_data, holdout_data, config, teacher)
         self.world = _world(device, distributed)
@@ -595,6 +644,7 @@ class Trainer:
         self.best = folder / BEST if folder is not None else None
         self.progress = progress if self.world.main else None
         self.on_epoch_end = on_epoch_end
+        self.every = checkpoint_every or StepCheckpoints()
 
     def run(self) -> FinetuneResult:
         """Train the remaining epochs on private RNG streams and return the model in eval mode;
@@ -602,7 +652,7 @@ class Trainer:
         if self.last is not None and self.world.main:
             self.last.parent.mkdir(parents=True, exist_ok=True)
         teacher_modes = {m: m.training for m in self.teacher.modules()} if self.teacher else {}
-        with _private_rng(self.world.device):
+        with _private_rng(self.world.device), torch_threads(self.config.threads):
             try:
                 state = self.setup()
                 while state.epoch < self.config.epochs:
@@ -672,27 +722,37 @@ class Trainer:
         state.history = [EpochStats(**h) for h in ckpt["history"]]
         state.best_accuracy = ckpt.get("best_accuracy")
         rng, world = ckpt.get("rng") or [], self.world
+        sums = [float(v) for v in ckpt.get("loss_sums") or [0.0]]
+        state.step = int(ckpt.get("step", 0))
         if ckpt.get("world_size") == world.size and world.rank < len(rng):
             _set_rng_state(rng[world.rank], world.device)
-        else:
+            state.loss_sum = sums[world.rank] if world.rank < len(sums) else 0.0
+        else:  # another process count: each process takes the mean share of the epoch's loss
             _seed(self.config.seed + 1000003 * state.epoch + world.rank, world.device)
+            state.loss_sum = sum(sums) / len(sums)
 
     def train_epoch(self, state: TrainState) -> EpochStats:
-        """One epoch of ``steps`` optimizer steps, then BN sync and held-out evaluation; raises
-        ``DivergedError`` when the mean loss is not finite."""
+        """One epoch of ``steps`` optimizer steps (from ``state.step`` on, after a mid-epoch
+        resume), then BN sync and held-out evaluation; raises ``DivergedError`` when the mean
+        loss is not finite."""
         began = time.perf_counter()
         config, device, steps = self.config, self.world.device, self.epochs.steps
-        epoch = state.epoch + 1
+        epoch, first = state.epoch + 1, state.step
         state.net.train()
-        self._report(epoch, 0, None)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        order = self.epochs.order(state.epoch)
+        self._report(epoch, first, None)
+        total = torch.tensor(state.loss_sum, dtype=torch.float64, device=device)
+        order = self.epochs.order(state.epoch)[first * self.epochs.local_batch :]
         workers, pin = config.num_workers or 0, device.type == "cuda"
         loader = batches(self.train_data, order, self.epochs.local_batch, workers, pin_memory=pin)
-        for step, (x, y) in enumerate(loader):
+        for step, (x, y) in enumerate(loader, start=first):
             total += self._step(state, x, y)
+            state.step = step + 1
+            if state.step < steps and self._checkpoint_due(state):
+                state.loss_sum = float(total)
+                self.checkpoint(state, improved=False)
             if self.progress is not None and (step % 10 == 9 or step + 1 == steps):
                 self._report(epoch, step + 1, float(total) / (step + 1))
+        state.step, state.loss_sum = 0, 0.0
         loss_sum, count = _all_sum(self.world, [float(total), float(steps)])
         mean_loss = loss_sum / count
         if not math.isfinite(mean_loss):
@@ -711,6 +771,18 @@ class Trainer:
             seconds=time.perf_counter() - began,
             lr=float(state.optimizer.param_groups[0]["lr"]),
         )
+
+    def _checkpoint_due(self, state: TrainState) -> bool:
+        """Whether to write a mid-epoch ``last.pt`` now (``StepCheckpoints``); every process
+        takes rank 0's decision, as they all join the checkpoint."""
+        if self.last is None:
+            return False
+        due = self.every.due(state.step, time.perf_counter() - state.saved_at)
+        if self.world.distributed and self.every.seconds is not None:
+            flag = torch.tensor([float(due and self.world.main)], device=self.world.device)
+            dist.all_reduce(flag)
+            due = bool(flag.item() > 0)
+        return due
 
     def _step(self, state: TrainState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch; returns its loss (detached). With a scaler (fp16) the
@@ -787,10 +859,11 @@ class Trainer:
         the fp16 gradient scaler included) and, when ``improved``, ``best.pt`` (weights); every
         process waits for it."""
         world = self.world
-        rng: list[Any] = [_rng_state(world.device)]
+        mine = (_rng_state(world.device), state.loss_sum)
+        each: list[Any] = [mine]
         if world.distributed:
-            rng = [None] * world.size
-            dist.all_gather_object(rng, _rng_state(world.device))
+            each = [None] * world.size
+            dist.all_gather_object(each, mine)
         if world.main and self.last is not None:
             common = {
                 "format": FORMAT,
@@ -806,7 +879,9 @@ class Trainer:
                 "optimizer": state.optimizer.state_dict(),
                 "scheduler": state.scheduler.state_dict(),
                 "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-                "rng": rng,
+                "rng": [r for r, _ in each],
+                "loss_sums": [loss for _, loss in each],
+                "step": state.step,
                 "world_size": world.size,
                 "history": [asdict(h) for h in state.history],
                 "best_accuracy": state.best_accuracy,
@@ -817,6 +892,7 @@ class Trainer:
                     torch.save(data, fh)
         if world.distributed:
             dist.barrier()
+        state.saved_at = time.perf_counter()
 
     def _report(
         self, epoch: int, step: int, loss: float | None, accuracy: float | None = None
@@ -851,21 +927,24 @@ def finetune(
     device: str | torch.device | None = None,
     distributed: bool = True,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
+    checkpoint_every: StepCheckpoints | None = None,
 ) -> FinetuneResult:
-    """Fine-tune ``model`` **in place** (it is the pipeline's own linearized copy) and return it
-    in eval mode, with its history: ``Trainer(...).run()`` in one call.
+    """Fine-tune ``model`` **in place** (it is the pipeline's own linearized copy) and return it in
+    eval mode, with its history: ``Trainer(...).run()`` in one call.
 
-    ``teacher`` (the original network, needed when ``config.distill > 0``) is moved to the
-    device and run in eval mode; its train/eval mode is restored afterwards. With
-    ``checkpoint_dir``, ``last.pt`` is written atomically after every epoch (and ``best.pt`` on
-    the best held-out accuracy) and an existing ``last.pt`` with the same settings is resumed
-    from. Under ``torchrun`` the model runs in DistributedDataParallel, each process reads its
-    share of every batch, and only rank 0 writes checkpoints and reports ``progress``
-    (``progress.Step``s of the task ``"fine-tuning"``). ``device`` defaults to CUDA
-    (``cuda:LOCAL_RANK``) when available, else the CPU. ``distributed=False`` trains in this
-    process alone even under ``torchrun`` (for many small independent runs, as importance
-    tables do). ``on_epoch_end`` sees each epoch's stats on every process, after its checkpoint
-    is on disk.
+    ``teacher`` (the original network, needed when ``config.distill > 0``) is moved to the device
+    and run in eval mode; its train/eval mode is restored afterwards. With ``checkpoint_dir``,
+    ``last.pt`` is written atomically after every epoch (and ``best.pt`` on the best held-out
+    accuracy) and within epochs as ``checkpoint_every`` says (by default every 120 s), and an
+    existing ``last.pt`` with the same settings is resumed from, mid-epoch checkpoints at the same
+    step with the same batches and RNG (bit-identical on the CPU with in-memory data; random
+    transforms in DataLoader workers are not replayed). Under ``torchrun`` the model runs in
+    DistributedDataParallel, each process reads its share of every batch, and only rank 0 writes
+    checkpoints and reports ``progress`` (``progress.Step``s of the task ``"fine-tuning"``).
+    ``device`` defaults to CUDA (``cuda:LOCAL_RANK``) when available, else the CPU.
+    ``distributed=False`` trains in this process alone even under ``torchrun`` (for many small
+    independent runs, as importance tables do). ``on_epoch_end`` sees each epoch's stats on every
+    process, after its checkpoint is on disk.
     """
     trainer = Trainer(
         model,
@@ -878,6 +957,7 @@ def finetune(
         device=device,
         distributed=distributed,
         on_epoch_end=on_epoch_end,
+        checkpoint_every=checkpoint_every,
     )
     return trainer.run()
 
@@ -889,6 +969,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneError",
     "FinetuneResult",
+    "StepCheckpoints",
     "TrainState",
     "Trainer",
     "autocast",
@@ -899,5 +980,6 @@ __all__ = [
     "load_checkpoint",
     "loader_workers",
     "process_group_backend",
+    "torch_threads",
     "training_loss",
 ]

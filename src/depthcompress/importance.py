@@ -19,7 +19,6 @@ import pickle
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +42,7 @@ from .files import (
     sidecar_path,
     write_json,
 )
+from .finetune import torch_threads
 from .graph import ConvChain, symbolic_trace
 from .linearization import linearize
 from .plan import Plan
@@ -136,6 +136,7 @@ class FinetuneSettings:
             channels_last=self.channels_last,
             amp=self.amp,  # type: ignore[arg-type]
             grad_clip=self.grad_clip,
+            threads=self.threads,
         )
 
 
@@ -299,17 +300,6 @@ def tune_entry(
 
     trainer = Trainer(net, dataset, settings.config(seed), device=device, distributed=False)
     return trainer.run().train_loss
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run a block with ``n`` torch CPU threads, then restore the previous count."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 def describe_entry(chain: ConvChain, entry: Entry) -> str:
@@ -516,25 +506,18 @@ def execution_plan(
     loader_workers: int = 0,
 ) -> ExecutionPlan:
     """Decide how ``workers`` local workers run entries on ``device``: on the CPU, ``workers``
-    processes (with a note when processes × (threads + loader processes) exceed the cores); on
-    one GPU (``cuda:N``, or ``cuda`` with one GPU), every entry in this process, one after
-    another, because processes sharing a GPU only compete for its memory and time; with ``cuda``
-    and k GPUs, min(workers, k) processes, worker w on ``cuda:w``."""
+    processes, fewer when processes × (threads + loader processes) would exceed the cores (the
+    threads stay: they are a setting of the table, as they change CPU results); on one GPU
+    (``cuda:N``, or ``cuda`` with one GPU), every entry in this process, one after another,
+    because processes sharing a GPU only compete for its memory and time; with ``cuda`` and k
+    GPUs, min(workers, k) processes, worker w on ``cuda:w``."""
     from .devices import resolve_device
 
     if workers < 1:
         raise DepthCompressError(f"workers must be ≥ 1, got {workers}")
     dev = resolve_device(device, local_rank=0, gpus=cuda_count)
     if dev.type == "cpu":
-        load = workers * (threads + loader_workers)
-        note = None
-        if load > cpu_count and workers > 1:
-            note = (
-                f"{workers} importance worker(s) × ({threads} thread(s) + {loader_workers} loader "
-                f"process(es)) = {load} exceed the {cpu_count} CPU cores, so entries slow each "
-                f"other down: lower --workers to {max(1, cpu_count // (threads + loader_workers))}"
-            )
-        return ExecutionPlan(("cpu",) * workers, note)
+        return _cpu_plan(workers, cpu_count, threads, loader_workers)
     spread = dev.type == "cuda" and torch.device(device).index is None and cuda_count > 1
     if not spread:
         note = None
@@ -555,6 +538,27 @@ def execution_plan(
             "run the importance entries, one per GPU"
         )
     return ExecutionPlan(tuple(f"cuda:{w}" for w in range(n)), note)
+
+
+def _cpu_plan(workers: int, cpu_count: int, threads: int, loader_workers: int) -> ExecutionPlan:
+    """At most ``cpu_count // (threads + loader_workers)`` CPU workers (at least one), so that
+    workers × threads never exceed the cores: oversubscribed threads collapse under load."""
+    per_worker = threads + loader_workers
+    fit = max(1, min(workers, cpu_count // per_worker))
+    load = f"({threads} thread(s) + {loader_workers} loader process(es))"
+    note = None
+    if fit < workers:
+        note = (
+            f"{workers} importance worker(s) × {load} = {workers * per_worker} would exceed the "
+            f"{cpu_count} CPU cores and slow each other down, so {fit} worker(s) run the entries"
+        )
+    elif per_worker > cpu_count:
+        note = (
+            f"one importance worker's {load} = {per_worker} exceed the {cpu_count} CPU cores, so "
+            "entries run slowly; the threads stay (they are a setting of the table): lower "
+            "--train-threads for a new table"
+        )
+    return ExecutionPlan(("cpu",) * fit, note)
 
 
 def _run_local(job: _Job, todo: list[Entry]) -> Iterator[dict[str, Any]]:
