@@ -95,6 +95,13 @@ TimingThreadsOption = Annotated[
         "training threads are --train-threads"
     ),
 ]
+DemoThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        help="CPU threads of the latency backend (default 1: stable on a shared machine, where "
+        "2-thread timings are bimodal; 0 or less: all cores)"
+    ),
+]
 LoaderWorkersOption = Annotated[
     int | None,
     typer.Option(
@@ -1065,7 +1072,7 @@ def compress_cmd(
     batch: Annotated[
         int, typer.Option(help="batch size of every latency measurement and of the ONNX file")
     ] = 1,
-    threads: TimingThreadsOption = None,
+    threads: DemoThreadsOption = 1,
     train_threads: TrainThreadsOption = 1,
     epochs: Annotated[int, typer.Option(help="fine-tuning epochs of the linearized network")] = 3,
     lr: Annotated[
@@ -1218,7 +1225,7 @@ def demo_cmd(
             budget=budget,
             budget_mode=budget_mode,
             backend="onnxruntime",
-            threads=threads,
+            threads=threads if threads is not None and threads > 0 else None,
             train_threads=train_threads,
             batch=64,
             mode="general",
