@@ -30,6 +30,7 @@ from depthcompress.backends import (
 from depthcompress.cli import app
 from depthcompress.errors import TableError
 from depthcompress.latency import (
+    Robust,
     block_input_shape,
     block_module,
     build_latency_table,
@@ -43,6 +44,7 @@ from depthcompress.progress import Step
 from depthcompress.tables import LATENCY_COLUMNS as COLUMNS
 
 FAST = Protocol(warmup=1, reps=3, min_reps=1, max_time=0.05)
+NO_EXTRA = Robust(max_extra=0)  # no re-measured rows: deterministic counts of measurements
 SHAPE = (1, 3, 16, 16)
 INSTALLED = [
     name
@@ -119,7 +121,11 @@ def test_every_installed_backend_builds_a_table_in_the_reference_layout(name, ch
 def test_build_reports_steps_and_draws_nothing(chain, tmp_path, capsys):
     steps: list[Step] = []
     build_latency_table(
-        chain, get_backend("torch", protocol=FAST), tmp_path / "t.csv", progress=steps.append
+        chain,
+        get_backend("torch", protocol=FAST),
+        tmp_path / "t.csv",
+        passes=1,
+        progress=steps.append,
     )
     n = len(chain.blocks)
     assert steps[0] == Step("t.csv", 0, n) and steps[-1].done == n
@@ -213,13 +219,13 @@ def test_passes_resume_mid_pass_and_combine_into_one_row_per_block(chain, tmp_pa
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_latency_table(chain, backend, path, passes=2, on_row=stop)
+        build_latency_table(chain, backend, path, passes=2, robust=NO_EXTRA, on_row=stop)
     assert len(csv_rows(path)) == 1 + 2  # rows appear once both passes of a block are done
     split = passes_path(path)
     assert len(csv_rows(split)) == 1 + len(chain.blocks) + 2
     with pytest.raises(TableError, match="passes: 2 vs 3"):
         build_latency_table(chain, backend, path, passes=3)
-    result = build_latency_table(chain, backend, path, passes=2)
+    result = build_latency_table(chain, backend, path, passes=2, robust=NO_EXTRA)
     assert (result.skipped, result.measured) == (2, len(chain.blocks) - 2)
     check_complete(path, chain)
     assert not split.exists()
@@ -242,6 +248,7 @@ def test_the_table_stores_the_protocols_statistic(chain, tmp_path):
         chain,
         get_backend("torch", threads=1, protocol=protocol),
         tmp_path / "lat.csv",
+        passes=1,
         on_row=lambda row, timing: seen.__setitem__(row.id, (row, timing)),
     )
     assert all(row.time == min(timing.samples) for row, timing in seen.values())
