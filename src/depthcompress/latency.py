@@ -69,7 +69,8 @@ DEFAULT_PASSES = 3
 
 @dataclass
 class LatencyResult:
-    """What ``build_latency_table`` did: the sidecar, the rows present, and what was new."""
+    """What ``build_latency_table`` did: the sidecar, the rows present, what was new, the
+    noisy-machine warning if any, and each row's pass times (ms) when measured in passes."""
 
     path: Path
     meta: dict[str, Any]
@@ -78,6 +79,7 @@ class LatencyResult:
     skipped: int = 0
     seconds: float = 0.0
     warning: str | None = None
+    pass_times: dict[int, list[float]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -313,18 +315,20 @@ def spread_summary(
     values: dict[int, dict[int, tuple[float, float]]],
     passes: int,
 ) -> dict[str, Any]:
-    """Median and worst relative spread of the rows measured in several passes, the worst row,
-    and how many rows were re-measured (more than ``passes`` passes)."""
+    """Median and worst relative spread (after re-measurement) of the rows measured in several
+    passes, the worst row, and the rows re-measured (more than ``passes`` passes)."""
     spreads = {k: relative_spread([t for t, _ in v.values()]) for k, v in values.items()}
     spreads = {k: s for k, s in spreads.items() if len(values[k]) > 1}
     if not spreads:
         return {"median": None, "worst": None, "worst_block": None, "remeasured": 0}
     worst = max(spreads, key=lambda k: spreads[k])
+    again = [list(blocks[k]) for k, v in sorted(values.items()) if len(v) > passes]
     return {
         "median": statistics.median(spreads.values()),
         "worst": spreads[worst],
         "worst_block": list(blocks[worst]),
-        "remeasured": sum(len(v) > passes for v in values.values()),
+        "remeasured": len(again),
+        "remeasured_blocks": again,
     }
 
 
@@ -486,6 +490,7 @@ def build_latency_table(
     finally:
         result.seconds = time.perf_counter() - start
         result.rows = sorted(done.values(), key=lambda r: r.id)
+        result.pass_times = {k: [t for t, _ in v.values()] for k, v in sorted(sweep.values.items())}
     if len(done) == n:
         write_latency_rows(path, result.rows)
         if result.measured:

@@ -1,0 +1,132 @@
+"""Latency tables under load (issue 12, item 2): does the plan chosen from the demo network's
+table stay the same from one table run to the next while two busy-loop processes compete for the
+cores?
+
+    python benchmarks/bench_table_stability.py                 # 3 new + 3 old tables under load
+    python benchmarks/bench_table_stability.py --runs 3 --old 0 --json stability.json
+
+Each run measures the table of ``depthcompress:fashion_mbv2`` (shipped weights, stem and head
+excluded, ONNX Runtime on all cores, batch 64, the default timing protocol: the demo's
+settings), solves the 0.5x plan with ``dp.solve`` against a fixed synthetic importance table
+(only the latency table varies) and prints the kept activations. New tables (interleaved passes,
+re-measured outliers) are solved with each statistic across passes (median, p25, min) from the
+same passes; old ones are one pass, row by row. Prints plain lines with the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_speedup import busy_loops, load
+
+import depthcompress as dc
+from depthcompress.backends import Backend, Protocol, cpu_name, get_backend
+from depthcompress.dp import original_latency, solve
+from depthcompress.latency import (
+    COMBINE,
+    LatencyResult,
+    Robust,
+    build_latency_table,
+    combine_passes,
+)
+from depthcompress.models import FASHION_MBV2_EXCLUDE, fashion_mbv2, trained_weights
+from depthcompress.tables import ImportanceTable, LatencyTable
+
+BATCH = 64
+BUDGET = 0.5
+
+
+def demo_chain() -> dc.ConvChain:
+    """The demo network's chain, traced as ``depthcompress demo`` traces it."""
+    net = fashion_mbv2()
+    net.load_state_dict(torch.load(trained_weights(), map_location="cpu", weights_only=True))
+    return dc.trace(net.eval(), torch.randn(1, 1, 28, 28), exclude=FASHION_MBV2_EXCLUDE)
+
+
+def kept(table: LatencyTable, importance: ImportanceTable) -> list[int]:
+    """The activations the 0.5x plan keeps."""
+    sol = solve(table, importance, BUDGET * original_latency(table))
+    return sorted(sol.plan.activations)
+
+
+def tables_of(result: LatencyResult, chain: dc.ConvChain) -> dict[str, LatencyTable]:
+    """The table as written, and (with passes) the same passes combined by each statistic."""
+    out = {"written": LatencyTable.from_rows((r.st, r.end, r.time, r.stdev) for r in result.rows)}
+    if result.pass_times:
+        for how in COMBINE:
+            times = [
+                combine_passes([(t, 0.0) for t in result.pass_times[k]], how)[0]
+                for k in range(len(chain.blocks))
+            ]
+            rows = zip(chain.blocks, times, strict=True)
+            out[how] = LatencyTable.from_rows((*b, t, 0.0) for b, t in rows)
+    return out
+
+
+def run(
+    chain: dc.ConvChain, backend: Backend, passes: int, folder: Path, label: str
+) -> dict[str, Any]:
+    """One table run: its plans per statistic, spread, load and time."""
+    start = time.perf_counter()
+    path = folder / f"{label}.csv"
+    result = build_latency_table(chain, backend, path, batch=BATCH, passes=passes, force=True)
+    importance = ImportanceTable.synthetic(chain.blocks, chain.linear_positions)
+    plans = {name: kept(t, importance) for name, t in tables_of(result, chain).items()}
+    measurement = result.meta.get("measurement", {})
+    spread = measurement.get("spread", {})
+    line = (
+        f"  {label}: kept {plans['written']} in {time.perf_counter() - start:.0f} s; spread "
+        f"median {spread.get('median') or 0:.3f} worst {spread.get('worst') or 0:.3f}, "
+        f"{spread.get('remeasured', 0)} rows re-measured; load {load()}"
+    )
+    print(line + "".join(f"; {k}: {v}" for k, v in plans.items() if k != "written"), flush=True)
+    return {"plans": plans, "measurement": measurement, "warning": result.warning}
+
+
+def agree(runs: list[dict[str, Any]], key: str) -> str:
+    """Whether every run chose the same plan with statistic ``key``."""
+    plans = [tuple(r["plans"][key]) for r in runs if key in r["plans"]]
+    return "same" if len(set(plans)) == 1 else f"DIFFER ({len(set(plans))} plans)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="new tables (interleaved passes)")
+    parser.add_argument("--old", type=int, default=3, help="old tables (1 pass, row by row)")
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--busy", type=int, default=2, help="busy-loop processes")
+    parser.add_argument("--max-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--json", type=Path, help="write every result here")
+    args = parser.parse_args()
+    backend = get_backend("onnxruntime", protocol=Protocol(max_time=args.max_time))
+    chain = demo_chain()
+    print(
+        f"{cpu_name()}, {os.cpu_count()} cores, ORT {backend.info().get('threads')} threads, "
+        f"batch {BATCH}, {len(chain.blocks)} blocks, {Robust()}; load {load()}",
+        flush=True,
+    )
+    results: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
+    with tempfile.TemporaryDirectory() as tmp, busy_loops(args.busy):
+        print(f"{args.busy} busy loops; new tables ({args.passes} interleaved passes):")
+        for r in range(args.runs):
+            results["new"].append(run(chain, backend, args.passes, Path(tmp), f"new{r + 1}"))
+        print("old tables (1 pass, row by row):", flush=True)
+        for r in range(args.old):
+            results["old"].append(run(chain, backend, 1, Path(tmp), f"old{r + 1}"))
+    for key in ("written", *COMBINE):
+        print(f"new, {key}: {agree(results['new'], key)}")
+    if results["old"]:
+        print(f"old: {agree(results['old'], 'written')}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
