@@ -8,7 +8,8 @@ cores?
 Each run measures the table of ``depthcompress:fashion_mbv2`` (shipped weights, stem and head
 excluded, ONNX Runtime on all cores, batch 64, the default timing protocol: the demo's
 settings), solves the 0.5x plan with ``dp.solve`` against a fixed synthetic importance table
-(only the latency table varies) and prints the kept activations. New tables (interleaved passes,
+(only the latency table varies) and prints the kept activations (ending in -1 where 0.5x is
+below this table's fastest plan, which is then taken). New tables (interleaved passes,
 re-measured outliers) are solved with each statistic across passes (median, p25, min) from the
 same passes; old ones are one pass, row by row. Prints plain lines with the load average.
 """
@@ -28,7 +29,7 @@ from bench_speedup import busy_loops, load
 
 import depthcompress as dc
 from depthcompress.backends import Backend, Protocol, cpu_name, get_backend
-from depthcompress.dp import original_latency, solve
+from depthcompress.dp import min_latency, original_latency, solve
 from depthcompress.latency import (
     COMBINE,
     LatencyResult,
@@ -51,9 +52,12 @@ def demo_chain() -> dc.ConvChain:
 
 
 def kept(table: LatencyTable, importance: ImportanceTable) -> list[int]:
-    """The activations the 0.5x plan keeps."""
-    sol = solve(table, importance, BUDGET * original_latency(table))
-    return sorted(sol.plan.activations)
+    """The activations the 0.5x plan keeps (the fastest plan's, marked by a trailing -1, when
+    0.5x is below the fastest plan of this table)."""
+    budget = BUDGET * original_latency(table)
+    fastest = min_latency(table, importance)
+    sol = solve(table, importance, max(budget, fastest * (1 + 1e-9)))
+    return sorted(sol.plan.activations) + ([-1] if fastest > budget else [])
 
 
 def tables_of(result: LatencyResult, chain: dc.ConvChain) -> dict[str, LatencyTable]:
@@ -104,6 +108,7 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=2, help="busy-loop processes")
     parser.add_argument("--max-time", type=float, default=1.0, help="seconds per measurement")
     parser.add_argument("--json", type=Path, help="write every result here")
+    parser.add_argument("--keep", type=Path, help="keep the tables in this folder")
     args = parser.parse_args()
     backend = get_backend("onnxruntime", protocol=Protocol(max_time=args.max_time))
     chain = demo_chain()
@@ -114,12 +119,16 @@ def main() -> None:
     )
     results: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
     with tempfile.TemporaryDirectory() as tmp, busy_loops(args.busy):
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         print(f"{args.busy} busy loops; new tables ({args.passes} interleaved passes):")
         for r in range(args.runs):
-            results["new"].append(run(chain, backend, args.passes, Path(tmp), f"new{r + 1}"))
+            results["new"].append(run(chain, backend, args.passes, folder, f"new{r + 1}"))
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1) + "\n")
         print("old tables (1 pass, row by row):", flush=True)
         for r in range(args.old):
-            results["old"].append(run(chain, backend, 1, Path(tmp), f"old{r + 1}"))
+            results["old"].append(run(chain, backend, 1, folder, f"old{r + 1}"))
     for key in ("written", *COMBINE):
         print(f"new, {key}: {agree(results['new'], key)}")
     if results["old"]:

@@ -9,6 +9,11 @@ than a plain ReLU, so the table prices the conv + activation pair a merged netwo
 ``time`` is the median of the timed runs in ms by default (robust to outliers; the reference used
 the mean of GPU runs; ``Protocol.statistic`` may pick another) and ``stdev`` their population
 standard deviation in ms.
+
+A table is measured in ``DEFAULT_PASSES`` interleaved passes (pass 1 over every block, then
+pass 2...), each row combining its passes as ``Robust`` says (the median by default); rows whose
+passes disagree get extra passes, and the sidecar's ``measurement`` records the spread and the
+load average, with a warning when the machine was too noisy to trust the table.
 """
 
 from __future__ import annotations
@@ -126,7 +131,7 @@ def table_meta(
     batch: int,
     seed: int,
     model_name: str,
-    passes: int = DEFAULT_PASSES,
+    passes: int | None = None,
     robust: Robust | None = None,
 ) -> dict[str, Any]:
     """The sidecar of a table: model, blocks, batch, passes, backend, protocol, machine and
@@ -148,7 +153,7 @@ def table_meta(
         "blocks": {"count": len(chain.blocks), "sha256": json_sha([list(b) for b in chain.blocks])},
         "batch": batch,
         "seed": seed,
-        "passes": passes,
+        "passes": DEFAULT_PASSES if passes is None else passes,
         "robust": (robust or Robust()).to_dict(),
         "backend": backend.info(),
         "protocol": backend.protocol.to_dict(),
@@ -397,7 +402,7 @@ def build_latency_table(
     *,
     batch: int = 1,
     seed: int = 0,
-    passes: int = DEFAULT_PASSES,
+    passes: int | None = None,
     robust: Robust = Robust(),
     model_name: str = "",
     force: bool = False,
@@ -413,15 +418,17 @@ def build_latency_table(
     discards an existing table first. When every block is present the file is rewritten sorted
     by ``id`` and the sidecar gets a ``measurement`` record (spread, load, re-measured rows).
 
-    The table is swept ``passes`` times, pass 1 over all blocks, then pass 2..., so that a slow
-    phase of a shared machine spoils one pass of many entries, not every pass of a few; each row
-    combines its passes as ``robust`` says and rows with a large spread get extra passes.
+    The table is swept ``passes`` times (default ``DEFAULT_PASSES``), pass 1 over all blocks,
+    then pass 2..., so that a slow phase of a shared machine spoils one pass of many entries, not
+    every pass of a few; each row combines its passes as ``robust`` says and rows with a large
+    spread get extra passes.
     Per-pass results are kept (fsynced) in ``LATENCY.csv.passes`` until the table is done.
     ``on_row`` sees each finished row with the timing of its last pass. ``progress`` is told a
     ``Step`` (task: the table's file name, detail: the block) before and after each
     measurement; nothing is drawn. A table too noisy to trust is logged as a warning on
     ``progress.LOG`` and returned in ``LatencyResult.warning``.
     """
+    passes = DEFAULT_PASSES if passes is None else passes
     if batch < 1:
         raise TableError(f"batch must be ≥ 1, got {batch}")
     if passes < 1:
