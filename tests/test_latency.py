@@ -36,6 +36,7 @@ from depthcompress.latency import (
     block_input_shape,
     block_module,
     build_latency_table,
+    check_meta,
     combine_passes,
     noisy_warning,
     passes_path,
@@ -43,6 +44,7 @@ from depthcompress.latency import (
     read_latency_table,
     relative_spread,
     sidecar_path,
+    table_meta,
 )
 from depthcompress.progress import Step
 from depthcompress.tables import LATENCY_COLUMNS as COLUMNS
@@ -476,6 +478,7 @@ def test_old_sidecars_still_load_and_resume(chain, tmp_path, quiet):
     sidecar_path(path).write_text(json.dumps(meta))
     again = build_latency_table(chain, FakeBackend(chain), path)  # complete: kept as it is
     assert again.measured == 0 and again.complete
+    check_meta(path, meta, table_meta(chain, FakeBackend(chain), batch=1, seed=0, model_name=""))
     path.write_text("\n".join(path.read_text().splitlines()[:4]) + "\n")  # an unfinished one
     with pytest.raises(TableError, match=r"passes: 1 vs 3.*--force"):
         build_latency_table(chain, FakeBackend(chain), path)

@@ -195,17 +195,21 @@ def read_meta(
     return read_sidecar(path, FORMAT, "latency", fix)
 
 
-def check_meta(
-    path: Path,
-    old: dict[str, Any],
-    new: dict[str, Any],
-    fix: str = RESUME_FIX,
-    *,
-    ignore: tuple[str, ...] = (),
-) -> None:
+def _is_complete(path: Path, meta: dict[str, Any]) -> bool:
+    """Whether the table at ``path`` has a row for each of its sidecar's blocks (read only)."""
+    try:
+        ids = {r.id for r in read_latency_rows(path)}
+    except (OSError, TableError):
+        return False
+    return len(ids) == meta.get("blocks", {}).get("count", -1)
+
+
+def check_meta(path: Path, old: dict[str, Any], new: dict[str, Any], fix: str = RESUME_FIX) -> None:
     """Refuse to add rows measured as ``new`` says to the table at ``path`` measured as ``old``
-    says: TableError naming every differing setting (the table's value first), then ``fix``."""
-    diff = settings_diff(old, new, ignore)
+    says: TableError naming every differing setting (the table's value first), then ``fix``. A
+    complete table may differ in its passes (``PASS_KEYS``): its rows are final, kept as they
+    are (so tables of older versions, measured in one pass, are still adopted and resumed)."""
+    diff = settings_diff(old, new, PASS_KEYS if _is_complete(path, old) else ())
     if diff:
         raise TableError(
             f"{path} was measured with other settings (the table's vs this run's: "
@@ -516,8 +520,7 @@ def _existing_rows(path: Path, chain: ConvChain, meta: dict[str, Any]) -> dict[i
     old = read_meta(path)
     repair_tail(path)
     rows = read_latency_rows(path)
-    complete = len({r.id for r in rows}) == len(chain.blocks)
-    check_meta(path, old, meta, ignore=PASS_KEYS if complete else ())
+    check_meta(path, old, meta)
     _check_rows(path, rows, chain.blocks)
     return {r.id: r for r in rows}
 
