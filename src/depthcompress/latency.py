@@ -444,8 +444,8 @@ def build_latency_table(
         chain, backend, batch=batch, seed=seed, model_name=model_name, passes=passes, robust=robust
     )
     if force:
-        for p in (path, sidecar_path(path), passes_path(path)):
-            p.unlink(missing_ok=True)
+        for old in (path, sidecar_path(path), passes_path(path)):
+            old.unlink(missing_ok=True)
     done = _existing_rows(path, chain, meta)
     if path.exists():
         meta = read_meta(path)
@@ -528,7 +528,11 @@ def _existing_rows(path: Path, chain: ConvChain, meta: dict[str, Any]) -> dict[i
 
 
 def _record_measurement(
-    result: LatencyResult, sweep: _Sweep, passes: int, robust: Robust, load_start: tuple
+    result: LatencyResult,
+    sweep: _Sweep,
+    passes: int,
+    robust: Robust,
+    load_start: tuple[float, float, float],
 ) -> None:
     """Write the spread and load of a finished table into its sidecar; warn if it is noisy."""
     measurement = {
