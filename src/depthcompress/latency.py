@@ -201,7 +201,7 @@ def _is_complete(path: Path, meta: dict[str, Any]) -> bool:
         ids = {r.id for r in read_latency_rows(path)}
     except (OSError, TableError):
         return False
-    return len(ids) == meta.get("blocks", {}).get("count", -1)
+    return len(ids) == int(meta.get("blocks", {}).get("count", -1))
 
 
 def check_meta(path: Path, old: dict[str, Any], new: dict[str, Any], fix: str = RESUME_FIX) -> None:
