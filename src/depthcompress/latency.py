@@ -271,10 +271,10 @@ class Robust:
     """How a table measured in several passes turns them into one row, and which rows get more.
 
     ``combine`` is the statistic across a row's passes (``median``, the lower quartile ``p25``
-    or ``min``). The median is the default: measured with two busy loops on 2 cores (load 8.8,
-    benchmarks/bench_table_stability.py), three 3-pass tables chose the same demo plans with
-    each of the three, where three 1-pass tables chose two different plans; the median ignores
-    one slow or one lucky pass, while ``min`` and ``p25`` follow a single lucky draw. A row
+    or ``min``). The median is the default: with two busy loops on 2 cores (load 7–9,
+    benchmarks/bench_table_stability.py), two rounds of three 3-pass tables chose the same demo
+    plans with the median and ``p25`` all six times and with ``min`` once another, while 1-pass
+    tables chose two plans in one round; the median ignores one slow or one lucky pass. A row
     whose relative spread (inter-quartile range of its passes over their median) exceeds
     ``spread_limit`` is measured again, one extra pass at a time, at most ``max_extra`` times.
     ``noisy_spread`` is the table's median spread above which the table is not to be trusted.
