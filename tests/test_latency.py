@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -30,19 +32,25 @@ from depthcompress.backends import (
 from depthcompress.cli import app
 from depthcompress.errors import TableError
 from depthcompress.latency import (
+    Robust,
     block_input_shape,
     block_module,
     build_latency_table,
+    check_meta,
     combine_passes,
+    noisy_warning,
     passes_path,
     plan_latency,
     read_latency_table,
+    relative_spread,
     sidecar_path,
+    table_meta,
 )
 from depthcompress.progress import Step
 from depthcompress.tables import LATENCY_COLUMNS as COLUMNS
 
 FAST = Protocol(warmup=1, reps=3, min_reps=1, max_time=0.05)
+NO_EXTRA = Robust(max_extra=0)  # no re-measured rows: deterministic counts of measurements
 SHAPE = (1, 3, 16, 16)
 INSTALLED = [
     name
@@ -119,7 +127,11 @@ def test_every_installed_backend_builds_a_table_in_the_reference_layout(name, ch
 def test_build_reports_steps_and_draws_nothing(chain, tmp_path, capsys):
     steps: list[Step] = []
     build_latency_table(
-        chain, get_backend("torch", protocol=FAST), tmp_path / "t.csv", progress=steps.append
+        chain,
+        get_backend("torch", protocol=FAST),
+        tmp_path / "t.csv",
+        passes=1,
+        progress=steps.append,
     )
     n = len(chain.blocks)
     assert steps[0] == Step("t.csv", 0, n) and steps[-1].done == n
@@ -213,13 +225,13 @@ def test_passes_resume_mid_pass_and_combine_into_one_row_per_block(chain, tmp_pa
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_latency_table(chain, backend, path, passes=2, on_row=stop)
+        build_latency_table(chain, backend, path, passes=2, robust=NO_EXTRA, on_row=stop)
     assert len(csv_rows(path)) == 1 + 2  # rows appear once both passes of a block are done
     split = passes_path(path)
     assert len(csv_rows(split)) == 1 + len(chain.blocks) + 2
     with pytest.raises(TableError, match="passes: 2 vs 3"):
         build_latency_table(chain, backend, path, passes=3)
-    result = build_latency_table(chain, backend, path, passes=2)
+    result = build_latency_table(chain, backend, path, passes=2, robust=NO_EXTRA)
     assert (result.skipped, result.measured) == (2, len(chain.blocks) - 2)
     check_complete(path, chain)
     assert not split.exists()
@@ -242,6 +254,7 @@ def test_the_table_stores_the_protocols_statistic(chain, tmp_path):
         chain,
         get_backend("torch", threads=1, protocol=protocol),
         tmp_path / "lat.csv",
+        passes=1,
         on_row=lambda row, timing: seen.__setitem__(row.id, (row, timing)),
     )
     assert all(row.time == min(timing.samples) for row, timing in seen.values())
@@ -360,3 +373,128 @@ def test_cli_table_and_whole_network_on_onnx(tmp_path):
     assert whole.exit_code == 0 and "onnxruntime" in whole.output
     missing = runner.invoke(app, ["latency", *common])
     assert missing.exit_code != 0
+
+
+class FakeBackend(dc.backends.Backend):
+    """Records which block each measurement was (by its seeded weights) and returns ``times``
+    of that block in order, falling back to 1 ms; no timing at all."""
+
+    name = "fake"
+
+    def __init__(self, chain: dc.ConvChain, times: dict[int, list[float]] | None = None) -> None:
+        super().__init__(threads=1, protocol=FAST)
+        self.keys = {
+            block_module(chain, i, j)[0].weight.sum().item(): k
+            for k, (i, j) in enumerate(chain.blocks)
+        }
+        self.times = {k: list(v) for k, v in (times or {}).items()}
+        self.calls: list[int] = []
+
+    def measure(self, model, input_shape):
+        k = self.keys[model[0].weight.sum().item()]
+        self.calls.append(k)
+        queue = self.times.get(k, [])
+        value = queue.pop(0) if queue else 1.0
+        return Timing.from_samples([value])
+
+    def info(self):
+        return {"name": "fake", "version": "0", "device": "cpu", "threads": 1}
+
+
+@pytest.fixture
+def quiet(monkeypatch):
+    """A machine with no load, so that the noisy-machine warning depends on the spread only."""
+    monkeypatch.setattr("depthcompress.latency.os.getloadavg", lambda: (0.0, 0.0, 0.0))
+
+
+def test_passes_are_interleaved_over_the_blocks(chain, tmp_path, quiet):
+    backend = FakeBackend(chain)
+    n = len(chain.blocks)
+    result = build_latency_table(chain, backend, tmp_path / "lat.csv", passes=3)
+    assert backend.calls == list(range(n)) * 3  # pass 1 over all blocks, then pass 2, pass 3
+    assert result.complete and result.pass_times == {k: [1.0] * 3 for k in range(n)}
+    check_complete(tmp_path / "lat.csv", chain)
+
+
+def test_robust_statistic_and_spread():
+    values = [(1.0, 0.0), (9.0, 0.0), (2.0, 0.0)]
+    assert combine_passes(values)[0] == combine_passes(values, "median")[0] == 2.0
+    assert combine_passes(values, "p25")[0] == 1.5 and combine_passes(values, "min")[0] == 1.0
+    assert combine_passes([(4.0, 0.5)], "p25") == (4.0, 0.5)
+    assert relative_spread([2.0]) == 0.0 and relative_spread([1.0, 1.0, 1.0]) == 0.0
+    assert relative_spread([1.0, 1.0, 10.0]) == pytest.approx(4.5)
+    assert relative_spread([1.0, 1.0, 10.0, 1.0, 1.0]) == 0.0  # extra passes outvote a wild one
+    with pytest.raises(TableError, match="unknown combine"):
+        Robust(combine="mean")
+
+
+def test_an_outlier_row_is_measured_again_until_its_spread_is_small(chain, tmp_path, quiet):
+    backend = FakeBackend(chain, {3: [1.0, 20.0, 1.0]})  # one wild pass of block 3
+    path = tmp_path / "lat.csv"
+    result = build_latency_table(chain, backend, path, passes=3)
+    n = len(chain.blocks)
+    assert backend.calls[: 3 * n] == list(range(n)) * 3
+    assert backend.calls[3 * n :] == [3, 3]  # spread 9.5, then 0.5 after a fourth: a fifth
+    assert result.pass_times[3] == [1.0, 20.0, 1.0, 1.0, 1.0]
+    assert {r.id: r.time for r in result.rows}[3] == 1.0
+    spread = read_latency_table(path)[0]["measurement"]["spread"]
+    assert spread["remeasured"] == 1 and spread["remeasured_blocks"] == [list(chain.blocks[3])]
+    assert spread["worst"] == 0.0  # the wild pass is outvoted once the row has five
+    assert result.warning is None
+
+
+def test_re_measurement_is_bounded(chain, tmp_path, quiet):
+    wild = [1.0, 5.0, 9.0, 13.0, 17.0, 21.0, 25.0, 29.0]
+    backend = FakeBackend(chain, {0: wild})
+    result = build_latency_table(chain, backend, tmp_path / "lat.csv", passes=3, robust=Robust())
+    assert backend.calls.count(0) == 3 + Robust().max_extra
+    assert result.rows[0].time == statistics.median(wild[:7])
+
+
+def test_the_sidecar_records_spread_and_load_and_warns_when_noisy(chain, tmp_path, caplog):
+    n = len(chain.blocks)
+    noisy = FakeBackend(chain, {k: [1.0, 1.5, 2.0] * 3 for k in range(n)})
+    path = tmp_path / "lat.csv"
+    with caplog.at_level(logging.WARNING, logger="depthcompress"):
+        result = build_latency_table(chain, noisy, path, passes=3)
+    m = read_latency_table(path)[0]["measurement"]
+    assert set(m) >= {"spread", "load_start", "load_end", "cores", "warning"}
+    assert len(m["load_start"]) == len(m["load_end"]) == 3 and m["cores"] == os.cpu_count()
+    assert m["spread"]["median"] == pytest.approx(0.5) and m["spread"]["remeasured"] == n
+    assert result.warning and "too noisy" in result.warning and "--threads 1" in result.warning
+    assert m["warning"] == result.warning and result.warning in caplog.text
+    loaded = {**m, "spread": {"median": 0.0}, "load_start": [9.0] * 3, "load_end": [0.5] * 3}
+    warning = noisy_warning(loaded, Robust())
+    assert warning and f"load average was 9.00 on {os.cpu_count()} cores" in warning
+    calm = {**m, "spread": {"median": 0.01}, "load_start": [0.0] * 3, "load_end": [0.0] * 3}
+    assert noisy_warning(calm, Robust()) is None
+
+
+def test_old_sidecars_still_load_and_resume(chain, tmp_path, quiet):
+    path = tmp_path / "lat.csv"
+    build_latency_table(chain, FakeBackend(chain), path, passes=1)
+    meta = json.loads(sidecar_path(path).read_text())
+    del meta["robust"], meta["measurement"]  # as written before interleaved passes
+    sidecar_path(path).write_text(json.dumps(meta))
+    again = build_latency_table(chain, FakeBackend(chain), path)  # complete: kept as it is
+    assert again.measured == 0 and again.complete
+    check_meta(path, meta, table_meta(chain, FakeBackend(chain), batch=1, seed=0, model_name=""))
+    path.write_text("\n".join(path.read_text().splitlines()[:4]) + "\n")  # an unfinished one
+    with pytest.raises(TableError, match=r"passes: 1 vs 3.*--force"):
+        build_latency_table(chain, FakeBackend(chain), path)
+    resumed = build_latency_table(chain, FakeBackend(chain), path, passes=1)
+    assert (resumed.skipped, resumed.measured) == (3, len(chain.blocks) - 3)
+
+
+def test_cli_prints_the_spread_and_the_noisy_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr("depthcompress.latency.os.getloadavg", lambda: (64.0, 64.0, 64.0))
+    factory = tmp_path / "m.py"
+    factory.write_text(FACTORY)
+    fast = ["--warmup", "0", "--reps", "1", "--min-reps", "1", "--max-time", "0.01"]
+    args = [f"{factory}:tiny", "--input-shape", "1,3,16,16", "--backend", "torch", *fast]
+    result = CliRunner().invoke(
+        app, ["latency", *args, "--passes", "2", "-o", str(tmp_path / "l.csv"), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "pass-to-pass spread" in result.output and "load average" in result.output
+    assert "too noisy" in result.output

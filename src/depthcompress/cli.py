@@ -570,8 +570,17 @@ def latency_cmd(
     ] = "median",
     passes: Annotated[
         int,
-        typer.Option(help="sweep the table this many times; each row is the median of passes"),
-    ] = 1,
+        typer.Option(
+            help="sweep the table this many times, pass 1 over all blocks, then pass 2...; each "
+            "row is the median of its passes"
+        ),
+    ] = 3,
+    extra_passes: Annotated[
+        int,
+        typer.Option(
+            help="passes added, one at a time, to rows whose pass-to-pass spread exceeds 15 %"
+        ),
+    ] = 4,
     seed: Annotated[int, typer.Option(help="seed of the random block weights")] = 0,
     device: Annotated[
         str | None,
@@ -627,6 +636,7 @@ def latency_cmd(
                 (mode, max_kernel_size, exclude),
                 seed,
                 passes,
+                extra_passes,
                 force,
                 progress,
             )
@@ -657,15 +667,18 @@ def _latency_table(
     chain_flags: tuple[str, int, list[str] | None],
     seed: int,
     passes: int,
+    extra_passes: int,
     force: bool,
     progress: bool,
 ) -> None:
-    """Build or resume the latency table of MODEL at ``output``."""
-    from .latency import build_latency_table
-    from .report import RichProgress
+    """Build or resume the latency table of MODEL at ``output``; a table measured on a machine
+    too noisy to trust is followed by the library's warning."""
+    from .latency import Robust, build_latency_table
+    from .report import RichProgress, log_to_console
 
     mode, max_kernel_size, exclude = chain_flags
     _, chain = _trace_for_cli(model, (1, *shape[1:]), mode, max_kernel_size, exclude or [])
+    log_to_console(console)
     try:
         with RichProgress(console, enabled=progress) as reporter:
             result = build_latency_table(
@@ -675,6 +688,7 @@ def _latency_table(
                 batch=shape[0],
                 seed=seed,
                 passes=passes,
+                robust=Robust(max_extra=extra_passes),
                 model_name=model,
                 force=force,
                 progress=reporter,
@@ -686,6 +700,26 @@ def _latency_table(
         f"{len(result.rows)} of {len(chain.blocks)} blocks in {output} ({result.measured} "
         f"measured in {result.seconds:.1f} s, {result.skipped} already there); Σ single-conv "
         f"T = {singles:.3f} ms (batch {shape[0]}); settings in {output}.json",
+        highlight=False,
+    )
+    _print_measurement(result.meta.get("measurement"))
+
+
+def _print_measurement(measurement: dict | None) -> None:
+    """The spread of a table's passes and the load it was measured under (sidecar's record)."""
+    if not measurement:
+        return
+    spread = measurement["spread"]
+    text = (
+        f"pass-to-pass spread median {100 * spread['median']:.1f} %, worst "
+        f"{100 * spread['worst']:.1f} % {tuple(spread['worst_block'])}, "
+        f"{spread['remeasured']} rows re-measured; "
+        if spread["median"] is not None
+        else ""
+    )
+    start, end = measurement["load_start"][0], measurement["load_end"][0]
+    console.print(
+        f"{text}load average {start:.2f} → {end:.2f} on {measurement['cores']} cores",
         highlight=False,
     )
 

@@ -9,6 +9,11 @@ than a plain ReLU, so the table prices the conv + activation pair a merged netwo
 ``time`` is the median of the timed runs in ms by default (robust to outliers; the reference used
 the mean of GPU runs; ``Protocol.statistic`` may pick another) and ``stdev`` their population
 standard deviation in ms.
+
+A table is measured in ``DEFAULT_PASSES`` interleaved passes (pass 1 over every block, then
+pass 2...), each row combining its passes as ``Robust`` says (the median by default); rows whose
+passes disagree get extra passes, and the sidecar's ``measurement`` records the spread and the
+load average, with a warning when the machine was too noisy to trust the table.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,7 +47,7 @@ from .files import (
 )
 from .graph import ConvChain
 from .kinds import make_activation
-from .progress import Reporter, tell
+from .progress import LOG, Reporter, tell
 from .tables import LATENCY_COLUMNS, LatencyRow, read_latency_rows, write_latency_rows
 
 PASS_COLUMNS = ("id", "pass", "time", "stdev")
@@ -55,16 +61,21 @@ COMPATIBLE_KEYS = (
     "batch",
     "seed",
     "passes",
+    "robust",
     "backend",
     "protocol",
     "machine",
 )
 IGNORED = ("model.name", "machine.hostname")
+# what a complete table may differ in and still be kept as it is (its rows are final)
+PASS_KEYS = ("passes", "robust")
+DEFAULT_PASSES = 3
 
 
 @dataclass
 class LatencyResult:
-    """What ``build_latency_table`` did: the sidecar, the rows present, and what was new."""
+    """What ``build_latency_table`` did: the sidecar, the rows present, what was new, the
+    noisy-machine warning if any, and each row's pass times (ms) when measured in passes."""
 
     path: Path
     meta: dict[str, Any]
@@ -72,6 +83,8 @@ class LatencyResult:
     measured: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    warning: str | None = None
+    pass_times: dict[int, list[float]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -118,9 +131,11 @@ def table_meta(
     batch: int,
     seed: int,
     model_name: str,
-    passes: int = 1,
+    passes: int | None = None,
+    robust: Robust | None = None,
 ) -> dict[str, Any]:
-    """The sidecar of a table: model, blocks, batch, backend, protocol, machine and versions."""
+    """The sidecar of a table: model, blocks, batch, passes, backend, protocol, machine and
+    versions."""
     from ._version import __version__
 
     return {
@@ -138,7 +153,8 @@ def table_meta(
         "blocks": {"count": len(chain.blocks), "sha256": json_sha([list(b) for b in chain.blocks])},
         "batch": batch,
         "seed": seed,
-        "passes": passes,
+        "passes": DEFAULT_PASSES if passes is None else passes,
+        "robust": (robust or Robust()).to_dict(),
         "backend": backend.info(),
         "protocol": backend.protocol.to_dict(),
         "machine": machine_info(),
@@ -156,10 +172,14 @@ def table_meta(
     }
 
 
-def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``name: old vs new`` for every setting that differs between two sidecars."""
-    a = {k: old.get(k) for k in COMPATIBLE_KEYS}
-    b = {k: new.get(k) for k in COMPATIBLE_KEYS}
+def settings_diff(
+    old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()
+) -> list[str]:
+    """``name: old vs new`` for every setting that differs between two sidecars, except the keys
+    in ``ignore`` and ``robust`` in a sidecar written before it existed (format 1 without it)."""
+    keys = [k for k in COMPATIBLE_KEYS if k not in ignore and (k != "robust" or k in old)]
+    a = {k: old.get(k) for k in keys}
+    b = {k: new.get(k) for k in keys}
     return [f"{k}: {plain(x)!r} vs {plain(y)!r}" for k, x, y in nested_diff(a, b, IGNORED)]
 
 
@@ -175,10 +195,21 @@ def read_meta(
     return read_sidecar(path, FORMAT, "latency", fix)
 
 
+def _is_complete(path: Path, meta: dict[str, Any]) -> bool:
+    """Whether the table at ``path`` has a row for each of its sidecar's blocks (read only)."""
+    try:
+        ids = {r.id for r in read_latency_rows(path)}
+    except (OSError, TableError):
+        return False
+    return len(ids) == int(meta.get("blocks", {}).get("count", -1))
+
+
 def check_meta(path: Path, old: dict[str, Any], new: dict[str, Any], fix: str = RESUME_FIX) -> None:
     """Refuse to add rows measured as ``new`` says to the table at ``path`` measured as ``old``
-    says: TableError naming every differing setting (the table's value first), then ``fix``."""
-    diff = settings_diff(old, new)
+    says: TableError naming every differing setting (the table's value first), then ``fix``. A
+    complete table may differ in its passes (``PASS_KEYS``): its rows are final, kept as they
+    are (so tables of older versions, measured in one pass, are still adopted and resumed)."""
+    diff = settings_diff(old, new, PASS_KEYS if _is_complete(path, old) else ())
     if diff:
         raise TableError(
             f"{path} was measured with other settings (the table's vs this run's: "
@@ -232,12 +263,142 @@ def _read_passes(path: Path, blocks: int, passes: int) -> dict[int, dict[int, tu
     return out
 
 
-def combine_passes(values: list[tuple[float, float]]) -> tuple[float, float]:
-    """One (time, stdev) from several passes: the median time, and a stdev that adds the
-    between-pass variance to the mean within-pass variance."""
+COMBINE = ("median", "p25", "min")
+
+
+@dataclass(frozen=True)
+class Robust:
+    """How a table measured in several passes turns them into one row, and which rows get more.
+
+    ``combine`` is the statistic across a row's passes (``median``, the lower quartile ``p25``
+    or ``min``). The median is the default: with two busy loops on 2 cores (load 7–9,
+    benchmarks/bench_table_stability.py), two rounds of three 3-pass tables chose the same demo
+    plans with the median and ``p25`` all six times and with ``min`` once another, while 1-pass
+    tables chose two plans in one round; the median ignores one slow or one lucky pass. A row
+    whose relative spread (inter-quartile range of its passes over their median) exceeds
+    ``spread_limit`` is measured again, one extra pass at a time, at most ``max_extra`` times.
+    ``noisy_spread`` is the table's median spread above which the table is not to be trusted.
+    """
+
+    combine: str = "median"
+    spread_limit: float = 0.15
+    max_extra: int = 4
+    noisy_spread: float = 0.10
+
+    def __post_init__(self) -> None:
+        if self.combine not in COMBINE:
+            raise TableError(
+                f"unknown combine {self.combine!r}: choose one of {', '.join(COMBINE)}"
+            )
+        if self.spread_limit < 0 or self.max_extra < 0 or self.noisy_spread < 0:
+            raise TableError(f"invalid {self}: limits and max_extra must be ≥ 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form for sidecars."""
+        return asdict(self)
+
+
+def relative_spread(times: list[float]) -> float:
+    """Inter-quartile range of a row's pass times over their median (0 for fewer than two):
+    a single wild pass among several inflates it less the more passes there are."""
+    if len(times) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(times)
+
+
+def combine_passes(values: list[tuple[float, float]], how: str = "median") -> tuple[float, float]:
+    """One (time, stdev) from several passes: the ``how`` statistic of the times (median, p25
+    or min), and a stdev that adds the between-pass variance to the mean within-pass variance."""
     times = [t for t, _ in values]
     within = statistics.fmean(sd * sd for _, sd in values)
-    return statistics.median(times), math.sqrt(within + statistics.pvariance(times))
+    if how == "min" or len(times) == 1:
+        value = min(times) if how == "min" else times[0]
+    elif how == "p25":
+        value = statistics.quantiles(times, n=4, method="inclusive")[0]
+    else:
+        value = statistics.median(times)
+    return value, math.sqrt(within + statistics.pvariance(times))
+
+
+def spread_summary(
+    blocks: tuple[tuple[int, int], ...],
+    values: dict[int, dict[int, tuple[float, float]]],
+    passes: int,
+) -> dict[str, Any]:
+    """Median and worst relative spread (after re-measurement) of the rows measured in several
+    passes, the worst row, and the rows re-measured (more than ``passes`` passes)."""
+    spreads = {k: relative_spread([t for t, _ in v.values()]) for k, v in values.items()}
+    spreads = {k: s for k, s in spreads.items() if len(values[k]) > 1}
+    if not spreads:
+        return {"median": None, "worst": None, "worst_block": None, "remeasured": 0}
+    worst = max(spreads, key=lambda k: spreads[k])
+    again = [list(blocks[k]) for k, v in sorted(values.items()) if len(v) > passes]
+    return {
+        "median": statistics.median(spreads.values()),
+        "worst": spreads[worst],
+        "worst_block": list(blocks[worst]),
+        "remeasured": len(again),
+        "remeasured_blocks": again,
+    }
+
+
+def noisy_warning(measurement: dict[str, Any], robust: Robust) -> str | None:
+    """What to tell the user when the table's spread or the machine's load makes it untrustworthy
+    (median spread above ``robust.noisy_spread`` or a load average above the core count)."""
+    cores = measurement["cores"]
+    load = max(measurement["load_start"][0], measurement["load_end"][0])
+    spread = measurement["spread"]["median"]
+    reasons = []
+    if spread is not None and spread > robust.noisy_spread:
+        reasons.append(
+            f"the median pass-to-pass spread of a row is {100 * spread:.0f} % "
+            f"(limit {100 * robust.noisy_spread:.0f} %)"
+        )
+    if load > cores:
+        reasons.append(f"the load average was {load:.2f} on {cores} cores")
+    if not reasons:
+        return None
+    return (
+        f"the machine was too noisy to trust this latency table: {' and '.join(reasons)}. "
+        "Close other work and measure again (--force), with more --passes or with --threads 1"
+    )
+
+
+@dataclass
+class _Sweep:
+    """One build's state: the pass values of each row, the rows done, the progress count."""
+
+    chain: ConvChain
+    backend: Backend
+    path: Path
+    batch: int
+    seed: int
+    total: int
+    progress: Reporter | None
+    values: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
+    count: int = 0
+
+    def measure(self, k: int, label: str) -> tuple[tuple[float, float], Timing]:
+        """Time block ``k`` once: (the protocol's statistic, stdev) and the timing."""
+        i, j = self.chain.blocks[k]
+        g = self.chain.geometry(i, j)
+        detail = f"{label}({i},{j}) {g.kernel[0]}x{g.kernel[1]}"
+        tell(self.progress, self.path.name, self.count, self.total, detail)
+        timing = self.backend.measure(
+            block_module(self.chain, i, j, seed=self.seed),
+            block_input_shape(self.chain, i, j, self.batch),
+        )
+        self.count += 1
+        tell(self.progress, self.path.name, self.count, self.total, detail)
+        return (timing.statistic(self.backend.protocol.statistic), timing.stdev), timing
+
+
+def _settled(times: list[float], passes: int, robust: Robust) -> bool:
+    """Whether a row has its passes and either a small spread or all its extra passes."""
+    if len(times) < passes:
+        return False
+    return len(times) >= passes + robust.max_extra or relative_spread(times) <= robust.spread_limit
 
 
 def build_latency_table(
@@ -247,7 +408,8 @@ def build_latency_table(
     *,
     batch: int = 1,
     seed: int = 0,
-    passes: int = 1,
+    passes: int | None = None,
+    robust: Robust = Robust(),
     model_name: str = "",
     force: bool = False,
     progress: Reporter | None = None,
@@ -255,52 +417,49 @@ def build_latency_table(
 ) -> LatencyResult:
     """Measure ``T(i, j)`` for every block of ``chain`` on ``backend`` into the CSV at ``path``.
 
-    Each row is appended and fsynced as soon as it is measured. If ``path`` exists, its sidecar
+    Each row is appended and fsynced as soon as it is final. If ``path`` exists, its sidecar
     must record the same settings (model, batch, backend and its version, threads, protocol,
     machine): then finished rows are kept and only missing ones measured; otherwise TableError
-    names the differing settings. ``force`` discards an existing table first. When every block
-    is present the file is rewritten sorted by ``id``.
+    names the differing settings (a complete table is kept whatever its passes). ``force``
+    discards an existing table first. When every block is present the file is rewritten sorted
+    by ``id`` and the sidecar gets a ``measurement`` record (spread, load, re-measured rows).
 
-    With ``passes`` > 1 the whole table is swept that many times and each row is the median over
-    the passes, so that a slow phase of a shared machine spoils one pass of an entry, not the
-    entry; per-pass results are kept (fsynced) in ``LATENCY.csv.passes`` until the table is done.
+    The table is swept ``passes`` times (default ``DEFAULT_PASSES``), pass 1 over all blocks,
+    then pass 2..., so that a slow phase of a shared machine spoils one pass of many entries, not
+    every pass of a few; each row combines its passes as ``robust`` says and rows with a large
+    spread get extra passes.
+    Per-pass results are kept (fsynced) in ``LATENCY.csv.passes`` until the table is done.
     ``on_row`` sees each finished row with the timing of its last pass. ``progress`` is told a
     ``Step`` (task: the table's file name, detail: the block) before and after each
-    measurement; nothing is drawn.
+    measurement; nothing is drawn. A table too noisy to trust is logged as a warning on
+    ``progress.LOG`` and returned in ``LatencyResult.warning``.
     """
+    passes = DEFAULT_PASSES if passes is None else passes
     if batch < 1:
         raise TableError(f"batch must be ≥ 1, got {batch}")
     if passes < 1:
         raise TableError(f"passes must be ≥ 1, got {passes}")
     path = Path(path)
-    meta = table_meta(chain, backend, batch=batch, seed=seed, model_name=model_name, passes=passes)
+    meta = table_meta(
+        chain, backend, batch=batch, seed=seed, model_name=model_name, passes=passes, robust=robust
+    )
     if force:
-        for p in (path, sidecar_path(path), passes_path(path)):
-            p.unlink(missing_ok=True)
-    done: dict[int, LatencyRow] = {}
+        for old in (path, sidecar_path(path), passes_path(path)):
+            old.unlink(missing_ok=True)
+    done = _existing_rows(path, chain, meta)
     if path.exists():
-        old = read_meta(path)
-        check_meta(path, old, meta)
-        repair_tail(path)
-        rows = read_latency_rows(path)
-        _check_rows(path, rows, chain.blocks)
-        done = {r.id: r for r in rows}
-        meta = old
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        passes_path(path).unlink(missing_ok=True)
-        write_json(sidecar_path(path), meta)
-
+        meta = read_meta(path)
     n = len(chain.blocks)
-    stat = backend.protocol.statistic
-    todo = [k for k in range(n) if k not in done]
-    partial = _read_passes(passes_path(path), n, passes) if passes > 1 else {}
-    partial = {k: v for k, v in partial.items() if k not in done}
-    result = LatencyResult(path=path, meta=meta, skipped=len(done))
-    start = time.perf_counter()
-    count, total = len(done) * passes + sum(len(v) for v in partial.values()), n * passes
-    tell(progress, path.name, count, total)
     split = passes_path(path) if passes > 1 else None
+    sweep = _Sweep(chain, backend, path, batch, seed, n * passes, progress)
+    if split is not None:
+        sweep.values = _read_passes(split, n, passes + robust.max_extra)
+    todo = [k for k in range(n) if k not in done]
+    result = LatencyResult(path=path, meta=meta, skipped=len(done))
+    load_start = os.getloadavg()
+    start = time.perf_counter()
+    sweep.count = len(done) * passes + sum(len(sweep.values.get(k, {})) for k in todo)
+    tell(progress, path.name, sweep.count, sweep.total)
     try:
         with (
             csv_appender(path, LATENCY_COLUMNS) as append,
@@ -315,38 +474,80 @@ def build_latency_table(
                 if on_row is not None and timing is not None:
                     on_row(row, timing)
 
-            for k in todo:  # all passes measured before an interruption, row not yet written
-                if len(partial.get(k, {})) == passes:
-                    finish(k, combine_passes(list(partial[k].values())), None)
+            def step(k: int, p: int) -> None:
+                if k in done or p in sweep.values.get(k, {}):
+                    return
+                if split is None:
+                    value, timing = sweep.measure(k, "")
+                    finish(k, value, timing)
+                    return
+                value, timing = sweep.measure(k, f"pass {p + 1}/{passes} ")
+                append_pass([str(k), str(p), repr(value[0]), repr(value[1])])
+                got = sweep.values.setdefault(k, {})
+                got[p] = value
+                if _settled([t for t, _ in got.values()], passes, robust):
+                    finish(k, combine_passes(list(got.values()), robust.combine), timing)
+
+            for k in todo:  # passes measured before an interruption, row not yet written
+                got = sweep.values.get(k, {})
+                if got and _settled([t for t, _ in got.values()], passes, robust):
+                    finish(k, combine_passes(list(got.values()), robust.combine), None)
             for p in range(passes):
                 for k in todo:
-                    if k in done or p in partial.get(k, {}):
-                        continue
-                    i, j = chain.blocks[k]
-                    g = chain.geometry(i, j)
-                    label = f"pass {p + 1}/{passes} " if split else ""
-                    detail = f"{label}({i},{j}) {g.kernel[0]}x{g.kernel[1]}"
-                    tell(progress, path.name, count, total, detail)
-                    timing = backend.measure(
-                        block_module(chain, i, j, seed=seed), block_input_shape(chain, i, j, batch)
-                    )
-                    value = (timing.statistic(stat), timing.stdev)
-                    count += 1
-                    tell(progress, path.name, count, total, detail)
-                    if split is None:
-                        finish(k, value, timing)
-                        continue
-                    append_pass([str(k), str(p), repr(value[0]), repr(value[1])])
-                    partial.setdefault(k, {})[p] = value
-                    if len(partial[k]) == passes:
-                        finish(k, combine_passes(list(partial[k].values())), timing)
+                    step(k, p)
+            for p in range(passes, passes + (robust.max_extra if split else 0)):
+                again = [k for k in todo if k not in done]
+                sweep.total += len(again)
+                for k in again:
+                    step(k, p)
     finally:
         result.seconds = time.perf_counter() - start
         result.rows = sorted(done.values(), key=lambda r: r.id)
+        result.pass_times = {k: [t for t, _ in v.values()] for k, v in sorted(sweep.values.items())}
     if len(done) == n:
-        write_latency_rows(path, sorted(done.values(), key=lambda r: r.id))
+        write_latency_rows(path, result.rows)
+        if result.measured:
+            _record_measurement(result, sweep, passes, robust, load_start)
         passes_path(path).unlink(missing_ok=True)
     return result
+
+
+def _existing_rows(path: Path, chain: ConvChain, meta: dict[str, Any]) -> dict[int, LatencyRow]:
+    """The rows already at ``path`` (checked against ``meta``), or a new table's sidecar."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        passes_path(path).unlink(missing_ok=True)
+        write_json(sidecar_path(path), meta)
+        return {}
+    old = read_meta(path)
+    repair_tail(path)
+    rows = read_latency_rows(path)
+    check_meta(path, old, meta)
+    _check_rows(path, rows, chain.blocks)
+    return {r.id: r for r in rows}
+
+
+def _record_measurement(
+    result: LatencyResult,
+    sweep: _Sweep,
+    passes: int,
+    robust: Robust,
+    load_start: tuple[float, float, float],
+) -> None:
+    """Write the spread and load of a finished table into its sidecar; warn if it is noisy."""
+    measurement = {
+        "spread": spread_summary(sweep.chain.blocks, sweep.values, passes),
+        "load_start": [round(v, 2) for v in load_start],
+        "load_end": [round(v, 2) for v in os.getloadavg()],
+        "cores": os.cpu_count() or 1,
+        "units": "spread: inter-quartile range of a row's passes / their median; load: 1/5/15 min",
+    }
+    result.warning = noisy_warning(measurement, robust)
+    measurement["warning"] = result.warning
+    result.meta = {**result.meta, "measurement": measurement}
+    write_json(sidecar_path(result.path), result.meta)
+    if result.warning:
+        LOG.warning(result.warning)
 
 
 def plan_latency(rows: Iterable[LatencyRow], blocks: Iterable[tuple[int, int]]) -> float:
