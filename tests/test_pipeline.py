@@ -393,6 +393,19 @@ def test_unreachable_budget_is_refused_before_the_importance_stage(tmp_path, mon
     assert not (wd / "importance.csv").exists()
 
 
+def test_budget_or_fastest_takes_the_fastest_plan_and_says_so(tmp_path, monkeypatch) -> None:
+    """The demo's setting: a budget below the fastest plan runs the fastest plan, with a note,
+    instead of being refused."""
+    timed_by_span(monkeypatch, lambda i, j: 1.0)
+    notes: list[str] = []
+    wd = tmp_path / "wd"
+    s = replace(settings("0.01x"), budget_or_fastest=True)
+    compress(small_model(), small_data(), wd, s, until="solve", log=notes.append)
+    plan = json.loads((wd / "plan.json").read_text())
+    assert plan["latency"] == pytest.approx(plan["fastest_latency"])
+    assert any("the fastest plan is used instead" in n for n in notes), notes
+
+
 def test_no_profitable_merge_says_why(tmp_path, monkeypatch) -> None:
     """The fastest plan is the original network: the message says so and why, rather than
     asking for a budget of at least 1.001x."""

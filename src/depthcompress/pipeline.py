@@ -84,6 +84,8 @@ class CompressSettings:
     through the calibration (``calibration.py``: ``calibration_plans`` plans timed whole in
     paired rounds under ``calibration_rule``); ``"chain"`` Σ T of the latency table (the meaning
     before calibration existed: no whole network is timed before fine-tuning).
+    ``budget_or_fastest`` takes the fastest plan (with a note) where the budget is below it,
+    instead of refusing the run: the demo's setting.
     """
 
     budget: Budget
@@ -106,6 +108,7 @@ class CompressSettings:
     budget_mode: str = "whole"
     calibration_rule: Rule = field(default_factory=lambda: Rule(max_time=10.0))
     calibration_plans: int = 3
+    budget_or_fastest: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -540,7 +543,9 @@ class OptimalStage(Stage):
         budget_ms = ctx.settings.budget.resolve(_need(ctx.original_ms, "original_ms"))
         chain_mode = ctx.settings.budget_mode == "chain"  # "whole": checked once calibrated
         if chain_mode and budget_ms < fastest * (1 - 1e-9) - 1e-12:
-            raise _unreachable(ctx, budget_ms, fastest, "no importance entry was computed")
+            _below_fastest(
+                ctx, _unreachable(ctx, budget_ms, fastest, "no importance entry was computed")
+            )
 
 
 class CalibrateStage(Stage):
@@ -570,7 +575,7 @@ class CalibrateStage(Stage):
         budget = cal.table_budget(ctx.settings.budget)
         ctx.say(_calibration_line(ctx, cal, budget))
         if budget < fastest * (1 - 1e-9) - 1e-12:
-            raise _refusal(ctx, budget, fastest, "no importance entry was computed")
+            _below_fastest(ctx, _refusal(ctx, budget, fastest, "no importance entry was computed"))
         return {}
 
     def load(self, ctx: RunContext) -> None:
@@ -675,7 +680,8 @@ class SolveStage(Stage):
         fastest = min_latency(_need(ctx.opt, "opt"), _need(ctx.importance, "importance"))
         budget_ms = _table_budget(ctx)
         if budget_ms < fastest - 1e-12:  # checked before anything is moved or written
-            raise _refusal(ctx, budget_ms, fastest, "nothing else was changed")
+            _below_fastest(ctx, _refusal(ctx, budget_ms, fastest, "nothing else was changed"))
+            budget_ms = fastest
         ctx.budget_ms, ctx.fastest_ms = budget_ms, fastest
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
@@ -1028,6 +1034,15 @@ def _unreachable(ctx: RunContext, budget_ms: float, fastest: float, kept: str) -
         f"{head}: nothing can be merged profitably, because {_why_no_gain(ctx)}, so the "
         f"original network is the fastest plan and no budget below 1x can be met{tail}"
     )
+
+
+def _below_fastest(ctx: RunContext, refusal: BudgetError) -> None:
+    """A budget below the fastest plan: refused, or with ``budget_or_fastest`` (the demo's
+    setting, so that a table timed on a busy machine cannot stop it) the fastest plan instead,
+    said in the run's log."""
+    if not ctx.settings.budget_or_fastest:
+        raise refusal
+    ctx.say(f"note: {refusal}; budget_or_fastest is set, so the fastest plan is used instead")
 
 
 def _table_budget(ctx: RunContext) -> float:
