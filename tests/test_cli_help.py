@@ -35,3 +35,14 @@ def test_the_command_list_fits_80_columns() -> None:
     text = _help([])
     assert all(len(line) <= 80 for line in text.splitlines()), text
     assert all(name in text.split() for name in NAMES)
+
+
+def test_timing_threads_defaults() -> None:
+    """compress times with all cores unless told (a deployment choice); the demo with 1 thread,
+    since 2-thread timings on a shared 2-core machine are bimodal."""
+    import inspect
+
+    from depthcompress import cli
+
+    assert inspect.signature(cli.compress_cmd).parameters["threads"].default is None
+    assert inspect.signature(cli.demo_cmd).parameters["threads"].default == 1

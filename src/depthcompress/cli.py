@@ -1107,7 +1107,7 @@ def compress_cmd(
     batch: Annotated[
         int, typer.Option(help="batch size of every latency measurement and of the ONNX file")
     ] = 1,
-    threads: DemoThreadsOption = 1,
+    threads: TimingThreadsOption = None,
     train_threads: TrainThreadsOption = 1,
     epochs: Annotated[int, typer.Option(help="fine-tuning epochs of the linearized network")] = 3,
     lr: Annotated[
@@ -1234,7 +1234,7 @@ def demo_cmd(
         ),
     ] = None,
     device: DeviceOption = None,
-    threads: TimingThreadsOption = None,
+    threads: DemoThreadsOption = 1,
     train_threads: TrainThreadsOption = 1,
     redo: RedoOption = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
