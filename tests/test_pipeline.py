@@ -404,6 +404,7 @@ def test_budget_or_fastest_takes_the_fastest_plan_and_says_so(tmp_path, monkeypa
     plan = json.loads((wd / "plan.json").read_text())
     assert plan["latency"] == pytest.approx(plan["fastest_latency"])
     assert any("the fastest plan is used instead" in n for n in notes), notes
+    assert plan["requested_budget"] < plan["budget"]
 
 
 def test_no_profitable_merge_says_why(tmp_path, monkeypatch) -> None:

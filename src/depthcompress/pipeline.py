@@ -699,6 +699,7 @@ class SolveStage(Stage):
             {
                 **sol.to_dict(),
                 "budget_spec": str(s.budget),
+                "requested_budget": _table_budget(ctx),
                 "original_latency": original_ms,
                 "fastest_latency": fastest,
                 **_whole_prediction(ctx, sol.latency),

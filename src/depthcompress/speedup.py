@@ -198,7 +198,7 @@ def summary_message(stats: RatioStats, rule: Rule, elapsed: float, converged: bo
     """One line: the speed-up with its interval, or why it is not to be trusted."""
     span = (
         f"{stats.median:.3f}× (95 % interval {stats.low:.3f}–{stats.high:.3f}, "
-        f"±{stats.half_width:.1%}, {stats.rounds} rounds in {elapsed:.0f} s)"
+        f"±{stats.half_width:.1%}, {stats.rounds} rounds in {elapsed:.1f} s)"
     )
     if converged:
         return f"speed-up {span}"
