@@ -11,6 +11,7 @@ overwritten) unless ``redo`` names that stage, which moves it and every later st
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -19,7 +20,7 @@ import shutil
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
@@ -499,8 +500,7 @@ class LatencyStage(Stage):
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         s, path = ctx.settings, ctx.wd.file("latency.csv")
-        adopted = _adopt(ctx, ctx.latency_from, path, "--latency-table", "latency")
-        try:
+        with _adopting(ctx, ctx.latency_from, path, "--latency-table", "latency"):
             build_latency_table(
                 ctx.chain,
                 ctx.runner,
@@ -510,10 +510,6 @@ class LatencyStage(Stage):
                 model_name=ctx.model_name,
                 progress=ctx.progress,
             )
-        except TableError as exc:
-            for p in adopted:  # a refused table leaves no copy behind
-                p.unlink(missing_ok=True)
-            raise TableError(f"{exc} (with compress: pass --redo latency)") from None
         return {}
 
     def load(self, ctx: RunContext) -> None:
@@ -640,8 +636,7 @@ class ImportanceStage(Stage):
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         s, path = ctx.settings, ctx.wd.file("importance.csv")
-        adopted = _adopt(ctx, ctx.importance_from, path, "--importance-table", "importance")
-        try:
+        with _adopting(ctx, ctx.importance_from, path, "--importance-table", "importance"):
             importance_table(
                 ctx.original,
                 ctx.chain,
@@ -654,10 +649,6 @@ class ImportanceStage(Stage):
                 model_name=ctx.model_name,
                 log=ctx.say,
             )
-        except TableError as exc:
-            for p in adopted:  # a refused table leaves no copy behind
-                p.unlink(missing_ok=True)
-            raise TableError(f"{exc} (with compress: pass --redo importance)") from None
         return {}
 
     def load(self, ctx: RunContext) -> None:
@@ -1004,19 +995,27 @@ def _must_run(ctx: RunContext, stage: Stage, redo: str | None) -> bool:
     return True
 
 
-def _adopt(ctx: RunContext, source: Path | None, path: Path, flag: str, kind: str) -> list[Path]:
+@contextlib.contextmanager
+def _adopting(
+    ctx: RunContext, source: Path | None, path: Path, flag: str, kind: str
+) -> Iterator[None]:
     """Copy an adopted table ``source`` (and its sidecar) to ``path`` unless a table is there;
-    the stage then resumes it through the table's own sidecar check."""
-    if source is None or path.exists():
-        return []
-    copies = []
-    for src, dst in ((source, path), (sidecar_path(source), sidecar_path(path))):
-        if not src.is_file():
-            raise TableError(f"{flag}: {src} does not exist")
-        shutil.copy2(src, dst)
-        copies.append(dst)
-    ctx.say(f"adopted the {kind} table {source}")
-    return copies
+    the block then resumes it through the table's own sidecar check. A table it refuses leaves
+    no copy behind, and the error says how to redo the ``kind`` stage."""
+    copies: list[Path] = []
+    if source is not None and not path.exists():
+        for src, dst in ((source, path), (sidecar_path(source), sidecar_path(path))):
+            if not src.is_file():
+                raise TableError(f"{flag}: {src} does not exist")
+            shutil.copy2(src, dst)
+            copies.append(dst)
+        ctx.say(f"adopted the {kind} table {source}")
+    try:
+        yield
+    except TableError as exc:
+        for copied in copies:
+            copied.unlink(missing_ok=True)
+        raise TableError(f"{exc} (with compress: pass --redo {kind})") from None
 
 
 def _unreachable(ctx: RunContext, budget_ms: float, fastest: float, kept: str) -> BudgetError:
