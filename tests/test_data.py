@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,14 @@ from depthcompress.data import (
     ImageTensors,
     augmentation,
     batches,
+    cifar10,
     fashion_mnist,
     fetch,
     fingerprint,
     holdout_indices,
     image_folder,
     load_split,
+    load_test,
     sample_shape,
     split_dataset,
 )
@@ -246,3 +249,68 @@ def test_download_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert calls == []
     ds = fashion_mnist("train", root=tmp_path / "none", download=True)
     assert calls == [(str(tmp_path / "cache"), True, True)] and len(ds) == 7
+
+
+def make_cifar_archive(path: Path, work: Path) -> Path:
+    """A tiny archive with the CIFAR-10 JPEG layout: cifar10/{train,test}/<class>/N.jpg, 2
+    classes × 3 images of 32×32."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            folder = work / "cifar10" / split / cls
+            folder.mkdir(parents=True)
+            for k in range(3):
+                pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{k:04d}.jpg")
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(work / "cifar10", arcname="cifar10")
+    return path
+
+
+def test_cifar10_is_extracted_once_into_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = make_cifar_archive(tmp_path / "cifar10-jpeg.tar.gz", tmp_path / "src")
+    monkeypatch.setenv("DEPTHCOMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DEPTHCOMPRESS_CIFAR10", str(tmp_path))
+    train = cifar10("train")
+    assert len(train) == 6 and train.classes == ["cat", "dog"]
+    assert train[0][0].shape == (3, 32, 32)
+    assert Path(train.root).is_relative_to(tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["cifar10-jpeg"]  # no temp left
+    archive.unlink()  # a second call must not need (or re-extract) the archive
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("extracted twice"))
+    test = cifar10("test")
+    assert len(test) == 6 and all(torch.equal(test[0][0], test[0][0]) for _ in range(3))
+    split = load_split("cifar10", holdout=2, seed=0)
+    assert split.info["name"] == "cifar10:train" and len(split.train) == 4
+    assert "random crop 32x32 with 4 px padding" in split.info["augmentation"]
+    assert len(load_test("CIFAR-10")) == 6
+
+
+def test_missing_cifar10_archive_names_the_env_var_and_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEPTHCOMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DEPTHCOMPRESS_CIFAR10", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr("depthcompress.data.SHARED_DATA", tmp_path / "shared" / "data")
+    with pytest.raises(DataError) as err:
+        cifar10("train")
+    msg = str(err.value)
+    assert "cifar10-jpeg.tar.gz" in msg and "$DEPTHCOMPRESS_CIFAR10" in msg
+    assert str(tmp_path / "elsewhere") in msg and str(tmp_path / "shared" / "data") in msg
+    assert not (tmp_path / "cache" / "cifar10-jpeg").exists()
+
+
+def test_a_wrong_cifar10_archive_leaves_nothing_in_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_image_folder(tmp_path / "other")
+    with tarfile.open(tmp_path / "cifar10-jpeg.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "other", arcname="other")
+    monkeypatch.setenv("DEPTHCOMPRESS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="no cifar10/train/ folder"):
+        cifar10("train", root=tmp_path)
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -45,12 +45,16 @@ ExcludeOption = Annotated[
 # the model and data options of the commands that train (train, importance, compress)
 ModelArgument = Annotated[
     str,
-    typer.Argument(help="depthcompress:fashion_mbv2, torchvision:NAME or path/to/file.py:factory"),
+    typer.Argument(
+        help="depthcompress:NAME (fashion_mbv2, cifar_mbv2, resnet20), torchvision:NAME or "
+        "path/to/file.py:factory"
+    ),
 ]
 DataOption = Annotated[
     str,
     typer.Option(
-        help="'fashion-mnist' or an ImageFolder directory (train/ is used, val/ or test/ tests)"
+        help="'fashion-mnist', 'cifar10' (the shared JPEG archive, extracted once into the "
+        "cache) or an ImageFolder directory (train/ is used, val/ or test/ tests)"
     ),
 ]
 WeightsOption = Annotated[

@@ -1,5 +1,6 @@
 """Training data for importance tables: Fashion-MNIST (the default, from the Debian package
-``dataset-fashion-mnist``), torchvision ``ImageFolder`` directories, or any ``Dataset``, with a
+``dataset-fashion-mnist``), CIFAR-10 (a JPEG archive extracted once into the cache), torchvision
+``ImageFolder`` directories, or any ``Dataset``, with a
 deterministic held-out split of the *training* data that scores importance (never the test set).
 
 Nothing is downloaded unless asked for (``download=True``).
@@ -10,6 +11,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
+import tarfile
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,10 @@ from .errors import DataError
 FASHION_MNIST_DEB = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_ENV = "DEPTHCOMPRESS_FASHION_MNIST"
 CACHE_ENV = "DEPTHCOMPRESS_CACHE"
+CIFAR10_ENV = "DEPTHCOMPRESS_CIFAR10"
+CIFAR10_ARCHIVE = "cifar10-jpeg.tar.gz"
+# the shared data folder beside a source checkout (repo/../shared/data)
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -240,6 +248,73 @@ def image_folder(
         raise DataError(f"{folder} is not an ImageFolder directory: {exc}") from None
 
 
+def _cifar10_archive(root: str | Path | None) -> Path:
+    """The CIFAR-10 JPEG archive: ``root`` (the archive or its folder), else
+    ``$DEPTHCOMPRESS_CIFAR10`` (likewise), else ``../shared/data/`` beside the repository."""
+    if root is not None:
+        places = [Path(root)]
+    else:
+        env = os.environ.get(CIFAR10_ENV)
+        places = ([Path(env)] if env else []) + [SHARED_DATA]
+    candidates = [p / CIFAR10_ARCHIVE if p.is_dir() else p for p in places]
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p) for p in candidates)
+    raise DataError(
+        f"CIFAR-10 archive {CIFAR10_ARCHIVE} not found (looked in {looked}). Set ${CIFAR10_ENV} "
+        f"to the archive or its folder, put it in {SHARED_DATA}, or use your own copy as an "
+        "ImageFolder directory (--data PATH with train/ and test/)"
+    )
+
+
+def _extract_once(archive: Path, target: Path) -> None:
+    """Extract ``archive`` into ``target`` atomically: into a temporary folder beside it, then
+    one rename, so a killed extraction never leaves a half-filled ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise DataError(f"cannot extract {archive}: {exc}") from None
+        if not (tmp / "cifar10" / "train").is_dir():
+            raise DataError(f"{archive} holds no cifar10/train/ folder")
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():  # else another process extracted it first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cifar10_root(root: str | Path | None = None) -> Path:
+    """The extracted CIFAR-10 ImageFolder (``train/`` and ``test/`` of ``<class>/NNNN.jpg``) in
+    ``cache_dir()``, extracting the archive (see ``_cifar10_archive``) on first use only."""
+    target = cache_dir() / "cifar10-jpeg"
+    if not (target / "cifar10" / "train").is_dir():
+        _extract_once(_cifar10_archive(root), target)
+    return target / "cifar10"
+
+
+def cifar10(
+    split: str = "train", root: str | Path | None = None, augment: bool | None = None
+) -> Dataset:
+    """CIFAR-10 (32×32 colour JPEGs, 10 classes) as an ``ImageFolder``; the training split is
+    augmented (padded random crop + flip) unless ``augment=False``, the test split never is."""
+    if split not in ("train", "test"):
+        raise DataError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
+    train = split == "train" if augment is None else augment
+    return image_folder(cifar10_root(root) / split, train=train)
+
+
+def is_cifar10(data: str) -> bool:
+    """Whether the CLI's ``--data`` names the built-in CIFAR-10."""
+    return data.lower().replace("_", "-") in ("cifar10", "cifar-10")
+
+
 def holdout_indices(n: int, holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A deterministic split of ``range(n)``: (train indices, held-out indices), both sorted."""
     if not 0 < holdout < n:
@@ -327,16 +402,17 @@ def load_split(
     channels: int = 3,
     download: bool = False,
 ) -> SplitData:
-    """The CLI's ``--data``: ``fashion-mnist`` (training split) or an ImageFolder directory."""
+    """The CLI's ``--data``: ``fashion-mnist`` or ``cifar10`` (training split) or an ImageFolder
+    directory."""
     if is_fashion_mnist(data):
         split = split_dataset(fashion_mnist("train", download=download), holdout=holdout, seed=seed)
         split.info["name"] = "fashion-mnist:train"
         return split
-    path = Path(data)
+    path = cifar10_root() if is_cifar10(data) else Path(data)
     if not path.is_dir():
         raise DataError(
             f"--data {data!r} is neither 'fashion-mnist' nor an ImageFolder directory "
-            "(root/<class>/<image>, or root/train/<class>/<image>)"
+            "(root/<class>/<image>, or root/train/<class>/<image>), nor 'cifar10'"
         )
     kwargs: dict[str, Any] = {"image_size": image_size, "channels": channels}
     train = image_folder(path, train=True, **kwargs)
@@ -344,7 +420,7 @@ def load_split(
     split = split_dataset(train, holdout=holdout, seed=seed, eval_dataset=held)
     native = _first_image_size(path / "train" if (path / "train").is_dir() else path)
     split.info.update(
-        name="imagefolder",
+        name="cifar10:train" if is_cifar10(data) else "imagefolder",
         root=str(path.resolve()),
         image_size=image_size,
         channels=channels,
@@ -415,11 +491,11 @@ def is_fashion_mnist(data: str) -> bool:
 def load_test(
     data: str, *, image_size: int | None = None, channels: int = 3, download: bool = False
 ) -> Dataset | None:
-    """The test set that belongs to ``--data``: Fashion-MNIST's test split, or an ImageFolder's
-    ``val/`` (or ``test/``) folder beside ``train/``; None when the data has no test set."""
+    """The test set that belongs to ``--data``: Fashion-MNIST's or CIFAR-10's test split, or an
+    ImageFolder's ``val/`` (or ``test/``) folder beside ``train/``; None when there is none."""
     if is_fashion_mnist(data):
         return fashion_mnist("test", download=download)
-    root = Path(data)
+    root = cifar10_root() if is_cifar10(data) else Path(data)
     for name in ("val", "test"):
         if (root / name).is_dir():
             return image_folder(root / name, train=False, image_size=image_size, channels=channels)
