@@ -3,19 +3,20 @@ second run recomputes nothing (the run is resumable point by point)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.test_pipeline import TINY_RULE, settings, small_data, small_model
 
-pytest.importorskip(
-    "torch_pruning", reason="torch-pruning is the optional 'bench' extra (pip install -e '.[bench]')"
-)
+BENCH = "torch-pruning is the optional 'bench' extra (pip install -e '.[bench]'); CI skips this"
+pytest.importorskip("torch_pruning", reason=BENCH)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import pareto  # noqa: E402
+pareto = importlib.import_module("pareto")
 
 TIMING = pareto.Timing("onnxruntime", 1, 8)
 
@@ -32,7 +33,7 @@ def test_points_written_and_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     tunes: list[int] = []
     real = pareto.finetune
 
-    def counted(*args, **kwargs):
+    def counted(*args: Any, **kwargs: Any) -> Any:
         tunes.append(1)
         return real(*args, **kwargs)
 
