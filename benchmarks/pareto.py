@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import depthcompress as dc
-from depthcompress.backends import get_backend
+from depthcompress.backends import Backend, get_backend, machine_info
 from depthcompress.data import SplitData, fetch, num_classes
 from depthcompress.dp import min_latency, solve
 from depthcompress.export import save_torch
@@ -53,7 +53,8 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Timing:
-    """One timing setting: backend, threads and batch (``ort:1:64``)."""
+    """One timing setting: backend, threads and batch (``ort:1:64``; ``cuda:0:64`` is torch on
+    the GPU, where threads do not apply)."""
 
     backend: str
     threads: int
@@ -69,6 +70,12 @@ class Timing:
     def key(self) -> str:
         """The name of this setting in files and tables."""
         return f"{self.backend}-{self.threads}t-b{self.batch}"
+
+    def get(self) -> Backend:
+        """The backend that times this setting."""
+        if self.backend == "cuda":
+            return get_backend("torch", device="cuda")
+        return get_backend(self.backend, threads=self.threads)
 
 
 @dataclass(frozen=True)
@@ -221,9 +228,9 @@ def prune_point(setup: Setup, opts: Options, kind: str, ratio: float, where: Pat
 
 def measure(setup: Setup, net: nn.Module, timing: Timing, rule: Rule, name: str) -> dict:
     """The paired speed-up of ``net`` over the original at one timing setting."""
-    backend = get_backend(timing.backend, threads=timing.threads)
     shape = (timing.batch, *example(setup).shape[1:])
-    res = paired_speedup(setup.model.eval(), net, backend, shape, rule, names=("original", name))
+    original = setup.model.eval()
+    res = paired_speedup(original, net, timing.get(), shape, rule, names=("original", name))
     return {
         "speedup": res.speedup,
         "low": res.low,
@@ -360,13 +367,19 @@ def write_outputs(setup: Setup, opts: Options, points: list[dict], out: Path, me
         plot(points, t, setup.name, out / f"{stem}-{t.key}.png")
 
 
-def run(setup: Setup, opts: Options, out: Path, log: Log = print) -> list[dict]:
+def run(setup: Setup, opts: Options, out: Path, log: Log = print, command: str = "") -> list[dict]:
     """Every point (made, or loaded where an earlier run finished it) and the result files."""
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(setup, out, log)
     points = [run_point(setup, opts, tables, spec, out, log) for spec in point_specs(opts)]
     cfg = setup.settings.finetune
-    meta = {"finetune": cfg.to_dict(), "round_to": opts.round_to, "load_at_end": load()}
+    meta = {
+        "command": command,
+        "finetune": cfg.to_dict(),
+        "round_to": opts.round_to,
+        "load_at_end": load(),
+        "machine": machine_info(),
+    }
     write_outputs(setup, opts, points, out, meta)
     return points
 
@@ -403,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4])
     parser.add_argument(
         "--timings", nargs="+", default=["ort:1:1", "ort:1:64", "ort:2:1", "ort:2:64"],
-        help="backend:threads:batch (ort = onnxruntime; torch runs on the CPU)",
+        help="backend:threads:batch (ort = onnxruntime; torch: on the CPU; cuda: torch on the GPU)",
     )  # fmt: skip
     parser.add_argument("--round-to", type=int, default=16, help="16: ORT CPU; 8: a GPU")
     parser.add_argument("--epochs", type=int, default=8)
@@ -422,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
         rule=Rule(min_rounds=args.rounds, max_time=args.max_time),
         round_to=args.round_to,
     )
-    run(demo_setup(args), opts, args.out)
+    run(demo_setup(args), opts, args.out, command=" ".join(["python", *sys.argv]))
     print((args.out / "pareto.md").read_text())
     print(f"load average at the end: {load()} (a shared machine)")
 
