@@ -1,0 +1,444 @@
+"""Accuracy against measured speed-up: depth compression against channel pruning (issue 13).
+
+    pip install -e '.[bench]'   # torch-pruning
+    python benchmarks/pareto.py --epochs 2 --budgets 0.5x 0.6x 0.7x 0.8x \
+        --ratios 0.1 0.2 0.3 0.4 --timings ort:1:64 --out runs/pareto
+
+For one model and its data (default: the demo network ``depthcompress:fashion_mbv2`` with its
+shipped weights, Fashion-MNIST), (a) depthcompress at each budget: the latency and importance
+tables once (``compress(..., until="importance")``), a plan per budget (``dp.solve``), linearize,
+fine-tune, merge; (b) Torch-Pruning's ``MetaPruner`` at each ratio with an L1 magnitude and a
+Taylor (gradient) importance, ``round_to`` channels (16 suits ONNX Runtime on a CPU, 8 a GPU).
+Every network is fine-tuned with one ``FinetuneConfig`` (distillation from the original, as in
+the demo), scored on the test set the same way, and timed against the original with
+``speedup.paired_speedup`` (median per-round ratio, 95 % interval) at each
+``backend:threads:batch``.
+
+Each finished point (its network and its measurements) is written to ``OUT/points/NAME/`` as it
+completes, and fine-tuning checkpoints every epoch, so a killed run continues where it stopped.
+The results: ``points.json``, ``pareto.md`` (a table per timing setting) and one PNG per timing
+setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import depthcompress as dc
+from depthcompress.backends import Backend, get_backend, machine_info
+from depthcompress.data import SplitData, fetch, num_classes
+from depthcompress.dp import min_latency, solve
+from depthcompress.export import save_torch
+from depthcompress.files import atomic_open, write_json
+from depthcompress.finetune import FinetuneConfig, evaluate, finetune
+from depthcompress.speedup import Rule, paired_speedup
+from depthcompress.tables import ImportanceTable, LatencyTable, OptimalLatencyTable
+
+ROOT = Path(__file__).resolve().parents[1]
+TP_IMPORTANCES = ("l1", "taylor")
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One timing setting: backend, threads and batch (``ort:1:64``; ``cuda:0:64`` is torch on
+    the GPU, where threads do not apply)."""
+
+    backend: str
+    threads: int
+    batch: int
+
+    @classmethod
+    def parse(cls, text: str) -> Timing:
+        """Read ``backend:threads:batch``."""
+        backend, threads, batch = text.split(":")
+        return cls("onnxruntime" if backend == "ort" else backend, int(threads), int(batch))
+
+    @property
+    def key(self) -> str:
+        """The name of this setting in files and tables."""
+        return f"{self.backend}-{self.threads}t-b{self.batch}"
+
+    def get(self) -> Backend:
+        """The backend that times this setting."""
+        if self.backend == "cuda":
+            return get_backend("torch", device="cuda")
+        return get_backend(self.backend, threads=self.threads)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What is compressed and how: the model, its data, the tables' settings and the one
+    fine-tuning recipe every network gets (``settings.finetune``)."""
+
+    name: str
+    model: nn.Module
+    data: SplitData
+    test: Dataset
+    settings: dc.CompressSettings
+
+
+@dataclass(frozen=True)
+class Options:
+    """The points and their measurement."""
+
+    budgets: tuple[str, ...]
+    ratios: tuple[float, ...]
+    timings: tuple[Timing, ...]
+    rule: Rule = field(default_factory=Rule)
+    round_to: int = 16
+    importances: tuple[str, ...] = TP_IMPORTANCES
+    taylor_batches: int = 4
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The chain and its tables, computed once for every budget."""
+
+    chain: dc.ConvChain
+    opt: OptimalLatencyTable
+    importance: ImportanceTable
+    original_ms: float
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages, to judge how noisy a measurement was."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def example(setup: Setup) -> torch.Tensor:
+    """One test input (batch 1)."""
+    x, _ = fetch(setup.test, torch.arange(1))
+    return x
+
+
+def convs(net: nn.Module) -> int:
+    """How many convolutions the network runs."""
+    return sum(isinstance(m, nn.Conv2d) for m in net.modules())
+
+
+def params(net: nn.Module) -> int:
+    """How many parameters it has."""
+    return sum(p.numel() for p in net.parameters())
+
+
+def build_tables(setup: Setup, out: Path, log: Log) -> Tables:
+    """The latency and importance tables in ``out/tables`` (resumed by ``compress``)."""
+    wd = out / "tables"
+    dc.compress(
+        setup.model, setup.data, wd, setup.settings, test_data=setup.test,
+        model_name=setup.name, until="importance", log=log,
+    )  # fmt: skip
+    s = setup.settings
+    chain = dc.trace(
+        setup.model.eval(), example(setup), mode=s.mode, max_kernel_size=s.max_kernel_size,
+        exclude=s.exclude,
+    )  # fmt: skip
+    latency = LatencyTable.read_csv(wd / "latency.csv")
+    original_ms = sum(latency.time_of(k, k + 1) for k in range(chain.num_positions))
+    return Tables(
+        chain,
+        OptimalLatencyTable.read_csv(wd / "opt_latency.csv"),
+        ImportanceTable.read_csv(wd / "importance.csv"),
+        original_ms,
+    )
+
+
+def tune(setup: Setup, net: nn.Module, where: Path) -> nn.Module:
+    """The one fine-tuning recipe, with the original as teacher, resumable per epoch."""
+    cfg = setup.settings.finetune
+    result = finetune(
+        net,
+        setup.data.train,
+        cfg,
+        teacher=copy.deepcopy(setup.model) if cfg.distill > 0 else None,
+        checkpoint_dir=where / "finetune",
+        holdout_data=setup.data.holdout,
+        device="cpu",
+        distributed=False,
+    )
+    return result.model.cpu().eval()
+
+
+def depth_point(setup: Setup, tables: Tables, budget: str, where: Path) -> tuple[nn.Module, dict]:
+    """The depthcompress network at ``budget`` (the fastest plan where the budget is below it)."""
+    ms = dc.Budget.parse(budget).resolve(tables.original_ms)
+    fastest = min_latency(tables.opt, tables.importance)
+    sol = solve(tables.opt, tables.importance, max(ms, fastest), alpha=setup.settings.alpha)
+    plan = dc.Plan.from_dict(sol.to_dict())
+    lin = tune(setup, dc.linearize(setup.model, tables.chain, plan), where)
+    merged = dc.merge(lin, tables.chain, plan, verify=True)
+    return merged, {"plan": plan.to_dict(), "budget_ms": ms, "fastest": ms < fastest}
+
+
+def tp_importance(kind: str) -> Any:
+    """Torch-Pruning's importance criterion called ``kind``."""
+    import torch_pruning as tp
+
+    if kind == "l1":
+        return tp.importance.MagnitudeImportance(p=1)
+    if kind == "taylor":
+        return tp.importance.TaylorImportance()
+    raise ValueError(f"unknown Torch-Pruning importance {kind!r}: one of {TP_IMPORTANCES}")
+
+
+def accumulate_gradients(setup: Setup, net: nn.Module, batches: int) -> None:
+    """The gradients a Taylor importance reads: cross-entropy on the first training batches."""
+    size = setup.settings.finetune.batch_size
+    net.zero_grad()
+    for b in range(batches):
+        x, y = fetch(setup.data.train, torch.arange(b * size, (b + 1) * size))
+        nn.functional.cross_entropy(net(x), y).backward()
+
+
+def pruned(setup: Setup, kind: str, ratio: float, round_to: int, batches: int) -> nn.Module:
+    """A channel-pruned copy of the original (the classifier's outputs kept)."""
+    import torch_pruning as tp
+
+    net = copy.deepcopy(setup.model).eval()
+    classes = num_classes(setup.data.train)
+    keep = [m for m in net.modules() if isinstance(m, nn.Linear) and m.out_features == classes]
+    pruner = tp.pruner.MetaPruner(
+        net, example(setup), importance=tp_importance(kind), pruning_ratio=ratio,
+        ignored_layers=keep, round_to=round_to,
+    )  # fmt: skip
+    if kind == "taylor":
+        accumulate_gradients(setup, net, batches)
+    pruner.step()
+    net.zero_grad(set_to_none=True)
+    return net
+
+
+def prune_point(setup: Setup, opts: Options, kind: str, ratio: float, where: Path) -> nn.Module:
+    """The Torch-Pruning network at ``ratio``, fine-tuned."""
+    return tune(setup, pruned(setup, kind, ratio, opts.round_to, opts.taylor_batches), where)
+
+
+def measure(setup: Setup, net: nn.Module, timing: Timing, rule: Rule, name: str) -> dict:
+    """The paired speed-up of ``net`` over the original at one timing setting."""
+    shape = (timing.batch, *example(setup).shape[1:])
+    original = setup.model.eval()
+    res = paired_speedup(original, net, timing.get(), shape, rule, names=("original", name))
+    return {
+        "speedup": res.speedup,
+        "low": res.low,
+        "high": res.high,
+        "converged": res.converged,
+        "latency_ms": res.latency_b_ms,
+        "original_ms": res.latency_a_ms,
+        "rounds": res.rounds,
+        "load": load(),
+    }
+
+
+def point_specs(opts: Options) -> Iterator[tuple[str, str, str]]:
+    """(directory name, method, setting) of every point, the original first."""
+    yield "original", "original", "-"
+    for b in opts.budgets:
+        yield f"depthcompress-{b}", "depthcompress", b
+    for kind in opts.importances:
+        for r in opts.ratios:
+            yield f"tp-{kind}-{r:g}", f"torch-pruning {kind}", f"{r:g}"
+
+
+def build_point(
+    setup: Setup, opts: Options, tables: Tables, spec: tuple[str, str, str], where: Path
+) -> tuple[nn.Module, dict]:
+    """Make one point's network (fine-tuned; the original as it is) and what describes it."""
+    _, method, setting = spec
+    if method == "original":
+        return copy.deepcopy(setup.model).eval(), {}
+    if method == "depthcompress":
+        return depth_point(setup, tables, setting, where)
+    kind = method.split()[-1]
+    return prune_point(setup, opts, kind, float(setting), where), {"round_to": opts.round_to}
+
+
+def run_point(
+    setup: Setup, opts: Options, tables: Tables, spec: tuple[str, str, str], out: Path, log: Log
+) -> dict:
+    """One point, made or loaded from ``out/points/NAME``, with every timing it still lacks;
+    its network and record are written as soon as each is known."""
+    name, method, setting = spec
+    where = out / "points" / name
+    record_path, net_path = where / "point.json", where / "net.pt"
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        net = torch.load(net_path, weights_only=False).eval()
+    else:
+        where.mkdir(parents=True, exist_ok=True)
+        net, extra = build_point(setup, opts, tables, spec, where)
+        save_torch(net, net_path, example(setup))
+        record = {"name": name, "method": method, "setting": setting, **extra}
+        record.update(accuracy=evaluate(net, setup.test), params=params(net), convs=convs(net))
+        record["speedups"] = {}
+        write_json(record_path, record)
+        log(f"{name}: {record['accuracy']:.2f} % test accuracy, {record['convs']} convs")
+    for timing in opts.timings:
+        if timing.key in record["speedups"]:
+            continue
+        record["speedups"][timing.key] = measure(setup, net, timing, opts.rule, name)
+        write_json(record_path, record)
+        log(f"{name}, {timing.key}: {record['speedups'][timing.key]['speedup']:.3f}×")
+    return record
+
+
+def cell(s: dict) -> str:
+    """A speed-up with its interval (``noisy`` where the interval missed the target)."""
+    noisy = "" if s["converged"] else " noisy"
+    return f"{s['speedup']:.2f}× [{s['low']:.2f}, {s['high']:.2f}]{noisy}"
+
+
+def markdown(points: list[dict], timings: tuple[Timing, ...]) -> str:
+    """One table per timing setting; Δ is against the original's accuracy."""
+    base = points[0]["accuracy"]
+    parts = []
+    for t in timings:
+        rows = [
+            f"### {t.backend}, {t.threads} thread(s), batch {t.batch}",
+            "",
+            "| method | setting | convs | params | test acc. (%) | Δ (pp) | speed-up [95 %] |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for p in points:
+            rows.append(
+                f"| {p['method']} | {p['setting']} | {p['convs']} | {p['params']:,} | "
+                f"{p['accuracy']:.2f} | {p['accuracy'] - base:+.2f} | "
+                f"{cell(p['speedups'][t.key])} |"
+            )
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts) + "\n"
+
+
+def marker(method: str) -> dict[str, Any]:
+    """The original as a large star, each method as a line of dots."""
+    if method == "original":
+        return {"marker": "*", "markersize": 14, "linestyle": "none"}
+    return {"marker": "o"}
+
+
+def plot(points: list[dict], timing: Timing, title: str, path: Path) -> None:
+    """Accuracy against measured speed-up for one timing setting, one series per method (the
+    intervals as horizontal bars), the original marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
+    for method in dict.fromkeys(p["method"] for p in points):
+        mine = sorted(
+            (p for p in points if p["method"] == method),
+            key=lambda p: p["speedups"][timing.key]["speedup"],
+        )
+        s = [p["speedups"][timing.key] for p in mine]
+        x, y = [v["speedup"] for v in s], [p["accuracy"] for p in mine]
+        err = [[v["speedup"] - v["low"] for v in s], [v["high"] - v["speedup"] for v in s]]
+        ax.errorbar(x, y, xerr=err, label=method, capsize=3, **marker(method))
+    ax.set_xlabel(
+        f"measured speed-up ({timing.backend}, {timing.threads} thread(s), batch {timing.batch})"
+    )
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_outputs(setup: Setup, opts: Options, points: list[dict], out: Path, meta: dict) -> None:
+    """``points.json``, ``pareto.md`` and one PNG per timing setting."""
+    write_json(out / "points.json", {"model": setup.name, **meta, "points": points})
+    table = markdown(points, opts.timings)
+    with atomic_open(out / "pareto.md") as fh:
+        fh.write(f"## {setup.name}\n\n{table}")
+    stem = setup.name.split(":")[-1]
+    for t in opts.timings:
+        plot(points, t, setup.name, out / f"{stem}-{t.key}.png")
+
+
+def run(setup: Setup, opts: Options, out: Path, log: Log = print, command: str = "") -> list[dict]:
+    """Every point (made, or loaded where an earlier run finished it) and the result files."""
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(setup, out, log)
+    points = [run_point(setup, opts, tables, spec, out, log) for spec in point_specs(opts)]
+    cfg = setup.settings.finetune
+    meta = {
+        "command": command,
+        "finetune": cfg.to_dict(),
+        "round_to": opts.round_to,
+        "load_at_end": load(),
+        "machine": machine_info(),
+    }
+    write_outputs(setup, opts, points, out, meta)
+    return points
+
+
+def demo_setup(args: argparse.Namespace) -> Setup:
+    """The demo network with its shipped weights on Fashion-MNIST, the demo's table settings."""
+    from depthcompress.backends import Protocol
+    from depthcompress.data import fashion_mnist, load_split
+    from depthcompress.importance import FinetuneSettings
+    from depthcompress.models import FASHION_MBV2_EXCLUDE, fashion_mbv2, trained_weights
+
+    model = fashion_mbv2()
+    model.load_state_dict(torch.load(trained_weights(), weights_only=True))
+    settings = dc.CompressSettings(
+        budget=dc.Budget.parse("1x"),
+        threads=1,
+        batch=64,
+        protocol=Protocol(),
+        exclude=FASHION_MBV2_EXCLUDE,
+        importance=FinetuneSettings(steps=args.importance_steps, lr=0.05),
+        workers=args.workers,
+        finetune=FinetuneConfig(
+            epochs=args.epochs, lr=args.lr, batch_size=128, distill=args.distill
+        ),
+        budget_mode="chain",
+    )
+    split = load_split("fashion-mnist", holdout=10000, seed=0)
+    return Setup("depthcompress:fashion_mbv2", model.eval(), split, fashion_mnist("test"), settings)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", nargs="+", default=["0.5x", "0.6x", "0.7x", "0.8x"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4])
+    parser.add_argument(
+        "--timings", nargs="+", default=["ort:1:1", "ort:1:64", "ort:2:1", "ort:2:64"],
+        help="backend:threads:batch (ort = onnxruntime; torch: on the CPU; cuda: torch on the GPU)",
+    )  # fmt: skip
+    parser.add_argument("--round-to", type=int, default=16, help="16: ORT CPU; 8: a GPU")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--distill", type=float, default=0.3)
+    parser.add_argument("--importance-steps", type=int, default=25)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10, help="paired rounds, at least")
+    parser.add_argument("--max-time", type=float, default=30.0, help="seconds per speed-up")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "pareto")
+    args = parser.parse_args(argv)
+    opts = Options(
+        budgets=tuple(args.budgets),
+        ratios=tuple(args.ratios),
+        timings=tuple(Timing.parse(t) for t in args.timings),
+        rule=Rule(min_rounds=args.rounds, max_time=args.max_time),
+        round_to=args.round_to,
+    )
+    run(demo_setup(args), opts, args.out, command=" ".join(["python", *sys.argv]))
+    print((args.out / "pareto.md").read_text())
+    print(f"load average at the end: {load()} (a shared machine)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
