@@ -5,9 +5,10 @@
         --ratios 0.1 0.2 0.3 0.4 --timings ort:1:64 --out runs/pareto
 
 For one model and its data (default: the demo network ``depthcompress:fashion_mbv2`` with its
-shipped weights, Fashion-MNIST), (a) depthcompress at each budget: the latency and importance
-tables once (``compress(..., until="importance")``), a plan per budget (``dp.solve``), linearize,
-fine-tune, merge; (b) Torch-Pruning's ``MetaPruner`` at each ratio with an L1 magnitude and a
+shipped weights, Fashion-MNIST; ``--model resnet20``: the CIFAR-10 model of record), (a)
+depthcompress at each budget: the latency and importance tables once
+(``compress(..., until="importance")``), a plan per budget (``dp.solve``), linearize, fine-tune,
+merge; (b) Torch-Pruning's ``MetaPruner`` at each ratio with an L1 magnitude and a
 Taylor (gradient) importance, ``round_to`` channels (16 suits ONNX Runtime on a CPU, 8 a GPU).
 Every network is fine-tuned with one ``FinetuneConfig`` (distillation from the original, as in
 the demo), scored on the test set the same way, and timed against the original with
@@ -384,21 +385,30 @@ def run(setup: Setup, opts: Options, out: Path, log: Log = print, command: str =
     return points
 
 
-def demo_setup(args: argparse.Namespace) -> Setup:
-    """The demo network with its shipped weights on Fashion-MNIST, the demo's table settings."""
-    from depthcompress.backends import Protocol
-    from depthcompress.data import fashion_mnist, load_split
-    from depthcompress.importance import FinetuneSettings
-    from depthcompress.models import FASHION_MBV2_EXCLUDE, fashion_mbv2, trained_weights
+MODELS = {  # --model: (data, held-out examples, modules kept out of the chain)
+    "fashion_mbv2": ("fashion-mnist", 10000, ("stem", "head")),
+    "resnet20": ("cifar10", 5000, ()),
+    "cifar_mbv2": ("cifar10", 5000, ("stem", "head")),
+}
 
-    model = fashion_mbv2()
-    model.load_state_dict(torch.load(trained_weights(), weights_only=True))
+
+def model_setup(args: argparse.Namespace) -> Setup:
+    """A built-in network with its shipped weights (the demo network by default; the CIFAR-10
+    model of record with ``--model resnet20``) and its data, at the demo's table settings."""
+    from depthcompress.backends import Protocol
+    from depthcompress.data import cifar10, fashion_mnist, load_split
+    from depthcompress.importance import FinetuneSettings
+    from depthcompress.models import get_model, trained_weights
+
+    data, holdout, exclude = MODELS[args.model]
+    model = get_model(args.model)
+    model.load_state_dict(torch.load(trained_weights(args.model), weights_only=True))
     settings = dc.CompressSettings(
         budget=dc.Budget.parse("1x"),
         threads=1,
         batch=64,
         protocol=Protocol(),
-        exclude=FASHION_MBV2_EXCLUDE,
+        exclude=exclude,
         importance=FinetuneSettings(steps=args.importance_steps, lr=0.05),
         workers=args.workers,
         finetune=FinetuneConfig(
@@ -406,12 +416,17 @@ def demo_setup(args: argparse.Namespace) -> Setup:
         ),
         budget_mode="chain",
     )
-    split = load_split("fashion-mnist", holdout=10000, seed=0)
-    return Setup("depthcompress:fashion_mbv2", model.eval(), split, fashion_mnist("test"), settings)
+    split = load_split(data, holdout=holdout, seed=0)
+    test = fashion_mnist("test") if data == "fashion-mnist" else cifar10("test")
+    return Setup(f"depthcompress:{args.model}", model.eval(), split, test, settings)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default="fashion_mbv2",
+        help="a built-in network with shipped weights, and its data",
+    )  # fmt: skip
     parser.add_argument("--budgets", nargs="+", default=["0.5x", "0.6x", "0.7x", "0.8x"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4])
     parser.add_argument(
@@ -435,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
         rule=Rule(min_rounds=args.rounds, max_time=args.max_time),
         round_to=args.round_to,
     )
-    run(demo_setup(args), opts, args.out, command=" ".join(["python", *sys.argv]))
+    run(model_setup(args), opts, args.out, command=" ".join(["python", *sys.argv]))
     print((args.out / "pareto.md").read_text())
     print(f"load average at the end: {load()} (a shared machine)")
 
