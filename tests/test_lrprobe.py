@@ -186,3 +186,21 @@ def test_compress_probes_once_and_reports_the_control(tmp_path: Path, monkeypatc
     monkeypatch.setattr(pipeline, "probe_lr", no_probe)
     again = pipeline.compress(small_model(), small_data(), wd, s)
     assert again is not None and again.ran == []
+
+
+def test_cli_probe_options_reach_the_settings() -> None:
+    from depthcompress.cli import _compress_settings
+
+    kw = dict(
+        budget="0.5x", backend="onnxruntime", threads=None, batch=1, mode="general",
+        max_kernel_size=15, exclude=[], importance_steps=1, importance_lr=0.05, workers=1,
+        alpha=1.6, epochs=1, lr=0.3, finetune_batch_size=8, optimizer="sgd", distill=0.0,
+        device=None, seed=0, amp=None, loader_workers=None,
+    )  # fmt: skip
+    on = _compress_settings(**kw, probe_steps=40, probe_tolerance=0.5)
+    assert on.lr_probe == ProbeSettings(steps=40, tolerance=0.5)
+    assert on.stage_settings()["finetune"]["lr_probe"]["steps"] == 40
+    off = _compress_settings(**kw, lr_probe=False)
+    assert off.lr_probe is None and off.finetune.lr == 0.3
+    keys = off.stage_settings()
+    assert "lr_probe" not in keys["finetune"] and keys["probe"] == {}  # as before the probe
