@@ -974,7 +974,13 @@ def _run_compress(
 
     from .data import load_split, load_test
     from .pipeline import compress
-    from .report import RichProgress, noisy_warning, summary_lines, summary_table
+    from .report import (
+        RichProgress,
+        control_warning_line,
+        noisy_warning,
+        summary_lines,
+        summary_table,
+    )
 
     channels = _parse_shape(input_shape)[1] if input_shape else channels
     split = load_split(
@@ -1013,9 +1019,9 @@ def _run_compress(
         return
     console.print(f"compressed {model_name}:", highlight=False)
     console.print(summary_table(result.evaluation))
-    warning = noisy_warning(result.evaluation)
+    warnings = (noisy_warning(result.evaluation), control_warning_line(result.evaluation))
     for line in summary_lines(result.evaluation):
-        style = "bold yellow" if line == warning else ""
+        style = "bold yellow" if line in warnings else ""
         console.print(line, style=style, highlight=False, markup=False)
     console.print(
         f"plan: {len(result.plan.activations)} activations kept, "
@@ -1068,7 +1074,27 @@ def _compress_settings(**kw):  # returns pipeline.CompressSettings
         seed=kw["seed"],
         budget_mode=kw.get("budget_mode", "whole"),
         budget_or_fastest=kw.get("budget_or_fastest", False),
+        lr_probe=_probe_settings(kw),
     )
+
+
+def _probe_settings(kw):  # returns lrprobe.ProbeSettings | None
+    """The lr probe's settings from CLI values; None with --no-lr-probe."""
+    from .lrprobe import ProbeSettings
+
+    if not kw.get("lr_probe", True):
+        return None
+    return ProbeSettings(steps=kw.get("probe_steps", 150), tolerance=kw.get("probe_tolerance", 1.0))
+
+
+LrProbeOption = Annotated[
+    bool,
+    typer.Option(
+        help="before fine-tuning, fine-tune the original network a few steps at --lr, --lr/4, "
+        "--lr/16, --lr/64 and use the largest that keeps its held-out accuracy (the control, "
+        "reported next to the result); --no-lr-probe uses --lr as given"
+    ),
+]
 
 
 BudgetOption = Annotated[
@@ -1115,8 +1141,17 @@ def compress_cmd(
     train_threads: TrainThreadsOption = 1,
     epochs: Annotated[int, typer.Option(help="fine-tuning epochs of the linearized network")] = 3,
     lr: Annotated[
-        float, typer.Option(help="fine-tuning peak learning rate (cosine)")
+        float,
+        typer.Option(help="fine-tuning peak learning rate (cosine); the lr probe's largest"),
     ] = FINETUNE_LR,
+    lr_probe: LrProbeOption = True,
+    probe_steps: Annotated[
+        int, typer.Option(help="lr probe: fine-tuning steps per candidate (at most one epoch)")
+    ] = 150,
+    probe_tolerance: Annotated[
+        float,
+        typer.Option(help="lr probe: held-out accuracy points the original may lose at an lr"),
+    ] = 1.0,
     grad_clip: GradClipOption = None,
     optimizer: Annotated[str, typer.Option(help="fine-tuning optimizer: sgd or adamw")] = "sgd",
     distill: Annotated[
@@ -1241,6 +1276,7 @@ def demo_cmd(
     threads: DemoThreadsOption = 1,
     train_threads: TrainThreadsOption = 1,
     redo: RedoOption = None,
+    lr_probe: LrProbeOption = True,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Compress the built-in demo: a MobileNetV2-style network trained on Fashion-MNIST.
@@ -1286,6 +1322,7 @@ def demo_cmd(
             amp=amp,
             importance_amp=None,
             loader_workers=None,
+            lr_probe=lr_probe,
         )
         _run_compress(
             net,

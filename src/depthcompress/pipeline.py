@@ -21,7 +21,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
 
@@ -50,6 +50,7 @@ from .graph import ConvChain, trace
 from .importance import FinetuneSettings, importance_table, weights_sha
 from .latency import build_latency_table, chain_sha, check_meta, read_meta, table_meta
 from .linearization import linearize
+from .lrprobe import ProbeResult, ProbeSettings, control_record, control_warning, probe_lr
 from .merging import check_close, merge
 from .plan import Plan
 from .progress import LOG, Reporter
@@ -87,6 +88,9 @@ class CompressSettings:
     before calibration existed: no whole network is timed before fine-tuning).
     ``budget_or_fastest`` takes the fastest plan (with a note) where the budget is below it,
     instead of refusing the run: the demo's setting.
+
+    ``lr_probe`` (None: off, the configured lr is used) probes the fine-tuning lr on the original
+    network first (``lrprobe``): the largest of lr, lr/4, ... that keeps its held-out accuracy.
     """
 
     budget: Budget
@@ -110,6 +114,7 @@ class CompressSettings:
     calibration_rule: Rule = field(default_factory=lambda: Rule(max_time=10.0))
     calibration_plans: int = 3
     budget_or_fastest: bool = False
+    lr_probe: ProbeSettings | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -171,10 +176,16 @@ class CompressSettings:
         if self.budget_mode == "whole":  # absent in "chain" mode: older work directories resume
             solve = {**solve, "budget_mode": "whole", "calibration": calibrate}
         tune = {**solve, "finetune": self.finetune.to_dict()}
+        probe: dict[str, Any] = {}
+        if self.lr_probe is not None:  # absent when off: older work directories resume
+            probe = {"finetune": self.finetune.to_dict(), "lr_probe": asdict(self.lr_probe)}
+            probe["finetune"].pop("epochs")
+            tune = {**tune, "lr_probe": probe["lr_probe"]}
         return {
             "latency": lat,
             "optimal": lat,
             "calibrate": calibrate,
+            "probe": probe,
             "importance": imp,
             "solve": solve,
             "finetune": tune,
@@ -425,7 +436,9 @@ class RunContext:
     fastest_ms: float | None = None
     plan_data: dict[str, Any] | None = None
     plan: Plan | None = None
+    probe: ProbeResult | None = None
     lin: GraphModule | None = None
+    tuned_accuracy: float | None = None
     merged: nn.Module | None = None
     evaluation: dict[str, Any] | None = None
 
@@ -544,6 +557,25 @@ class OptimalStage(Stage):
             )
 
 
+def _kept_json(
+    ctx: RunContext, name: str, settings: dict[str, Any], other: str = ""
+) -> dict[str, Any] | None:
+    """An unrecorded stage's JSON ``name`` if made with ``settings``; one made with others is
+    moved to ``previous/N/`` (None), and refused under torchrun."""
+    path = ctx.wd.file(name)
+    if not path.exists():
+        return None
+    data = _read_json(path)
+    if data.get("settings") == _normalised(settings):
+        return data
+    if ctx.world > 1:
+        raise WorkdirError(f"{path} was made with other settings: run once without torchrun")
+    target = ctx.wd.new_previous()
+    shutil.move(str(path), str(target / path.name))
+    ctx.say(f"moved {path.name}, made with other settings{other}, to {target}")
+    return None
+
+
 class CalibrateStage(Stage):
     """With ``budget_mode="whole"``: the latency table calibrated against whole-network timings
     of a few plans (``calibration.json``, reused while its settings and table hold), the budget
@@ -578,20 +610,9 @@ class CalibrateStage(Stage):
         self.run(ctx)
 
     def _kept(self, ctx: RunContext) -> Calibration | None:
-        """The calibration in the work directory if made with these settings; one made with
-        others is moved to ``previous/N/`` (None)."""
-        path = ctx.wd.file("calibration.json")
-        if not path.exists():
-            return None
-        data = _read_json(path)
-        if data.get("settings") == _normalised(self.settings(ctx)):
-            return Calibration.from_dict(data)
-        if ctx.world > 1:
-            raise WorkdirError(f"{path} was made with other settings: run once without torchrun")
-        target = ctx.wd.new_previous()
-        shutil.move(str(path), str(target / path.name))
-        ctx.say(f"moved {path.name}, made with other settings or another table, to {target}")
-        return None
+        """The calibration in the work directory if made with these settings, else None."""
+        data = _kept_json(ctx, "calibration.json", self.settings(ctx), " or another table")
+        return Calibration.from_dict(data) if data is not None else None
 
     def _measure(self, ctx: RunContext) -> Calibration:
         """Time the plans whole and fit; write ``calibration.json``."""
@@ -704,6 +725,64 @@ class SolveStage(Stage):
         ctx.plan.validate(ctx.chain)
 
 
+class ProbeStage(Stage):
+    """With ``lr_probe``: the fine-tuning lr probed on the original network (``lr_probe.json``,
+    reused while its settings hold). Not recorded: the fine-tuning stage's settings name it."""
+
+    name = "probe"
+    files = ("lr_probe.json",)
+    recorded = False
+    torchrun = True
+    run_fills = True
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        probe = ctx.settings.lr_probe
+        if probe is None:
+            return {}
+        data = _kept_json(ctx, "lr_probe.json", self.settings(ctx))
+        if data is None:
+            if ctx.world > 1:
+                raise WorkdirError(
+                    "under torchrun compress only fine-tunes, but the lr probe has not run: run "
+                    "the same command once without torchrun and --until solve"
+                )
+            data = self._measure(ctx, probe)
+        ctx.probe = ProbeResult.from_dict(data)
+        ctx.say(_probe_line(ctx.probe))
+        return {}
+
+    def load(self, ctx: RunContext) -> None:
+        self.run(ctx)
+
+    def _measure(self, ctx: RunContext, probe: ProbeSettings) -> dict[str, Any]:
+        """Probe the candidate learning rates; write ``lr_probe.json``."""
+        cfg = ctx.settings.finetune
+        ctx.say(
+            f"lr probe: the original network fine-tuned for up to {probe.steps} steps at lr "
+            f"{', '.join(f'{lr:g}' for lr in probe.lrs(cfg.lr))} until one keeps its held-out "
+            f"accuracy within {probe.tolerance:g} points"
+        )
+        result = probe_lr(
+            ctx.original, ctx.data, cfg, probe, device=ctx.device, progress=ctx.progress
+        )
+        data = {"settings": self.settings(ctx), **result.to_dict()}
+        write_json(ctx.wd.file("lr_probe.json"), data)
+        return data
+
+
+def _probe_line(probe: ProbeResult) -> str:
+    """The probe's outcome in one line."""
+    tried = ", ".join(
+        f"{t.lr:g} → {'diverged' if t.accuracy is None else f'{t.accuracy:.2f} %'}"
+        for t in probe.trials
+    )
+    verdict = "" if probe.accepted else " (none kept it: the smallest is used)"
+    return (
+        f"lr probe: original {probe.original_accuracy:.2f} % held-out; after {probe.steps} "
+        f"steps at lr {tried}; fine-tuning uses lr {probe.lr:g}{verdict}"
+    )
+
+
 class FinetuneStage(Stage):
     """Fine-tune the linearized network (resumable per epoch; DDP under torchrun, after which
     the other ranks stop)."""
@@ -715,14 +794,14 @@ class FinetuneStage(Stage):
     run_fills = True
 
     def message(self, ctx: RunContext) -> str:
-        cfg = ctx.settings.finetune
+        cfg = _tuning_config(ctx)
         return (
             f"fine-tune the linearized network: {cfg.epochs} epoch(s), {cfg.optimizer}, "
             f"lr {cfg.lr:g}" + (f", distillation {cfg.distill:g}" if cfg.distill else "")
         )
 
     def run(self, ctx: RunContext) -> dict[str, Any] | None:
-        cfg = ctx.settings.finetune
+        cfg = _tuning_config(ctx)
         result = finetune(
             linearize(ctx.original, ctx.chain, _need(ctx.plan, "plan")),
             ctx.data.train,
@@ -741,9 +820,12 @@ class FinetuneStage(Stage):
         lin = result.model.cpu().to(memory_format=torch.contiguous_format)
         torch.save(lin.state_dict(), ctx.wd.file("finetuned.pt"))
         ctx.lin = cast(GraphModule, lin.eval())  # finetune returns the network it was given
+        ctx.tuned_accuracy = result.history[-1].accuracy
+        _warn_control(ctx)
         return {
             "history": [asdict(h) for h in result.history],
             "best_accuracy": result.best_accuracy,
+            "lr": cfg.lr,
         }
 
     def load(self, ctx: RunContext) -> None:
@@ -751,6 +833,24 @@ class FinetuneStage(Stage):
         path = ctx.wd.file("finetuned.pt")
         lin.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         ctx.lin = lin.eval()
+        history = ctx.wd.manifest().get("finetune", {}).get("history") or [{}]
+        ctx.tuned_accuracy = history[-1].get("accuracy")
+
+
+def _tuning_config(ctx: RunContext) -> FinetuneConfig:
+    """The final fine-tuning's config: the settings' with the probed lr when there is one."""
+    cfg = ctx.settings.finetune
+    return cfg if ctx.probe is None else replace(cfg, lr=ctx.probe.lr)
+
+
+def _warn_control(ctx: RunContext) -> None:
+    """Warn through ``progress.LOG`` when the fine-tuned network falls far below the control."""
+    probe, settings = ctx.probe, ctx.settings.lr_probe
+    if probe is None or settings is None:
+        return
+    warning = control_warning(probe, ctx.tuned_accuracy, settings, str(ctx.settings.budget))
+    if warning is not None:
+        LOG.warning(warning)
 
 
 class MergeStage(Stage):
@@ -842,6 +942,10 @@ class EvaluateStage(Stage):
             "machine": machine_info(),
             "versions": versions(),
         }
+        probe, probing = ctx.probe, ctx.settings.lr_probe
+        if probe is not None and probing is not None:
+            budget = str(ctx.settings.budget)
+            evaluation["control"] = control_record(probe, ctx.tuned_accuracy, probing, budget)
         write_json(ctx.wd.file("evaluation.json"), evaluation)
         return {}
 
@@ -921,6 +1025,7 @@ PIPELINE: tuple[Stage, ...] = (
     CalibrateStage(),
     ImportanceStage(),
     SolveStage(),
+    ProbeStage(),
     FinetuneStage(),
     MergeStage(),
     EvaluateStage(),

@@ -204,7 +204,29 @@ def summary_lines(evaluation: dict[str, Any]) -> list[str]:
         f"{evaluation['predicted_speedup']:.2f}× for the chain{calibrated}"
     ]
     warning = noisy_warning(evaluation)
-    return [*lines, *([warning] if warning else []), timing_lines(evaluation)[0]]
+    lines += [*([warning] if warning else []), timing_lines(evaluation)[0]]
+    return [*lines, *control_lines(evaluation)]
+
+
+def control_lines(evaluation: dict[str, Any]) -> list[str]:
+    """The control next to the result (held-out accuracies of the original, of the original
+    fine-tuned under the recipe at the probed lr, and of the compressed network), and the
+    warning when one lost the accuracy; nothing for a run without the lr probe."""
+    control = evaluation.get("control")
+    if not control:
+        return []
+    line = (
+        f"Control (held-out split): original {_fmt(control['original_holdout_accuracy'], '.2f')} "
+        f"%, original fine-tuned {control['steps']} steps at the probed lr {control['lr']:g}: "
+        f"{_fmt(control['control_holdout_accuracy'], '.2f')} %, compressed after fine-tuning: "
+        f"{_fmt(control['compressed_holdout_accuracy'], '.2f')} %"
+    )
+    return [line, *([control["warning"]] if control.get("warning") else [])]
+
+
+def control_warning_line(evaluation: dict[str, Any]) -> str | None:
+    """The control's warning (the plan or the recipe lost the accuracy), or None."""
+    return (evaluation.get("control") or {}).get("warning")
 
 
 def timing_lines(evaluation: dict[str, Any]) -> list[str]:
@@ -548,6 +570,10 @@ def write_report(
     lines += _md_table(("", "original", "compressed", "change"), summary_rows(evaluation))
     lines.append("")
     lines += speedup_section(evaluation, plan)
+    control = control_lines(evaluation)
+    if control:
+        lines += ["## Control", "", control[0], ""]
+        lines += [f"**{w}**" for w in control[1:]] + ([""] if control[1:] else [])
     title = f"{ident['model']}: accuracy against measured latency"
     points = latency_points(evaluation)
     path = wd / "accuracy_latency.png"
@@ -626,10 +652,12 @@ def write_report(
     tune = stages.get("finetune", {})
     if tune.get("history"):
         cfg = tune["settings"]["finetune"]
+        probed = ", chosen by the lr probe" if "lr_probe" in tune["settings"] else ""
         lines += [
             "## Fine-tuning of the linearized network",
             "",
-            f"{cfg['epochs']} epoch(s), {cfg['optimizer']}, lr {cfg['lr']:g} (cosine), batch "
+            f"{cfg['epochs']} epoch(s), {cfg['optimizer']}, lr {tune.get('lr', cfg['lr']):g} "
+            f"(cosine{probed}), batch "
             f"{cfg['batch_size']}, distillation weight {cfg['distill']:g}; the last epoch is "
             "merged.",
             "",
