@@ -183,9 +183,11 @@ class ConvChain:
                 return r
         return None
 
-    def geometry(self, i: int, j: int) -> BlockGeometry:
-        """Geometry of the merged conv of block ``(i, j)``: what the latency table times."""
-        convs = self.positions[i + 1 : j + 1]
+    def geometry(self, i: int, j: int, pruned: frozenset[int] = frozenset()) -> BlockGeometry:
+        """Geometry of the merged conv of block ``(i, j)``: what the latency table times. Convs
+        in ``pruned`` (reducible ones, see ``pruning``) are identities and add nothing."""
+        every = self.positions[i + 1 : j + 1]
+        convs = [p for p in every if p.index not in pruned]
         kernel = [1, 1]
         scale = [1, 1]
         for p in convs:
@@ -197,17 +199,19 @@ class ConvChain:
             for r in self.residuals
             if r.shortcut and r.fusable and i <= r.start and r.end <= j
         }
+        if not groups:  # every conv pruned: the identity, a 1x1 depthwise conv
+            groups = {every[0].in_channels}
         return BlockGeometry(
             start=i,
             end=j,
-            in_channels=convs[0].in_channels,
-            out_channels=convs[-1].out_channels,
+            in_channels=every[0].in_channels,
+            out_channels=every[-1].out_channels,
             kernel=(kernel[0], kernel[1]),
             stride=(scale[0], scale[1]),
             padding=front_padding([p.stride for p in convs], [p.padding for p in convs]),
             groups=groups.pop() if len(groups) == 1 else 1,
-            in_shape=convs[0].in_shape,
-            out_shape=convs[-1].shape,
+            in_shape=every[0].in_shape,
+            out_shape=every[-1].shape,
         )
 
     def signature(self) -> tuple[Any, ...]:
