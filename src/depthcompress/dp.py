@@ -811,6 +811,12 @@ def solve_configs(tables: ConfigTables, budget: float) -> Solution:
     one configuration per segment it is ``solve`` on ``T_opt`` and the extended importance."""
     value = _check_budget(budget)
     keys, incoming = _config_incoming(tables)
+    if math.isinf(_shortest(incoming)):
+        raise TableError(
+            "no chain of importance rows leads from position 0 (flag 1) to the last position "
+            f"{tables.num_positions}: a segment ending with flag y at p needs a row starting at "
+            "p with st_act = y"
+        )
     fronts = _pareto_dp(incoming, value + BUDGET_SLACK)
     final = _final_front(fronts)
     k = _pick(final, value)

@@ -98,6 +98,7 @@ class Residual:
     shortcut_tail: str | None = None
     shortcut_padding: Pair = (0, 0)
     shortcut_groups: int = 1
+    shortcut_kernel: Pair = (1, 1)
     fusable: bool = True
     reason: str = ""
 
@@ -720,6 +721,7 @@ def analyze(
                 shortcut_tail=sc.tail.name if sc else None,
                 shortcut_padding=_padding_of(sc.module) if sc else (0, 0),
                 shortcut_groups=sc.module.groups if sc else 1,
+                shortcut_kernel=_effective_kernel(sc.module) if sc else (1, 1),
             )
         )
         skip_users.setdefault(s, set()).add(join.reader)
@@ -862,6 +864,14 @@ def _padding_of(mod: nn.Conv2d) -> Pair:
     return pair(mod.padding)
 
 
+def _effective_kernel(mod: nn.Conv2d) -> Pair:
+    """A conv's kernel size once its dilation is expanded into zeros."""
+    return (
+        mod.dilation[0] * (mod.kernel_size[0] - 1) + 1,
+        mod.dilation[1] * (mod.kernel_size[1] - 1) + 1,
+    )
+
+
 def _check_fusable(chain: ConvChain, r: Residual, an: _Analysis) -> Residual:
     """Whether residual ``r`` can be absorbed into a merged kernel (ALGORITHM.md §3)."""
     branch = chain.positions[r.start + 1 : r.end + 1]
@@ -879,10 +889,7 @@ def _check_fusable(chain: ConvChain, r: Residual, an: _Analysis) -> Residual:
         mod = an.modules[r.shortcut]
         if pair(mod.stride) != geo.stride:
             return replace(r, fusable=False, reason="shortcut stride differs from the branch")
-        size = (
-            mod.dilation[0] * (mod.kernel_size[0] - 1) + 1,
-            mod.dilation[1] * (mod.kernel_size[1] - 1) + 1,
-        )
+        size = r.shortcut_kernel
         ps = _padding_of(mod)
         offset = (geo.padding[0] - ps[0], geo.padding[1] - ps[1])
     if not all(0 <= offset[d] <= geo.kernel[d] - size[d] for d in range(2)):

@@ -132,7 +132,7 @@ class Plan:
 
     def _validate_pruned(self, chain: ConvChain) -> None:
         """Every pruned position must hold a conv that the identity can replace exactly."""
-        from .pruning import reducible
+        from .pruning import misfit_shortcuts, reducible
 
         bad = sorted(self.pruned - reducible(chain))
         if bad:
@@ -140,6 +140,14 @@ class Plan:
                 f"pruned positions {bad} are not reducible: a pruned conv must keep the tensor's "
                 "shape (same input and output channels, stride 1, same spatial size) and be "
                 "mergeable"
+            )
+        misfit = misfit_shortcuts(chain, self.pruned, self.boundaries)
+        if misfit:
+            r = misfit[0]
+            raise PlanError(
+                f"pruning {sorted(self.pruned & set(range(r.start + 1, r.end + 1)))} shrinks the "
+                f"branch of residual ({r.start}, {r.end}) below its shortcut's kernel "
+                f"{r.shortcut_kernel}: prune fewer of its convs or put a boundary inside it"
             )
 
     def to_dict(self) -> dict[str, list[int]]:

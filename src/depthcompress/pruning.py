@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from itertools import combinations
 
 from .errors import PlanError
-from .graph import ConvChain, Position
+from .graph import ConvChain, Position, Residual
 from .kernels import Pair
 
 MAX_SUBSETS = 4096
@@ -36,6 +36,32 @@ def is_reducible(pos: Position) -> bool:
 def reducible(chain: ConvChain) -> frozenset[int]:
     """Positions whose conv can be pruned (replaced by the identity) without changing shapes."""
     return frozenset(p.index for p in chain.positions[1:] if is_reducible(p))
+
+
+def shortcut_fits(chain: ConvChain, r: Residual, pruned: frozenset[int]) -> bool:
+    """Whether residual ``r``'s conv shortcut still lies inside its branch's merged kernel once
+    ``pruned`` convs are identities (pruning shrinks the branch kernel; an identity skip always
+    fits)."""
+    if r.shortcut is None:
+        return True
+    geo = chain.geometry(r.start, r.end, pruned)
+    offset = (geo.padding[0] - r.shortcut_padding[0], geo.padding[1] - r.shortcut_padding[1])
+    return all(0 <= offset[d] <= geo.kernel[d] - r.shortcut_kernel[d] for d in range(2))
+
+
+def misfit_shortcuts(
+    chain: ConvChain, pruned: frozenset[int], boundaries: Iterable[int]
+) -> list[Residual]:
+    """Residuals fused under ``boundaries`` (none strictly inside) whose shortcut no longer fits
+    the pruned branch: such a plan cannot merge exactly."""
+    cuts = set(boundaries)
+    return [
+        r
+        for r in chain.residuals
+        if r.fusable
+        and not any(r.start < b < r.end for b in cuts)
+        and not shortcut_fits(chain, r, pruned)
+    ]
 
 
 @dataclass(frozen=True)
@@ -77,6 +103,8 @@ def block_configs(chain: ConvChain, i: int, j: int, limit: int = MAX_SUBSETS) ->
     channels = chain.positions[i + 1].in_channels
     grouped: dict[tuple[Pair, int, bool], list[frozenset[int]]] = {}
     for pruned in _subsets(candidates):
+        if misfit_shortcuts(chain, pruned, (i, j)):
+            continue
         geo = chain.geometry(i, j, pruned)
         identity = len(pruned) == j - i
         grouped.setdefault((geo.kernel, geo.groups, identity), []).append(pruned)
