@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -26,10 +26,10 @@ from depthcompress.dp import (
 )
 from depthcompress.linearization import fused_residuals
 from depthcompress.models import cifar_mbv2, resnet20
-from depthcompress.pruning import block_configs, reducible
+from depthcompress.pruning import block_configs, misfit_shortcuts, reducible
 from tests.conftest import randomize_bn
 from tests.test_dp import random_instance
-from tests.test_merge_random_cnns import draw_plan
+from tests.test_merge_random_cnns import build, config_problem, configs, draw_plan
 
 SETTINGS = settings(
     max_examples=25,
@@ -251,10 +251,7 @@ def test_pruned_merge_equals_the_linearized_network(kinds, seed, data):
     torch.manual_seed(seed)
     model = randomize_bn(Small(kinds), seed).eval()
     chain = dc.trace(model, torch.randn(2, 3, 12, 12))
-    plan = draw_plan(data, chain)
-    red = sorted(reducible(chain))
-    pruned = data.draw(st.sets(st.sampled_from(red)) if red else st.just(set()), label="pruned")
-    plan = dc.Plan(plan.activations, plan.boundaries, pruned=frozenset(pruned))
+    plan = draw_pruned_plan(data, chain)
     linear = dc.linearize(model, chain, plan)
     merged = dc.merge(linear, chain, plan)  # raises MergeError beyond 1e-4 of the output scale
     x = torch.randn(2, 3, 12, 12)
@@ -270,6 +267,32 @@ def test_pruned_merge_equals_the_linearized_network(kinds, seed, data):
     shortcuts = [r for r in chain.residuals if r.shortcut and r not in fused]
     convs = sum(isinstance(m, nn.Conv2d) for m in merged.modules())
     assert convs == len(plan.blocks) - len(identity) + len(shortcuts)
+
+
+def draw_pruned_plan(data, chain) -> dc.Plan:
+    """A random valid plan with a random subset of the reducible convs pruned (shortcuts that
+    would no longer fit are avoided by dropping the subset)."""
+    plan = draw_plan(data, chain)
+    red = sorted(reducible(chain))
+    pruned = data.draw(st.sets(st.sampled_from(red)) if red else st.just(set()), label="pruned")
+    if misfit_shortcuts(chain, frozenset(pruned), plan.boundaries):
+        pruned = set()
+    return dc.Plan(plan.activations, plan.boundaries, pruned=frozenset(pruned))
+
+
+@settings(SETTINGS, max_examples=40, suppress_health_check=list(HealthCheck))
+@given(cfg=configs(), data=st.data())
+def test_pruned_random_cnns_merge_exactly(cfg, data):
+    """The random CNNs of test_merge_random_cnns (dilation, groups, post-activation BNs, conv
+    shortcuts, pools) with random pruned plans: merge equals linearize."""
+    assume(config_problem(cfg) is None)
+    model, x = build(cfg)
+    chain = dc.trace(model, x)
+    plan = draw_pruned_plan(data, chain)
+    linear = dc.linearize(model, chain, plan)
+    merged = dc.merge(linear, chain, plan)
+    with torch.no_grad():
+        dc.merging.check_close(linear(x), merged(x), "merged", "linearized")
 
 
 def test_a_fully_pruned_identity_residual_doubles_its_input():
@@ -289,6 +312,39 @@ def test_a_fully_pruned_identity_residual_doubles_its_input():
             want = model.head(torch.relu(2 * stem).mean((2, 3)))
             dc.merging.check_close(want, linear(x), "linearized", "relu(2x)", tol=1e-6)
             dc.merging.check_close(want, dc.merge(linear, chain, plan)(x), "merged", "relu(2x)")
+
+
+class PostBN(nn.Module):
+    """Conv → ReLU → BN twice, then a 1x1: BNs after the activation (``Position.post_bn``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.b, self.bn_b = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.bn_b(torch.relu(self.b(self.bn_a(torch.relu(self.a(x)))))))
+
+
+def test_a_pruned_position_loses_its_post_activation_bn_and_keeps_its_activation():
+    model = randomize_bn(PostBN()).eval()
+    x = torch.randn(1, 4, 8, 8)
+    chain = dc.trace(model, x)
+    assert chain.positions[1].post_bn == "bn_a"
+    unmerged = dc.Plan(activations={1, 2}, boundaries={1, 2, 3}, pruned={1})
+    linear = dc.linearize(model, chain, unmerged)
+    with torch.no_grad():
+        want = model.c(model.bn_b(torch.relu(model.b(torch.relu(x)))))
+        dc.merging.check_close(want, linear(x), "linearized", "by hand", tol=1e-6)
+    for plan in (
+        unmerged,
+        dc.Plan(activations=(), boundaries={3}, pruned={1}),
+        dc.Plan(activations={2}, boundaries={2, 3}, pruned={2}),
+        dc.Plan(activations=(), boundaries={3}, pruned={1, 2, 3}),
+    ):
+        merged = dc.merge(dc.linearize(model, chain, plan), chain, plan)  # checked
+    assert not any(isinstance(m, nn.Conv2d) for m in merged.modules())  # all pruned: identity
 
 
 def test_pruning_the_first_conv_of_a_block_moves_its_padding_to_the_next(resnet_chain):
