@@ -257,6 +257,7 @@ def test_pruned_merge_equals_the_linearized_network(kinds, seed, data):
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
         dc.merging.check_close(linear(x), merged(x), "merged", "linearized")
+    assert_blocks_are_their_configurations(merged, chain, plan)
     fused = fused_residuals(chain, plan)
     identity = [
         (i, j)
@@ -267,6 +268,25 @@ def test_pruned_merge_equals_the_linearized_network(kinds, seed, data):
     shortcuts = [r for r in chain.residuals if r.shortcut and r not in fused]
     convs = sum(isinstance(m, nn.Conv2d) for m in merged.modules())
     assert convs == len(plan.blocks) - len(identity) + len(shortcuts)
+
+
+def assert_blocks_are_their_configurations(merged: nn.Module, chain, plan: dc.Plan) -> None:
+    """Each merged conv has the shape ``geometry(i, j, pruned)`` reports: what the latency table
+    will time for that configuration."""
+    fused = fused_residuals(chain, plan)
+    for i, j in plan.blocks:
+        name = f"depthcompress_block_{i}_{j}"
+        if not hasattr(merged, name):
+            assert set(range(i + 1, j + 1)) <= plan.pruned, (i, j)  # the identity, wired through
+            continue
+        conv = merged.get_submodule(name)
+        geo = chain.geometry(i, j, plan.pruned)
+        effective = tuple(conv.dilation[d] * (conv.kernel_size[d] - 1) + 1 for d in range(2))
+        got = (conv.in_channels, conv.out_channels, effective, tuple(conv.stride))
+        assert got == (geo.in_channels, geo.out_channels, geo.kernel, geo.stride), (i, j)
+        assert tuple(conv.padding) == geo.padding, (i, j)
+        if not any(r.shortcut and i <= r.start and r.end <= j for r in fused):
+            assert conv.groups == geo.groups, (i, j, conv.groups, geo.groups)
 
 
 def draw_pruned_plan(data, chain) -> dc.Plan:
@@ -293,6 +313,7 @@ def test_pruned_random_cnns_merge_exactly(cfg, data):
     merged = dc.merge(linear, chain, plan)
     with torch.no_grad():
         dc.merging.check_close(linear(x), merged(x), "merged", "linearized")
+    assert_blocks_are_their_configurations(merged, chain, plan)
 
 
 def test_a_fully_pruned_identity_residual_doubles_its_input():
