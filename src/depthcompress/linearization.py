@@ -215,10 +215,10 @@ def _prune(gm: fx.GraphModule, nodes: dict[str, fx.Node], chain: ConvChain, k: i
     """Make position ``k`` the identity: its conv, BN and post-activation BN call an
     ``nn.Identity`` (the nodes stay, so merge finds the block ends as without pruning)."""
     pos = chain.positions[k]
-    names = [pos.conv_node, pos.post_bn_node]
-    conv = nodes[pos.conv_node] if pos.conv_node else None
-    bn = next((u for u in conv.users if u.target == pos.bn), None) if conv and pos.bn else None
-    targets = [nodes[n] for n in names if n is not None] + ([bn] if bn is not None else [])
+    conv = nodes[str(pos.conv_node)]
+    targets = [conv, *(u for u in conv.users if pos.bn is not None and u.target == pos.bn)]
+    if pos.post_bn_node is not None:
+        targets.append(nodes[pos.post_bn_node])
     for node in targets:
         name = f"depthcompress_pruned_{node.name}"
         gm.add_submodule(name, nn.Identity())
