@@ -12,13 +12,15 @@
   budget is checked on the real float sum, so the plan never exceeds it. ``rounding="reference"``
   reproduces the reference's floor grid (``⌊prec·T⌋``), overruns included.
 * ``sweep``: one Pareto DP for the largest budget answers every smaller one.
+* ``solve_configs``: stage 2 over (segment, configuration) for layer pruning (LayerMerge,
+  docs/layermerge.md): the same exact Pareto DP on ``T(i, j, c)`` and ``I(i, j, x, y, c)``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -136,10 +138,11 @@ class Segment:
     t_opt: float
     importance: float
     breaks: tuple[int, ...]
+    config: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form."""
-        return {
+        """Plain-data form (``config`` only when a pruning configuration was chosen)."""
+        out: dict[str, Any] = {
             "st": self.st,
             "end": self.end,
             "st_act": self.st_act,
@@ -148,6 +151,9 @@ class Segment:
             "importance": self.importance,
             "breaks": list(self.breaks),
         }
+        if self.config:
+            out["config"] = self.config
+        return out
 
 
 @dataclass(frozen=True)
@@ -373,10 +379,15 @@ def _problem(
 
 def _fastest(problem: _Problem) -> float:
     """The smallest float ``Σ T_opt`` of any complete plan (inf if there is none)."""
-    best = [math.inf] * (2 * problem.num_positions + 2)
+    return _shortest(problem.incoming)
+
+
+def _shortest(incoming: Sequence[Sequence[tuple[int, float, float, int]]]) -> float:
+    """The smallest float time from state 1 (position 0, flag 1) to either state of L."""
+    best = [math.inf] * len(incoming)
     best[1] = 0.0
     for s in range(2, len(best)):
-        for src, t, _, _ in problem.incoming[s]:
+        for src, t, _, _ in incoming[s]:
             cand = best[src] + t
             if cand < best[s]:
                 best[s] = cand
@@ -470,16 +481,18 @@ def _pareto(lat: np.ndarray, imp: np.ndarray) -> np.ndarray:
     return order[keep]
 
 
-def _pareto_dp(problem: _Problem, cap: float) -> list[_Front | None]:
+def _pareto_dp(
+    incoming: Sequence[Sequence[tuple[int, float, float, int]]], cap: float
+) -> list[_Front | None]:
     """Pareto sets of every state, partial plans slower than ``cap`` dropped (times are ≥ 0)."""
-    n_states = 2 * problem.num_positions + 2
+    n_states = len(incoming)
     fronts: list[_Front | None] = [None] * n_states
     zero = np.zeros(1)
     none = np.full(1, -1)
     fronts[1] = _Front(zero, zero, none, none, none)
     for s in range(2, n_states):
         lats, imps, srcs, idxs, rows = [], [], [], [], []
-        for src, t, v, row in problem.incoming[s]:
+        for src, t, v, row in incoming[s]:
             base = fronts[src]
             if base is None:
                 continue
@@ -506,9 +519,9 @@ def _pareto_dp(problem: _Problem, cap: float) -> list[_Front | None]:
     return fronts
 
 
-def _final_front(problem: _Problem, fronts: list[_Front | None]) -> _Front | None:
+def _final_front(fronts: list[_Front | None]) -> _Front | None:
     """The complete plans' Pareto set (flag 0 at L first, so it wins exact ties)."""
-    last = 2 * problem.num_positions
+    last = len(fronts) - 2
     ends = [(s, f) for s in (last, last + 1) if (f := fronts[s]) is not None]
     if not ends:
         return None
@@ -639,8 +652,8 @@ def solve(
     problem = _problem(latency, importance, alpha)
     if rounding == "reference":
         return _reference_dp(problem, value, prec)
-    fronts = _pareto_dp(problem, value + BUDGET_SLACK)
-    final = _final_front(problem, fronts)
+    fronts = _pareto_dp(problem.incoming, value + BUDGET_SLACK)
+    final = _final_front(fronts)
     k = _pick(final, value)
     if final is None or k is None:
         raise _too_tight(problem, value)
@@ -662,8 +675,8 @@ def sweep(
         raise BudgetError("a sweep needs at least one budget")
     _check_rounding(rounding, prec)
     problem = _problem(latency, importance, alpha)
-    fronts = _pareto_dp(problem, max(values) + BUDGET_SLACK)
-    final = _final_front(problem, fronts)
+    fronts = _pareto_dp(problem.incoming, max(values) + BUDGET_SLACK)
+    final = _final_front(fronts)
     front = () if final is None else tuple(zip(final.lat.tolist(), final.imp.tolist(), strict=True))
     if rounding == "reference":
         sols = tuple(_reference_dp(problem, b, prec) for b in values)
@@ -713,3 +726,104 @@ def optimal_boundaries(
         bounds.add(m)
         m = back[m]
     return frozenset(bounds), best[n]
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2 with layer pruning: a configuration per segment
+
+
+ConfigKey = tuple[int, int, int]
+"""``(i, j, c)``: configuration ``c`` of segment ``(i, j)``."""
+
+
+@dataclass(frozen=True)
+class ConfigTables:
+    """Stage 2's input with layer pruning: ``time[i, j, c]`` = T(i, j, c), ``importance[i, j, x,
+    y, c]`` = I (flags ``x``, ``y`` as in the extended importance table), and per ``(i, j, c)``
+    the block boundaries inside the segment (default: one block) and the positions it prunes."""
+
+    time: Mapping[ConfigKey, float]
+    importance: Mapping[tuple[int, int, int, int, int], float]
+    breaks: Mapping[ConfigKey, tuple[int, ...]] = field(default_factory=dict)
+    pruned: Mapping[ConfigKey, frozenset[int]] = field(default_factory=dict)
+
+    @property
+    def num_positions(self) -> int:
+        """L: the last position any segment reaches."""
+        return max((j for _, j, _ in self.time), default=0)
+
+
+def _config_incoming(
+    tables: ConfigTables,
+) -> tuple[list[tuple[int, int, int, int, int]], list[list[tuple[int, float, float, int]]]]:
+    """The importance keys in DP order (st, st_act, c) and the transitions into each state."""
+    n = tables.num_positions
+    keys = sorted(tables.importance, key=lambda k: (k[0], k[2], k[4]))
+    incoming: list[list[tuple[int, float, float, int]]] = [[] for _ in range(2 * n + 2)]
+    for row, (i, j, x, y, c) in enumerate(keys):
+        if (i, j, c) not in tables.time:
+            raise TableError(
+                f"importance of segment ({i}, {j}) configuration {c} has no latency T({i}, {j}, "
+                f"{c}): the two tables describe different configurations"
+            )
+        value = float(tables.importance[i, j, x, y, c])
+        incoming[2 * j + y].append((2 * i + x, float(tables.time[i, j, c]), value, row))
+    return keys, incoming
+
+
+def _config_solution(
+    tables: ConfigTables,
+    keys: Sequence[tuple[int, int, int, int, int]],
+    rows: Sequence[int],
+    budget: float,
+) -> Solution:
+    """Assemble a Solution (plan with its pruned positions) from the chosen rows."""
+    latency, importance = 0.0, 0.0
+    segments: list[Segment] = []
+    kept: set[int] = set()
+    bounds: set[int] = set()
+    pruned: set[int] = set()
+    for r in rows:
+        i, j, x, y, c = keys[r]
+        t, v = float(tables.time[i, j, c]), float(tables.importance[keys[r]])
+        latency += t
+        importance += v
+        breaks = tuple(tables.breaks.get((i, j, c), (i, j)))
+        segments.append(Segment(i, j, x, y, t, v, breaks, config=c))
+        bounds.update(breaks)
+        pruned.update(tables.pruned.get((i, j, c), frozenset()))
+        if y:
+            kept.add(j)
+    bounds.discard(0)
+    plan = Plan(activations=frozenset(kept), boundaries=frozenset(bounds), pruned=frozenset(pruned))
+    return Solution(
+        plan=plan,
+        latency=latency,
+        importance=importance,
+        budget=float(budget),
+        segments=tuple(segments),
+    )
+
+
+def solve_configs(tables: ConfigTables, budget: float) -> Solution:
+    """The plan maximising ``Σ I(i, j, x, y, c)`` with ``Σ T(i, j, c) ≤ budget``: per segment a
+    configuration, by the exact Pareto DP of ``solve`` (same budget check, same tie rules); with
+    one configuration per segment it is ``solve`` on ``T_opt`` and the extended importance."""
+    value = _check_budget(budget)
+    keys, incoming = _config_incoming(tables)
+    if math.isinf(_shortest(incoming)):
+        raise TableError(
+            "no chain of importance rows leads from position 0 (flag 1) to the last position "
+            f"{tables.num_positions}: a segment ending with flag y at p needs a row starting at "
+            "p with st_act = y"
+        )
+    fronts = _pareto_dp(incoming, value + BUDGET_SLACK)
+    final = _final_front(fronts)
+    k = _pick(final, value)
+    if final is None or k is None:
+        fastest = _shortest(incoming)
+        raise BudgetError(
+            f"no plan fits the budget {value:g} ms: the fastest plan these tables allow takes "
+            f"{fastest!r} ms (Σ T over its segments); use a budget of at least that"
+        )
+    return _config_solution(tables, keys, _rows_of(fronts, final, k), value)

@@ -98,6 +98,7 @@ class Residual:
     shortcut_tail: str | None = None
     shortcut_padding: Pair = (0, 0)
     shortcut_groups: int = 1
+    shortcut_kernel: Pair = (1, 1)
     fusable: bool = True
     reason: str = ""
 
@@ -183,9 +184,11 @@ class ConvChain:
                 return r
         return None
 
-    def geometry(self, i: int, j: int) -> BlockGeometry:
-        """Geometry of the merged conv of block ``(i, j)``: what the latency table times."""
-        convs = self.positions[i + 1 : j + 1]
+    def geometry(self, i: int, j: int, pruned: frozenset[int] = frozenset()) -> BlockGeometry:
+        """Geometry of the merged conv of block ``(i, j)``: what the latency table times. Convs
+        in ``pruned`` (reducible ones, see ``pruning``) are identities and add nothing."""
+        every = self.positions[i + 1 : j + 1]
+        convs = [p for p in every if p.index not in pruned]
         kernel = [1, 1]
         scale = [1, 1]
         for p in convs:
@@ -197,17 +200,19 @@ class ConvChain:
             for r in self.residuals
             if r.shortcut and r.fusable and i <= r.start and r.end <= j
         }
+        if not groups:  # every conv pruned: the identity, a 1x1 depthwise conv
+            groups = {every[0].in_channels}
         return BlockGeometry(
             start=i,
             end=j,
-            in_channels=convs[0].in_channels,
-            out_channels=convs[-1].out_channels,
+            in_channels=every[0].in_channels,
+            out_channels=every[-1].out_channels,
             kernel=(kernel[0], kernel[1]),
             stride=(scale[0], scale[1]),
             padding=front_padding([p.stride for p in convs], [p.padding for p in convs]),
             groups=groups.pop() if len(groups) == 1 else 1,
-            in_shape=convs[0].in_shape,
-            out_shape=convs[-1].shape,
+            in_shape=every[0].in_shape,
+            out_shape=every[-1].shape,
         )
 
     def signature(self) -> tuple[Any, ...]:
@@ -716,6 +721,7 @@ def analyze(
                 shortcut_tail=sc.tail.name if sc else None,
                 shortcut_padding=_padding_of(sc.module) if sc else (0, 0),
                 shortcut_groups=sc.module.groups if sc else 1,
+                shortcut_kernel=_effective_kernel(sc.module) if sc else (1, 1),
             )
         )
         skip_users.setdefault(s, set()).add(join.reader)
@@ -858,6 +864,14 @@ def _padding_of(mod: nn.Conv2d) -> Pair:
     return pair(mod.padding)
 
 
+def _effective_kernel(mod: nn.Conv2d) -> Pair:
+    """A conv's kernel size once its dilation is expanded into zeros."""
+    return (
+        mod.dilation[0] * (mod.kernel_size[0] - 1) + 1,
+        mod.dilation[1] * (mod.kernel_size[1] - 1) + 1,
+    )
+
+
 def _check_fusable(chain: ConvChain, r: Residual, an: _Analysis) -> Residual:
     """Whether residual ``r`` can be absorbed into a merged kernel (ALGORITHM.md §3)."""
     branch = chain.positions[r.start + 1 : r.end + 1]
@@ -875,10 +889,7 @@ def _check_fusable(chain: ConvChain, r: Residual, an: _Analysis) -> Residual:
         mod = an.modules[r.shortcut]
         if pair(mod.stride) != geo.stride:
             return replace(r, fusable=False, reason="shortcut stride differs from the branch")
-        size = (
-            mod.dilation[0] * (mod.kernel_size[0] - 1) + 1,
-            mod.dilation[1] * (mod.kernel_size[1] - 1) + 1,
-        )
+        size = r.shortcut_kernel
         ps = _padding_of(mod)
         offset = (geo.padding[0] - ps[0], geo.padding[1] - ps[1])
     if not all(0 <= offset[d] <= geo.kernel[d] - size[d] for d in range(2)):

@@ -61,22 +61,34 @@ class ResidualJoin(nn.Module):
 class BlockLayout:
     """Where padding sits inside block ``(start, end)``: ``margin[k]`` is how much larger (per
     side) the map at position ``k`` is than in the original network; ``margin[start]`` is the
-    front padding of the block's first conv."""
+    front padding, carried by the block's first kept conv ``first`` (pruned convs before it are
+    identities on the unpadded map, whose margins are then 0)."""
 
     start: int
     end: int
     margin: dict[int, Pair]
+    first: int
 
 
 def block_layouts(chain: ConvChain, plan: Plan) -> list[BlockLayout]:
-    """Margins of every block of ``plan``: ``m_j = 0``, ``m_k = p_{k+1} + s_{k+1}·m_{k+1}``."""
+    """Margins of every block of ``plan``: ``m_j = 0``, ``m_k = p_{k+1} + s_{k+1}·m_{k+1}``, a
+    pruned conv counting as the identity (no padding, stride 1)."""
     layouts = []
     for i, j in plan.blocks:
         margin: dict[int, Pair] = {j: (0, 0)}
         for k in range(j - 1, i - 1, -1):
             nxt = chain.positions[k + 1]
-            margin[k] = tuple(nxt.padding[d] + nxt.stride[d] * margin[k + 1][d] for d in range(2))
-        layouts.append(BlockLayout(i, j, margin))
+            if k + 1 in plan.pruned:
+                margin[k] = margin[k + 1]
+            else:
+                margin[k] = tuple(
+                    nxt.padding[d] + nxt.stride[d] * margin[k + 1][d] for d in range(2)
+                )
+        kept = [k for k in range(i + 1, j + 1) if k not in plan.pruned]
+        first = kept[0] if kept else j + 1
+        for k in range(i + 1, min(first, j + 1)):
+            margin[k] = (0, 0)
+        layouts.append(BlockLayout(i, j, margin, first))
     return layouts
 
 
@@ -133,16 +145,16 @@ def linearize(model: nn.Module, chain: ConvChain, plan: Plan) -> fx.GraphModule:
     layouts = block_layouts(chain, plan)
     for lay in layouts:
         for k in range(lay.start + 1, lay.end + 1):
-            if not chain.positions[k].mergeable:
-                continue  # a single-conv block of its own: it keeps its padding as it is
+            if not chain.positions[k].mergeable or k in plan.pruned:
+                continue  # a single-conv block of its own keeps its padding as it is
             conv = gm.get_submodule(chain.positions[k].conv)
-            conv.padding = lay.margin[lay.start] if k == lay.start + 1 else (0, 0)
+            conv.padding = lay.margin[lay.start] if k == lay.first else (0, 0)
 
     for r in fused_residuals(chain, plan):
         lay = block_of(layouts, r.end)
         skip_margin = lay.margin[r.start] if r.start > lay.start else (0, 0)
         end_margin = lay.margin[r.end]
-        geo = chain.geometry(r.start, r.end)
+        geo = chain.geometry(r.start, r.end, plan.pruned)
         shortcut = None
         kernel: Pair = (1, 1)
         source = nodes[r.skip_node]
@@ -184,6 +196,8 @@ def linearize(model: nn.Module, chain: ConvChain, plan: Plan) -> fx.GraphModule:
                 act = gm.graph.call_module(name, (out,))
             out.replace_all_uses_with(act, delete_user_cb=lambda user, a=act: user is not a)
 
+    for k in sorted(plan.pruned):
+        _prune(gm, nodes, chain, k)
     _no_inplace(gm)
     gm.graph.lint()
     gm.recompile()
@@ -195,6 +209,20 @@ def linearize(model: nn.Module, chain: ConvChain, plan: Plan) -> fx.GraphModule:
     }
     gm.train(model.training)
     return gm
+
+
+def _prune(gm: fx.GraphModule, nodes: dict[str, fx.Node], chain: ConvChain, k: int) -> None:
+    """Make position ``k`` the identity: its conv, BN and post-activation BN call an
+    ``nn.Identity`` (the nodes stay, so merge finds the block ends as without pruning)."""
+    pos = chain.positions[k]
+    conv = nodes[str(pos.conv_node)]
+    targets = [conv, *(u for u in conv.users if pos.bn is not None and u.target == pos.bn)]
+    if pos.post_bn_node is not None:
+        targets.append(nodes[pos.post_bn_node])
+    for node in targets:
+        name = f"depthcompress_pruned_{node.name}"
+        gm.add_submodule(name, nn.Identity())
+        node.target = name
 
 
 def _erase_chain(graph: fx.Graph, last: fx.Node, first: fx.Node) -> None:

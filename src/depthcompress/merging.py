@@ -63,15 +63,19 @@ def merge(
         if residual is not None and residual in fused and residual.start >= i:
             end = next(iter(end.users))
         post_bn = None
-        if pos.post_bn_node is not None and j not in plan.activations:
+        if pos.post_bn_node is not None and j not in plan.activations | plan.pruned:
             # activation removed: the BN after it reads the block output, an exact fold
             after = nodes[pos.post_bn_node]
             if after.args[0] is end:
                 post_bn, end = pos.post_bn, after
-        conv = _merged_conv(gm, chain, fused, i, j, post_bn)
+        first = nodes[chain.positions[i + 1].conv_node]
+        if _is_identity(chain, plan, fused, i, j):
+            end.replace_all_uses_with(first.args[0])
+            gm.graph.eliminate_dead_code()
+            continue
+        conv = _merged_conv(gm, chain, fused, plan.pruned, i, j, post_bn)
         name = f"depthcompress_block_{i}_{j}"
         gm.add_submodule(name, conv)
-        first = nodes[chain.positions[i + 1].conv_node]
         with gm.graph.inserting_before(first):
             new = gm.graph.call_module(name, (first.args[0],))
         end.replace_all_uses_with(new)
@@ -150,21 +154,55 @@ def _conv_spec(gm: fx.GraphModule, chain: ConvChain, k: int) -> ConvSpec:
     return spec_from_conv(gm.get_submodule(pos.conv), bn, padding=pos.padding)
 
 
+def _is_identity(chain: ConvChain, plan: Plan, fused: list[Residual], i: int, j: int) -> bool:
+    """Whether block ``(i, j)`` computes its input: every conv pruned and no residual inside."""
+    every = all(k in plan.pruned for k in range(i + 1, j + 1))
+    return every and not any(i <= r.start and r.end <= j for r in fused)
+
+
+def _identity_spec(channels: int) -> ConvSpec:
+    """The identity as a 1x1 depthwise conv (what a fully pruned span computes)."""
+    weight = torch.ones(channels, 1, 1, 1, dtype=torch.float64)
+    return ConvSpec(weight, weight.new_zeros(channels), (1, 1), (0, 0), channels)
+
+
+def _chain_spec(
+    gm: fx.GraphModule,
+    chain: ConvChain,
+    fused: list[Residual],
+    pruned: frozenset[int],
+    i: int,
+    j: int,
+) -> ConvSpec:
+    """Convs ``i+1..j`` (pruned ones left out) merged into one spec; the identity if none."""
+    specs = _span_specs(gm, chain, fused, pruned, i, j)
+    return merge_chain(specs) if specs else _identity_spec(chain.positions[i + 1].in_channels)
+
+
 def _span_specs(
-    gm: fx.GraphModule, chain: ConvChain, fused: list[Residual], i: int, j: int
+    gm: fx.GraphModule,
+    chain: ConvChain,
+    fused: list[Residual],
+    pruned: frozenset[int],
+    i: int,
+    j: int,
 ) -> list[ConvSpec]:
-    """Normal forms of convs ``i+1..j``, each fused residual inside collapsed into one spec."""
+    """Normal forms of convs ``i+1..j``, each fused residual inside collapsed into one spec and
+    each pruned conv (an identity, BNs and all) left out."""
     specs: list[ConvSpec] = []
     k = i + 1
     while k <= j:
         inner = [r for r in fused if r.start == k - 1 and r.end <= j and (r.start, r.end) != (i, j)]
         if inner:
             r = max(inner, key=lambda r: r.end)
-            spec, k = _residual_spec(gm, chain, fused, r), r.end
+            spec, k = _residual_spec(gm, chain, fused, pruned, r), r.end
+        elif k in pruned:
+            k += 1
+            continue
         else:
             spec = _conv_spec(gm, chain, k)
         post_bn = chain.positions[k].post_bn
-        if k < j and post_bn is not None:  # inside a block: its activation is removed
+        if k < j and post_bn is not None and k not in pruned:  # its activation is removed
             spec = fold_bn(spec, gm.get_submodule(post_bn))
         specs.append(spec)
         k += 1
@@ -172,9 +210,13 @@ def _span_specs(
 
 
 def _residual_spec(
-    gm: fx.GraphModule, chain: ConvChain, fused: list[Residual], r: Residual
+    gm: fx.GraphModule,
+    chain: ConvChain,
+    fused: list[Residual],
+    pruned: frozenset[int],
+    r: Residual,
 ) -> ConvSpec:
-    branch = merge_chain(_span_specs(gm, chain, fused, r.start, r.end))
+    branch = _chain_spec(gm, chain, fused, pruned, r.start, r.end)
     shortcut = None
     if r.shortcut is not None:
         join = gm.get_submodule(f"depthcompress_join_{r.start}_{r.end}")
@@ -187,6 +229,7 @@ def _merged_conv(
     gm: fx.GraphModule,
     chain: ConvChain,
     fused: list[Residual],
+    pruned: frozenset[int],
     i: int,
     j: int,
     post_bn: str | None = None,
@@ -194,14 +237,14 @@ def _merged_conv(
     """The single conv of block ``(i, j)`` (then ``post_bn`` folded in), computed in float64 and
     cast to the model's dtype."""
     pos = chain.positions[j]
-    dtype = gm.get_submodule(pos.conv).weight.dtype
+    dtype = param_place(gm)["dtype"] if j in pruned else gm.get_submodule(pos.conv).weight.dtype
     residual = chain.residual_ending_at(j)
     whole = residual is not None and residual in fused and (residual.start, residual.end) == (i, j)
-    if j == i + 1 and not whole:
+    if j == i + 1 and not whole and j not in pruned:
         return _folded_copy(gm, pos.conv, pos.bn, post_bn)
-    spec = merge_chain(_span_specs(gm, chain, fused, i, j))
+    spec = _chain_spec(gm, chain, fused, pruned, i, j)
     if whole:
-        spec = _residual_spec(gm, chain, fused, residual)
+        spec = _residual_spec(gm, chain, fused, pruned, residual)
     if post_bn is not None:
         spec = fold_bn(spec, gm.get_submodule(post_bn))
     conv = to_conv2d(spec, dtype)

@@ -1,4 +1,5 @@
-"""The compression plan: kept activations A and merge boundaries S (the paper's A ⊆ S)."""
+"""The compression plan: kept activations A, merge boundaries S (the paper's A ⊆ S) and the
+convolutions pruned to the identity inside merged blocks (LayerMerge, docs/layermerge.md)."""
 
 from __future__ import annotations
 
@@ -30,14 +31,17 @@ class Plan:
 
     Between consecutive elements of ``{0} ∪ S`` all convolutions are merged into one. A position in
     A that had no activation in the original network gets one inserted (the paper's ``add_relu``).
+    Each position in ``pruned`` loses its conv and BNs (the identity); it must be reducible.
     """
 
     activations: frozenset[int]
     boundaries: frozenset[int]
+    pruned: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "activations", _positions(self.activations, "activations"))
         object.__setattr__(self, "boundaries", _positions(self.boundaries, "boundaries"))
+        object.__setattr__(self, "pruned", _positions(self.pruned, "pruned"))
 
     @classmethod
     def identity(cls, chain: ConvChain) -> Plan:
@@ -89,7 +93,12 @@ class Plan:
     def validate(self, chain: ConvChain) -> None:
         """Raise PlanError naming the first position or block that does not fit ``chain``."""
         n = chain.num_positions
-        for name, values in (("activations", self.activations), ("boundaries", self.boundaries)):
+        named = (
+            ("activations", self.activations),
+            ("boundaries", self.boundaries),
+            ("pruned", self.pruned),
+        )
+        for name, values in named:
             bad = sorted(p for p in values if not 1 <= p <= n)
             if bad:
                 raise PlanError(
@@ -119,10 +128,35 @@ class Plan:
                     f"boundaries {sorted(self.boundaries)} are not a valid block cover: block "
                     f"({i}, {j}) cannot be merged: {why}"
                 )
+        self._validate_pruned(chain)
+
+    def _validate_pruned(self, chain: ConvChain) -> None:
+        """Every pruned position must hold a conv that the identity can replace exactly."""
+        from .pruning import misfit_shortcuts, reducible
+
+        bad = sorted(self.pruned - reducible(chain))
+        if bad:
+            raise PlanError(
+                f"pruned positions {bad} are not reducible: a pruned conv must keep the tensor's "
+                "shape (same input and output channels, stride 1, same spatial size) and be "
+                "mergeable"
+            )
+        misfit = misfit_shortcuts(chain, self.pruned, self.boundaries)
+        if misfit:
+            r = misfit[0]
+            raise PlanError(
+                f"pruning {sorted(self.pruned & set(range(r.start + 1, r.end + 1)))} shrinks the "
+                f"branch of residual ({r.start}, {r.end}) below its shortcut's kernel "
+                f"{r.shortcut_kernel}: prune fewer of its convs or put a boundary inside it"
+            )
 
     def to_dict(self) -> dict[str, list[int]]:
-        """Plain-data form, sorted, as written to plan.json."""
-        return {"activations": sorted(self.activations), "boundaries": sorted(self.boundaries)}
+        """Plain-data form, sorted, as written to plan.json (``pruned`` only when non-empty, so
+        plans without pruning read and write as before)."""
+        out = {"activations": sorted(self.activations), "boundaries": sorted(self.boundaries)}
+        if self.pruned:
+            out["pruned"] = sorted(self.pruned)
+        return out
 
     def to_json(self) -> str:
         """JSON text of the plan."""
@@ -132,7 +166,11 @@ class Plan:
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         """Read a plan from its plain-data form; other keys (latency, importance...) are ignored."""
         try:
-            return cls(activations=data["activations"], boundaries=data["boundaries"])
+            return cls(
+                activations=data["activations"],
+                boundaries=data["boundaries"],
+                pruned=data.get("pruned", ()),
+            )
         except (KeyError, TypeError) as exc:
             raise PlanError(
                 f"a plan needs the keys 'activations' and 'boundaries' (lists of positions): {exc}"
