@@ -8,7 +8,8 @@ a network on ONNX Runtime CPU after calibrating its latency table.
 CIFAR-10 network of the benchmark issue (``resnet20``, ``cifar_mbv2``; 3×32×32). Shipped weights
 are loaded where the package has them, else the network keeps its seeded random initialisation:
 only latencies are compared, and they do not depend on the weights. Batch 64, general mode,
-kernels ≤ 15, 1 thread by default. The latency table is built (or resumed) in
+kernels ≤ 15 (``--max-kernel-size``), 1 thread by default. The latency table is built (or
+resumed) in
 ``--workdir``; the calibration times 3 plans and the original whole (seeded synthetic importance
 table, seed 0: only latencies matter); then for each budget (a fraction of the measured whole
 original; the demo's fastest plan is about 0.69x of it, so 0.65x and 0.5x have no plan) a plan
@@ -62,6 +63,7 @@ def main() -> int:
     parser.add_argument("--max-time", type=float, default=20.0, help="seconds per paired timing")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--model", choices=sorted(NETWORKS), default="fashion_mbv2")
+    parser.add_argument("--max-kernel-size", type=int, default=15, help="largest merged kernel")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -75,7 +77,12 @@ def main() -> int:
     except ModelSpecError:
         print(f"{args.model}: no shipped weights, seeded random initialisation (timing only)")
     model.eval()
-    chain = trace(model, torch.randn(1, *shape[1:]), exclude=exclude)
+    chain = trace(
+        model,
+        torch.randn(1, *shape[1:]),
+        exclude=exclude,
+        max_kernel_size=args.max_kernel_size,
+    )
     backend = get_backend("onnxruntime", threads=args.threads, protocol=Protocol())
     args.workdir.mkdir(parents=True, exist_ok=True)
     path = args.workdir / "latency.csv"
