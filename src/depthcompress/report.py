@@ -204,7 +204,38 @@ def summary_lines(evaluation: dict[str, Any]) -> list[str]:
         f"{evaluation['predicted_speedup']:.2f}× for the chain{calibrated}"
     ]
     warning = noisy_warning(evaluation)
+    lines += width_lines(evaluation, compact=True)
     return [*lines, *([warning] if warning else []), timing_lines(evaluation)[0]]
+
+
+def width_lines(evaluation: dict[str, Any], *, compact: bool = False) -> list[str]:
+    """With --width: the measured speed-up split into width (original → pruned, paired) and
+    depth (pruned → final), and (``compact``) the kept channels on one line."""
+    w = evaluation.get("width")
+    if not w:
+        return []
+    lines = [
+        f"of the measured {evaluation['speedup']:.2f}×, width (--width {w['ratio']:g}, "
+        f"{w['importance']} importance, channels rounded to {w['round_to']}) gave "
+        f"{w['speedup']:.2f}× (original → pruned, paired rounds) and depth "
+        f"{w['depth_speedup']:.2f}× (pruned → final)"
+    ]
+    if compact:
+        kept = ", ".join(f"{n} {a}→{b}" for n, (a, b) in w["kept"].items())
+        lines.append(f"kept channels: {kept}")
+    return lines
+
+
+def width_section(evaluation: dict[str, Any]) -> list[str]:
+    """report.md's width part: the speed-up split and the kept channels per convolution."""
+    w = evaluation.get("width")
+    if not w:
+        return []
+    before, after = w["params"]
+    lines = ["## Width (channel pruning before depth)", "", *width_lines(evaluation), ""]
+    lines += [f"Parameters {before:,} → {after:,} by pruning alone.", ""]
+    rows = [(n, str(a), str(b), f"{b / a:.0%}") for n, (a, b) in w["kept"].items()]
+    return [*lines, *_md_table(("convolution", "channels", "kept", "share"), rows), ""]
 
 
 def timing_lines(evaluation: dict[str, Any]) -> list[str]:
@@ -548,6 +579,7 @@ def write_report(
     lines += _md_table(("", "original", "compressed", "change"), summary_rows(evaluation))
     lines.append("")
     lines += speedup_section(evaluation, plan)
+    lines += width_section(evaluation)
     title = f"{ident['model']}: accuracy against measured latency"
     points = latency_points(evaluation)
     path = wd / "accuracy_latency.png"
