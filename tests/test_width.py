@@ -144,3 +144,12 @@ def test_resume_does_not_redo_the_width_stage(width_run, monkeypatch) -> None:
 def test_an_unreachable_budget_suggests_a_larger_width(tmp_path: Path) -> None:
     with pytest.raises(BudgetError, match=r"at least .*x.* a larger --width"):
         compress(small_model(), small_data(), tmp_path / "wd", width_settings("0.01x"))
+
+
+def test_compress_help_offers_width() -> None:
+    from typer.testing import CliRunner
+
+    from depthcompress.cli import app
+
+    out = CliRunner().invoke(app, ["compress", "--help"], env={"COLUMNS": "80"}).output
+    assert "--width" in out and "--width-importance" in out and "depth only" in out
