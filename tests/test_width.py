@@ -153,3 +153,25 @@ def test_compress_help_offers_width() -> None:
 
     out = CliRunner().invoke(app, ["compress", "--help"], env={"COLUMNS": "80"}).output
     assert "--width" in out and "--width-importance" in out and "depth only" in out
+
+
+def test_pareto_joint_points_are_made_and_plotted(tmp_path: Path) -> None:
+    """benchmarks/pareto.py's third method: compress with width and budget, on the same front."""
+    import importlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    pareto = importlib.import_module("pareto")
+    data = small_data()
+    tiny = replace(settings(epochs=1), calibration_rule=RULE)
+    setup = pareto.Setup("tiny:mbv2", small_model().eval(), data, data.holdout, tiny)
+    timing = pareto.Timing("onnxruntime", 1, 8)
+    opts = pareto.Options(
+        budgets=("0.8x",), ratios=(), timings=(timing,), rule=TINY_RULE, round_to=4,
+        importances=(), joint=("0.25:0.9x",),
+    )  # fmt: skip
+    record = pareto.run(setup, opts, tmp_path, log=lambda _: None)
+    joint = record[-1]
+    assert joint["name"] == "joint-0.25-0.9x" and joint["method"] == "joint"
+    assert joint["width"] == 0.25 and joint["params"] < record[0]["params"]
+    assert "| joint | 0.25:0.9x |" in (tmp_path / "pareto.md").read_text()
+    assert (tmp_path / f"mbv2-{timing.key}.png").stat().st_size > 0
