@@ -175,3 +175,15 @@ def test_pareto_joint_points_are_made_and_plotted(tmp_path: Path) -> None:
     assert joint["width"] == 0.25 and joint["params"] < record[0]["params"]
     assert "| joint | 0.25:0.9x |" in (tmp_path / "pareto.md").read_text()
     assert (tmp_path / f"mbv2-{timing.key}.png").stat().st_size > 0
+
+
+def test_taylor_importance_reads_gradients_of_given_batches() -> None:
+    from depthcompress.data import fetch
+
+    model, x = small_model().eval(), torch.randn(1, 1, 28, 28)
+    with pytest.raises(WidthError, match="needs batches"):
+        prune_width(model, x, 0.5, round_to=4, importance="taylor")
+    batch = fetch(small_data().holdout, torch.arange(32))
+    first = prune_width(model, x, 0.5, round_to=4, importance="taylor", batches=[batch])
+    again = prune_width(model, x, 0.5, round_to=4, importance="taylor", batches=[batch])
+    assert first.kept == again.kept and all(p.grad is None for p in model.parameters())
