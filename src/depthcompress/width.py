@@ -68,7 +68,7 @@ def _importance(tp: Any, kind: str) -> Any:
 
 def _classifier(model: nn.Module) -> list[nn.Module]:
     """The last ``nn.Linear`` (its outputs are the classes, never pruned)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears: list[nn.Module] = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1:]
 
 
@@ -176,4 +176,5 @@ def _gradients(net: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tenso
     """The gradients a Taylor importance reads: cross-entropy on ``batches`` (eval mode)."""
     net.zero_grad()
     for x, y in batches:
-        nn.functional.cross_entropy(net(x), y).backward()
+        loss = nn.functional.cross_entropy(net(x), y)
+        torch.autograd.backward(loss)
