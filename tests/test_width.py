@@ -124,7 +124,11 @@ def test_compress_with_width_merges_exactly_and_exports(width_run) -> None:
     split = result.evaluation["width"]
     assert split["speedup"] * split["depth_speedup"] == pytest.approx(result.speedup)
     report = (wd / "report.md").read_text()
-    assert "## Width" in report and "| features.1.conv.0 | 16 |" in report
+    assert (
+        "## Width" in report
+        and "Σ T of the pruned chain" in report
+        and "| features.1.conv.0 | 16 |" in report
+    )
     plan = json.loads((wd / "plan.json").read_text())
     cal = json.loads((wd / "calibration.json").read_text())
     pruned_whole = cal["points"][0]["whole_ms"]

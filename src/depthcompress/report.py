@@ -540,7 +540,8 @@ def speedup_section(evaluation: dict[str, Any], plan: dict[str, Any]) -> list[st
         (
             "predicted by the latency table, chain only",
             f"{evaluation['predicted_speedup']:.2f}×",
-            f"Σ T of the original chain {plan['original_latency']:.4f} ms → Σ T_opt "
+            f"Σ T of the {'pruned' if evaluation.get('width') else 'original'} chain "
+            f"{plan['original_latency']:.4f} ms → Σ T_opt "
             f"{plan['latency']:.4f} ms (stem, head and per-call overheads not included)",
         ),
         (
