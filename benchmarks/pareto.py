@@ -9,7 +9,10 @@ shipped weights, Fashion-MNIST; ``--model resnet20``: the CIFAR-10 model of reco
 depthcompress at each budget: the latency and importance tables once
 (``compress(..., until="importance")``), a plan per budget (``dp.solve``), linearize, fine-tune,
 merge; (b) Torch-Pruning's ``MetaPruner`` at each ratio with an L1 magnitude and a
-Taylor (gradient) importance, ``round_to`` channels (16 suits ONNX Runtime on a CPU, 8 a GPU).
+Taylor (gradient) importance, ``round_to`` channels (16 suits ONNX Runtime on a CPU, 8 a GPU);
+(c) with ``--joint RATIO:BUDGET ...``, both at once (issue 14): ``compress`` with ``width`` RATIO
+(L1, the same ``round_to``) and BUDGET of the original's whole latency on the tables' backend
+(the fastest plan where the budget is below it), in ``OUT/points/joint-R-B/compress``.
 Every network is fine-tuned with one ``FinetuneConfig`` (distillation from the original, as in
 the demo), scored on the test set the same way, and timed against the original with
 ``speedup.paired_speedup`` (median per-round ratio, 95 % interval) at each
@@ -29,7 +32,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,7 @@ class Options:
     round_to: int = 16
     importances: tuple[str, ...] = TP_IMPORTANCES
     taylor_batches: int = 4
+    joint: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,31 @@ def depth_point(setup: Setup, tables: Tables, budget: str, where: Path) -> tuple
     return merged, {"plan": plan.to_dict(), "budget_ms": ms, "fastest": ms < fastest}
 
 
+def joint_point(
+    setup: Setup, opts: Options, setting: str, where: Path, log: Log
+) -> tuple[nn.Module, dict]:
+    """Width then depth at ``RATIO:BUDGET``: one ``compress --width`` run (same fine-tuning)."""
+    ratio, budget = setting.split(":")
+    settings = replace(
+        setup.settings,
+        budget=dc.Budget.parse(budget),
+        budget_mode="whole",
+        budget_or_fastest=True,
+        width=float(ratio),
+        width_round_to=opts.round_to,
+        speedup_rule=opts.rule,
+    )
+    result = dc.compress(
+        setup.model, setup.data, where / "compress", settings, test_data=setup.test,
+        model_name=setup.name, log=log,
+    )  # fmt: skip
+    if result is None:
+        raise RuntimeError(f"compress of the joint point {setting} stopped before its end")
+    extra = {"width": float(ratio), "budget": budget, "round_to": opts.round_to}
+    split = {"width_speedup": result.evaluation["width"]["speedup"]}
+    return result.merged, {**extra, **split, "plan": result.plan.to_dict()}
+
+
 def tp_importance(kind: str) -> Any:
     """Torch-Pruning's importance criterion called ``kind``."""
     import torch_pruning as tp
@@ -252,10 +281,13 @@ def point_specs(opts: Options) -> Iterator[tuple[str, str, str]]:
     for kind in opts.importances:
         for r in opts.ratios:
             yield f"tp-{kind}-{r:g}", f"torch-pruning {kind}", f"{r:g}"
+    for pair in opts.joint:
+        ratio, budget = pair.split(":")
+        yield f"joint-{float(ratio):g}-{budget}", "joint", f"{float(ratio):g}:{budget}"
 
 
 def build_point(
-    setup: Setup, opts: Options, tables: Tables, spec: tuple[str, str, str], where: Path
+    setup: Setup, opts: Options, tables: Tables, spec: tuple[str, str, str], where: Path, log: Log
 ) -> tuple[nn.Module, dict]:
     """Make one point's network (fine-tuned; the original as it is) and what describes it."""
     _, method, setting = spec
@@ -263,6 +295,8 @@ def build_point(
         return copy.deepcopy(setup.model).eval(), {}
     if method == "depthcompress":
         return depth_point(setup, tables, setting, where)
+    if method == "joint":
+        return joint_point(setup, opts, setting, where, log)
     kind = method.split()[-1]
     return prune_point(setup, opts, kind, float(setting), where), {"round_to": opts.round_to}
 
@@ -280,7 +314,7 @@ def run_point(
         net = torch.load(net_path, weights_only=False).eval()
     else:
         where.mkdir(parents=True, exist_ok=True)
-        net, extra = build_point(setup, opts, tables, spec, where)
+        net, extra = build_point(setup, opts, tables, spec, where, log)
         save_torch(net, net_path, example(setup))
         record = {"name": name, "method": method, "setting": setting, **extra}
         record.update(accuracy=evaluate(net, setup.test), params=params(net), convs=convs(net))
@@ -327,6 +361,8 @@ def marker(method: str) -> dict[str, Any]:
     """The original as a large star, each method as a line of dots."""
     if method == "original":
         return {"marker": "*", "markersize": 14, "linestyle": "none"}
+    if method == "joint":
+        return {"marker": "s", "linestyle": "none"}
     return {"marker": "o"}
 
 
@@ -346,6 +382,9 @@ def plot(points: list[dict], timing: Timing, title: str, path: Path) -> None:
         x, y = [v["speedup"] for v in s], [p["accuracy"] for p in mine]
         err = [[v["speedup"] - v["low"] for v in s], [v["high"] - v["speedup"] for v in s]]
         ax.errorbar(x, y, xerr=err, label=method, capsize=3, **marker(method))
+        if method == "joint":  # each joint point labelled with its width:budget
+            for p, xi, yi in zip(mine, x, y, strict=True):
+                ax.annotate(p["setting"], (xi, yi), textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel(
         f"measured speed-up ({timing.backend}, {timing.threads} thread(s), batch {timing.batch})"
     )
@@ -412,7 +451,11 @@ def model_setup(args: argparse.Namespace) -> Setup:
         importance=FinetuneSettings(steps=args.importance_steps, lr=0.05),
         workers=args.workers,
         finetune=FinetuneConfig(
-            epochs=args.epochs, lr=args.lr, batch_size=128, distill=args.distill
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=128,
+            distill=args.distill,
+            steps_per_epoch=args.steps_per_epoch,
         ),
         budget_mode="chain",
     )
@@ -433,8 +476,13 @@ def main(argv: list[str] | None = None) -> None:
         "--timings", nargs="+", default=["ort:1:1", "ort:1:64", "ort:2:1", "ort:2:64"],
         help="backend:threads:batch (ort = onnxruntime; torch: on the CPU; cuda: torch on the GPU)",
     )  # fmt: skip
+    parser.add_argument(
+        "--joint", nargs="*", default=[],
+        help="RATIO:BUDGET pairs: compress --width RATIO --budget BUDGET (whole latency)",
+    )  # fmt: skip
     parser.add_argument("--round-to", type=int, default=16, help="16: ORT CPU; 8: a GPU")
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--steps-per-epoch", type=int, default=None, help="for a quick trial")
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--distill", type=float, default=0.3)
     parser.add_argument("--importance-steps", type=int, default=25)
@@ -449,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         timings=tuple(Timing.parse(t) for t in args.timings),
         rule=Rule(min_rounds=args.rounds, max_time=args.max_time),
         round_to=args.round_to,
+        joint=tuple(args.joint),
     )
     run(model_setup(args), opts, args.out, command=" ".join(["python", *sys.argv]))
     print((args.out / "pareto.md").read_text())

@@ -1075,6 +1075,8 @@ def _compress_settings(**kw):  # returns pipeline.CompressSettings
         budget_mode=kw.get("budget_mode", "whole"),
         budget_or_fastest=kw.get("budget_or_fastest", False),
         lr_probe=_probe_settings(kw),
+        width=kw.get("width", 0.0),
+        width_importance=kw.get("width_importance", "l1"),
     )
 
 
@@ -1222,6 +1224,17 @@ def compress_cmd(
         bool, typer.Option(help="download Fashion-MNIST with torchvision if it is not installed")
     ] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    width: Annotated[
+        float,
+        typer.Option(
+            help="also prune this fraction of every layer's channels (Torch-Pruning, "
+            "pip install 'depthcompress[width]') before depth compression, under the same "
+            "--budget of the original's whole latency; 0 = depth only"
+        ),
+    ] = 0.0,
+    width_importance: Annotated[
+        str, typer.Option(help="which channels --width keeps: l1 (weight magnitude) or taylor")
+    ] = "l1",
 ) -> None:
     """Compress MODEL end to end: latency and importance tables, DP, fine-tune, merge, export.
 

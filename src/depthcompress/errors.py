@@ -58,6 +58,11 @@ class WorkdirError(DepthCompressError):
     """The work directory holds results of another model or of other settings."""
 
 
+class WidthError(DepthCompressError):
+    """Channel pruning (``--width``) cannot run: Torch-Pruning is missing or cannot handle the
+    model; depth-only compression still works."""
+
+
 class BackendError(DepthCompressError):
     """A latency backend is missing, cannot run here, or cannot run this model."""
 

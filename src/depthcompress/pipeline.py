@@ -56,6 +56,7 @@ from .plan import Plan
 from .progress import LOG, Reporter
 from .speedup import Rule, SpeedupResult, paired_speedup
 from .tables import ImportanceTable, LatencyTable, OptimalLatencyTable
+from .width import WidthResult
 
 MANIFEST = "stages.json"
 RUN = "run.json"
@@ -91,6 +92,11 @@ class CompressSettings:
 
     ``lr_probe`` (None: off, the configured lr is used) probes the fine-tuning lr on the original
     network first (``lrprobe``): the largest of lr, lr/4, ... that keeps its held-out accuracy.
+    ``width`` > 0 channel-prunes that fraction of every layer's channels first (``width.py``,
+    Torch-Pruning, ``width_importance`` "l1" or "taylor"); the depth stages then work on the
+    pruned network, distilled from the unpruned original, and the budget stays a fraction of
+    the unpruned original's whole latency (budget_mode "whole" only). Kept channels are
+    multiples of ``width_round_to`` (default: 16 on the CPU backends, 8 on a GPU).
     """
 
     budget: Budget
@@ -115,6 +121,9 @@ class CompressSettings:
     calibration_plans: int = 3
     budget_or_fastest: bool = False
     lr_probe: ProbeSettings | None = None
+    width: float = 0.0
+    width_importance: str = "l1"
+    width_round_to: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -130,6 +139,7 @@ class CompressSettings:
             problems.append(f"calibration_plans must be ≥ 1, got {self.calibration_plans}")
         if self.mode not in ("general", "reference"):
             problems.append(f"mode must be 'general' or 'reference', got {self.mode!r}")
+        problems += self._width_problems()
         try:
             backend_key(self.backend)
             resolve_device(self.device)
@@ -149,6 +159,33 @@ class CompressSettings:
         check_amp(self.importance.amp, self.device or "cpu")
         check_amp(self.finetune.amp, tune_device)
 
+    def _width_problems(self) -> list[str]:
+        """What is wrong with the width settings (none when they are fine)."""
+        from .width import IMPORTANCES
+
+        problems = []
+        if not 0 <= self.width < 1:
+            problems.append(f"width is a fraction of channels in [0, 1), got {self.width}")
+        if self.width_importance not in IMPORTANCES:
+            problems.append(f"width_importance must be one of {IMPORTANCES}")
+        if self.width_round_to is not None and self.width_round_to < 1:
+            problems.append(f"width_round_to must be ≥ 1, got {self.width_round_to}")
+        if self.width > 0 and self.budget_mode != "whole":
+            problems.append("width needs budget_mode 'whole' (the original's whole latency)")
+        return problems
+
+    def width_settings(self) -> dict[str, Any]:
+        """What decides the width stage's pruned network (empty when ``width`` is 0)."""
+        from .width import default_round_to
+
+        if self.width <= 0:
+            return {}
+        return {
+            "ratio": self.width,
+            "importance": self.width_importance,
+            "round_to": self.width_round_to or default_round_to(self.backend, self.timing_device()),
+        }
+
     def timing_device(self) -> str | torch.device | None:
         """The device handed to the latency backend: ``device`` for torch and tensorrt, None
         (the CPU) for the CPU backends, whose ``device`` only moves fine-tuning."""
@@ -166,6 +203,9 @@ class CompressSettings:
             "seed": self.seed,
         }
         imp = {"importance": asdict(self.importance)}
+        width = self.width_settings()
+        if width:  # absent without width: older work directories resume
+            lat, imp = {**lat, "width": width}, {**imp, "width": width}
         budget = {"value": self.budget.value, "relative": self.budget.relative}
         calibrate = {
             **lat,
@@ -182,6 +222,7 @@ class CompressSettings:
             probe["finetune"].pop("epochs")
             tune = {**tune, "lr_probe": probe["lr_probe"]}
         return {
+            "width": {**lat, "rule": asdict(self.calibration_rule)} if width else {},
             "latency": lat,
             "optimal": lat,
             "calibrate": calibrate,
@@ -427,6 +468,8 @@ class RunContext:
     latency_from: Path | None = None
     ran: list[str] = field(default_factory=list)
     # filled by the stages, in order
+    network: nn.Module | None = None
+    width: dict[str, Any] | None = None
     latency: LatencyTable | None = None
     original_ms: float | None = None
     opt: OptimalLatencyTable | None = None
@@ -497,6 +540,98 @@ class Stage(ABC):
     @abstractmethod
     def load(self, ctx: RunContext) -> None:
         """Fill the context from the stage's files."""
+
+
+class WidthStage(Stage):
+    """Width before depth: with ``settings.width`` > 0, the original channel-pruned by
+    Torch-Pruning becomes the network (and chain) every later stage works on; ``width.json``
+    holds the kept channels and the paired speed-up of the pruned network over the original.
+    Not recorded: a resume prunes again (deterministic) and checks the recorded channels and
+    weights, and the later stages' settings name the width."""
+
+    name = "width"
+    files = ("width.json",)
+    recorded = False
+    run_fills = True
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        s = ctx.settings
+        ctx.network = ctx.original
+        if s.width <= 0:
+            return {}
+        pruned = self._prune(ctx)
+        record = _kept_json(ctx, "width.json", self.settings(ctx))
+        if record is None:
+            record = self._measure(ctx, pruned)
+        elif record["kept"] != pruned.kept_json() or record["weights"] != weights_sha(pruned.model):
+            raise WorkdirError(
+                f"pruning the original again did not give the network recorded in "
+                f"{ctx.wd.file('width.json')} (another Torch-Pruning or torch?): use another "
+                "--workdir, or move width.json and pass --redo latency"
+            )
+        example = torch.randn(1, *ctx.shape[1:], generator=torch.Generator().manual_seed(s.seed))
+        ctx.network, ctx.width = pruned.model, record
+        ctx.chain = trace(
+            pruned.model,
+            example,
+            mode=s.mode,
+            max_kernel_size=s.max_kernel_size,
+            exclude=s.exclude,
+        )
+        return {}
+
+    def load(self, ctx: RunContext) -> None:
+        self.run(ctx)
+
+    @staticmethod
+    def _prune(ctx: RunContext) -> WidthResult:
+        """The pruned network, from the original's weights (Taylor: its held-out gradients)."""
+        from .width import prune_width
+
+        s, holdout = ctx.settings, ctx.data.holdout
+        batch = fetch(holdout, torch.arange(min(64, len(holdout))))
+        example = torch.randn(1, *ctx.shape[1:], generator=torch.Generator().manual_seed(s.seed))
+        return prune_width(
+            ctx.original,
+            example,
+            s.width,
+            round_to=s.width_settings()["round_to"],
+            importance=s.width_importance,
+            batches=[batch] if s.width_importance == "taylor" else [],
+        )
+
+    def _measure(self, ctx: RunContext, pruned: WidthResult) -> dict[str, Any]:
+        """Time the pruned network against the original in paired rounds; write width.json."""
+        if ctx.world > 1:
+            raise WorkdirError("under torchrun compress only fine-tunes: run once without it")
+        res = paired_speedup(
+            ctx.original,
+            pruned.model,
+            ctx.runner,
+            ctx.shape,
+            ctx.settings.calibration_rule,
+            names=("original", "pruned"),
+        )
+        ctx.say(f"width {ctx.settings.width:g}: {res.message}")
+        record = {
+            "settings": self.settings(ctx),
+            **ctx.settings.width_settings(),
+            "kept": pruned.kept_json(),
+            "weights": weights_sha(pruned.model),
+            "params": [_params(ctx.original), _params(pruned.model)],
+            "original_ms": res.latency_a_ms,
+            "pruned_ms": res.latency_b_ms,
+            "speedup": res.speedup,
+            "interval": [res.low, res.high],
+            "converged": res.converged,
+        }
+        write_json(ctx.wd.file("width.json"), record)
+        return _normalised(record)
+
+
+def _params(net: nn.Module) -> int:
+    """The network's parameter count."""
+    return sum(p.numel() for p in net.parameters())
 
 
 class LatencyStage(Stage):
@@ -584,7 +719,7 @@ class CalibrateStage(Stage):
 
     name = "calibrate"
     files = ("calibration.json",)
-    reads = ("latency", "opt", "original_ms")
+    reads = ("latency", "opt", "original_ms", "network")
     recorded = False
     run_fills = True
 
@@ -627,7 +762,7 @@ class CalibrateStage(Stage):
             f"timed whole on {ctx.runner.name}, paired with the original"
         )
         cal = calibrate(
-            ctx.original,
+            _need(ctx.network, "network"),
             ctx.chain,
             _need(ctx.latency, "latency"),
             ctx.runner,
@@ -636,10 +771,18 @@ class CalibrateStage(Stage):
             count=s.calibration_plans,
             seed=s.seed,
         )
+        if ctx.width is not None:  # the budget is of the unpruned original
+            cal = replace(cal, original_whole_ms=cal.original_whole_ms * ctx.width["speedup"])
         meaning = (
             "budget_mode 'whole': a budget of r x is r × original_whole_ms of the whole network "
             "(ms budgets are whole-network ms); the DP solves on T' = a·T + o per block (stage 1 "
             "recomputed) with the budget less c, and predicts whole = c + Σ T'_opt"
+            + (
+                "; with width, the points time the pruned network and original_whole_ms is its "
+                "whole latency × width.json's paired speed-up (the unpruned original's)"
+                if ctx.width is not None
+                else ""
+            )
         )
         data = {"settings": self.settings(ctx), **cal.to_dict(), "meaning": meaning}
         write_json(ctx.wd.file("calibration.json"), data)
@@ -651,6 +794,7 @@ class ImportanceStage(Stage):
 
     name = "importance"
     files = ("importance.csv", "importance.csv.json")
+    reads = ("network",)
 
     def message(self, ctx: RunContext) -> str:
         return f"importance table ({ctx.settings.workers} worker(s))"
@@ -659,7 +803,7 @@ class ImportanceStage(Stage):
         s, path = ctx.settings, ctx.wd.file("importance.csv")
         with _adopting(ctx, ctx.importance_from, path, "--importance-table", "importance"):
             importance_table(
-                ctx.original,
+                _need(ctx.network, "network"),
                 ctx.chain,
                 ctx.data,
                 path,
@@ -789,7 +933,7 @@ class FinetuneStage(Stage):
 
     name = "finetune"
     files = ("finetune", "finetuned.pt")
-    reads = ("plan",)
+    reads = ("plan", "network")
     torchrun = True
     run_fills = True
 
@@ -803,7 +947,7 @@ class FinetuneStage(Stage):
     def run(self, ctx: RunContext) -> dict[str, Any] | None:
         cfg = _tuning_config(ctx)
         result = finetune(
-            linearize(ctx.original, ctx.chain, _need(ctx.plan, "plan")),
+            linearize(_need(ctx.network, "network"), ctx.chain, _need(ctx.plan, "plan")),
             ctx.data.train,
             cfg,
             teacher=copy.deepcopy(ctx.original) if cfg.distill > 0 else None,
@@ -829,7 +973,7 @@ class FinetuneStage(Stage):
         }
 
     def load(self, ctx: RunContext) -> None:
-        lin = linearize(ctx.original, ctx.chain, _need(ctx.plan, "plan"))
+        lin = linearize(_need(ctx.network, "network"), ctx.chain, _need(ctx.plan, "plan"))
         path = ctx.wd.file("finetuned.pt")
         lin.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         ctx.lin = lin.eval()
@@ -933,6 +1077,7 @@ class EvaluateStage(Stage):
             **timing.record(),
             "predicted_speedup": original_ms / plan_data["latency"],
             "predicted_whole": plan_data.get("predicted_whole_speedup"),
+            **_width_split(ctx, timing.speedup),
             "test_set": ctx.test_kind,
             "backend": ctx.runner.info(),
             "threads": ctx.runner.threads,
@@ -951,6 +1096,22 @@ class EvaluateStage(Stage):
 
     def load(self, ctx: RunContext) -> None:
         ctx.evaluation = _read_json(ctx.wd.file("evaluation.json"))
+
+
+def _width_split(ctx: RunContext, speedup: float) -> dict[str, Any]:
+    """With width, how much of the measured speed-up came from width (original → pruned, paired
+    in the width stage) and how much from depth (pruned → final: the rest)."""
+    if ctx.width is None:
+        return {}
+    w = ctx.width
+    keys = ("ratio", "importance", "round_to", "kept", "params", "interval", "converged")
+    return {
+        "width": {
+            **{k: w[k] for k in keys},
+            "speedup": w["speedup"],
+            "depth_speedup": speedup / w["speedup"],
+        }
+    }
 
 
 @dataclass(frozen=True)
@@ -1020,6 +1181,7 @@ class ReportStage(Stage):
 
 
 PIPELINE: tuple[Stage, ...] = (
+    WidthStage(),
     LatencyStage(),
     OptimalStage(),
     CalibrateStage(),
@@ -1158,6 +1320,18 @@ def _table_budget(ctx: RunContext) -> float:
 
 
 def _refusal(ctx: RunContext, budget_ms: float, fastest: float, kept: str) -> BudgetError:
+    """A budget below the fastest plan, in whole-network terms when calibrated; with width, the
+    fraction is of the unpruned original and a larger --width is suggested."""
+    error = _depth_refusal(ctx, budget_ms, fastest, kept)
+    if ctx.width is None:
+        return error
+    return BudgetError(
+        f"{error} With --width {ctx.settings.width:g} the pruned network alone runs at "
+        f"{1 / ctx.width['speedup']:.3f}x of the original: a larger --width reaches further"
+    )
+
+
+def _depth_refusal(ctx: RunContext, budget_ms: float, fastest: float, kept: str) -> BudgetError:
     """A budget below the fastest plan, said in whole-network terms when calibrated."""
     cal = ctx.calibration
     if cal is None or fastest >= _need(ctx.original_ms, "original_ms") * (1 - 1e-9):
@@ -1330,7 +1504,7 @@ def compress(
             f"note: fine-tuning runs on {device}, latency is timed on the CPU by "
             f"{runner.name} ({how} times on the GPU)"
         )
-    if latency_from is not None:
+    if latency_from is not None and settings.width <= 0:  # with width: the latency stage checks
         _check_adopted_latency(Path(latency_from), chain, runner, settings, name)
     wd.claim(identity)
     timing = device_name(torch.device(runner.device), index=False)

@@ -204,6 +204,7 @@ def summary_lines(evaluation: dict[str, Any]) -> list[str]:
         f"{evaluation['predicted_speedup']:.2f}× for the chain{calibrated}"
     ]
     warning = noisy_warning(evaluation)
+    lines += width_lines(evaluation, compact=True)
     lines += [*([warning] if warning else []), timing_lines(evaluation)[0]]
     return [*lines, *control_lines(evaluation)]
 
@@ -227,6 +228,36 @@ def control_lines(evaluation: dict[str, Any]) -> list[str]:
 def control_warning_line(evaluation: dict[str, Any]) -> str | None:
     """The control's warning (the plan or the recipe lost the accuracy), or None."""
     return (evaluation.get("control") or {}).get("warning")
+
+
+def width_lines(evaluation: dict[str, Any], *, compact: bool = False) -> list[str]:
+    """With --width: the measured speed-up split into width (original → pruned, paired) and
+    depth (pruned → final), and (``compact``) the kept channels on one line."""
+    w = evaluation.get("width")
+    if not w:
+        return []
+    lines = [
+        f"of the measured {evaluation['speedup']:.2f}×, width (--width {w['ratio']:g}, "
+        f"{w['importance']} importance, channels rounded to {w['round_to']}) gave "
+        f"{w['speedup']:.2f}× (original → pruned, paired rounds) and depth "
+        f"{w['depth_speedup']:.2f}× (pruned → final)"
+    ]
+    if compact:
+        kept = ", ".join(f"{n} {a}→{b}" for n, (a, b) in w["kept"].items())
+        lines.append(f"kept channels: {kept}")
+    return lines
+
+
+def width_section(evaluation: dict[str, Any]) -> list[str]:
+    """report.md's width part: the speed-up split and the kept channels per convolution."""
+    w = evaluation.get("width")
+    if not w:
+        return []
+    before, after = w["params"]
+    lines = ["## Width (channel pruning before depth)", "", *width_lines(evaluation), ""]
+    lines += [f"Parameters {before:,} → {after:,} by pruning alone.", ""]
+    rows = [(n, str(a), str(b), f"{b / a:.0%}") for n, (a, b) in w["kept"].items()]
+    return [*lines, *_md_table(("convolution", "channels", "kept", "share"), rows), ""]
 
 
 def timing_lines(evaluation: dict[str, Any]) -> list[str]:
@@ -531,7 +562,8 @@ def speedup_section(evaluation: dict[str, Any], plan: dict[str, Any]) -> list[st
         (
             "predicted by the latency table, chain only",
             f"{evaluation['predicted_speedup']:.2f}×",
-            f"Σ T of the original chain {plan['original_latency']:.4f} ms → Σ T_opt "
+            f"Σ T of the {'pruned' if evaluation.get('width') else 'original'} chain "
+            f"{plan['original_latency']:.4f} ms → Σ T_opt "
             f"{plan['latency']:.4f} ms (stem, head and per-call overheads not included)",
         ),
         (
@@ -574,6 +606,7 @@ def write_report(
     if control:
         lines += ["## Control", "", control[0], ""]
         lines += [f"**{w}**" for w in control[1:]] + ([""] if control[1:] else [])
+    lines += width_section(evaluation)
     title = f"{ident['model']}: accuracy against measured latency"
     points = latency_points(evaluation)
     path = wd / "accuracy_latency.png"
