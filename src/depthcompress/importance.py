@@ -989,7 +989,9 @@ def config_importance_table(
     entries = config_entries(chain, exclude_zeros=settings.exclude_zeros)
     net = portable_model(model, chain)
     name = model_name or type(model).__name__
-    meta, done = _config_resume(path, model, chain, data, settings, (entries, subsets), device, name)
+    meta, done = _config_resume(
+        path, model, chain, data, settings, (entries, subsets), device, name
+    )
     base = (meta["base"][SCORE], meta["base"]["val_loss"])
     job = _Job(net, chain, data, settings, base, device)
     todo = [(e, s[:subsets]) for e, s in entries if e not in done]
