@@ -463,12 +463,19 @@ class _Sweep:
         detail = f"{label}({','.join(map(str, u.key))}) {g.kernel[0]}x{g.kernel[1]}"
         tell(self.progress, self.path.name, self.count, self.total, detail)
         timing = self.backend.measure(
-            block_module(self.chain, u.st, u.end, seed=self.seed, config=u.config, pruned=u.pruned),
-            block_input_shape(self.chain, u.st, u.end, self.batch),
+            self.module(u), block_input_shape(self.chain, u.st, u.end, self.batch)
         )
         self.count += 1
         tell(self.progress, self.path.name, self.count, self.total, detail)
         return (timing.statistic(self.backend.protocol.statistic), timing.stdev), timing
+
+    def module(self, u: Timed) -> nn.Module:
+        """The module timed for unit ``u`` (a plain block: ``block_module`` called as before)."""
+        if not u.config:
+            return block_module(self.chain, u.st, u.end, seed=self.seed)
+        return block_module(
+            self.chain, u.st, u.end, seed=self.seed, config=u.config, pruned=u.pruned
+        )
 
 
 def _settled(times: list[float], passes: int, robust: Robust) -> bool:
