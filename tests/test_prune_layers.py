@@ -207,3 +207,21 @@ def test_prune_layers_off_changes_no_stage_key() -> None:
     assert on["solve"]["prune_layers"] == {"subsets": 3}
     assert {k: v for k, v in on["solve"].items() if k != "prune_layers"} == off["solve"]
     assert STAGES == ("latency", "optimal", "importance", "solve", "finetune", "merge", "evaluate")
+
+
+def test_cli_compress_takes_prune_flags(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from depthcompress.cli import app
+
+    args = [
+        "compress",
+        "depthcompress:resnet20",
+        "--budget",
+        "0.5x",
+        "--workdir",
+        str(tmp_path / "w"),
+    ]
+    out = CliRunner().invoke(app, [*args, "--prune-layers", "--prune-subsets", "0"])
+    assert out.exit_code != 0 and "prune_subsets must be ≥ 1" in " ".join(out.output.split())
+    assert not (tmp_path / "w").exists()
