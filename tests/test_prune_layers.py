@@ -165,6 +165,8 @@ def test_compress_prune_layers_prunes_and_merges_exactly(pruned_run) -> None:
     assert merge["error"] <= 1e-4 and merge["onnx_error"] <= 1e-4
     assert (wd / "merged.onnx").is_file() and (wd / "latency_configs.csv").is_file()
     assert read_config_importance_rows(wd / "importance_configs.csv")
+    report = (wd / "report.md").read_text()
+    assert f"pruned convolutions, layer pruning ({len(result.plan.pruned)})" in report
 
 
 def test_compress_prune_layers_resumes_without_work(pruned_run, monkeypatch) -> None:

@@ -759,12 +759,8 @@ class ImportanceConfigStage(Stage):
             ctx.chain,
             ctx.data,
             path,
-            settings=s.importance,
             subsets=s.prune_subsets,
-            device=str(ctx.device) if s.device is not None else "cpu",
-            progress=ctx.progress,
-            model_name=ctx.model_name,
-            log=ctx.say,
+            **_importance_kwargs(ctx),
         )
         try:
             result = build()
@@ -782,6 +778,18 @@ class ImportanceConfigStage(Stage):
     def load(self, ctx: RunContext) -> None:
         if ctx.pruning:
             ctx.config_rows = read_config_importance_rows(ctx.wd.file(self.files[0]))
+
+
+def _importance_kwargs(ctx: RunContext) -> dict[str, Any]:
+    """What both importance tables take from the run: settings, device, progress, name, log."""
+    s = ctx.settings
+    return {
+        "settings": s.importance,
+        "device": str(ctx.device) if s.device is not None else "cpu",
+        "progress": ctx.progress,
+        "model_name": ctx.model_name,
+        "log": ctx.say,
+    }
 
 
 def _config_problem(ctx: RunContext) -> ConfigTables:
@@ -825,12 +833,8 @@ class ImportanceStage(Stage):
                 ctx.chain,
                 ctx.data,
                 path,
-                settings=s.importance,
                 workers=s.workers,
-                device=str(ctx.device) if s.device is not None else "cpu",
-                progress=ctx.progress,
-                model_name=ctx.model_name,
-                log=ctx.say,
+                **_importance_kwargs(ctx),
             )
         return {}
 
