@@ -227,3 +227,47 @@ def test_cli_compress_takes_prune_flags(tmp_path: Path) -> None:
     out = CliRunner().invoke(app, [*args, "--prune-layers", "--prune-subsets", "0"])
     assert out.exit_code != 0 and "prune_subsets must be ≥ 1" in " ".join(out.output.split())
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_config_tables_without_configurations_solve_as_today(seed) -> None:
+    """Configuration 0 of ``dp.config_tables`` is today's problem: same plan, same front."""
+    import random
+
+    from depthcompress.dp import (
+        config_tables,
+        min_latency,
+        optimal_latency,
+        solve,
+        solve_configs,
+        sweep,
+        sweep_configs,
+    )
+    from tests.test_dp import random_instance
+
+    rng = random.Random(seed)
+    latency, imp = random_instance(rng, 6, all_flags=seed % 2 == 0)
+    opt = optimal_latency(latency)
+    try:
+        fastest = min_latency(opt, imp)
+    except dc.TableError:
+        return
+    tables = config_tables(opt, imp, {}, [], alpha=1.6)
+    budgets = [fastest, (fastest + sum(opt.time.tolist())) / 2]
+    assert solve_configs(tables, budgets[1]) == solve(opt, imp, budgets[1], alpha=1.6)
+    assert sweep_configs(tables, budgets).front == sweep(opt, imp, budgets, alpha=1.6).front
+
+
+def test_a_configuration_row_is_normalised_like_todays_rows() -> None:
+    from depthcompress.dp import config_tables, optimal_latency
+    from depthcompress.tables import ImportanceTable, LatencyTable
+
+    latency = LatencyTable.from_rows([(0, 1, 1.0, 0.0), (1, 2, 1.0, 0.0), (0, 2, 1.5, 0.0)])
+    imp = ImportanceTable.from_rows([(0, 1, 1, 1, -1.0), (1, 2, 1, 1, -3.0), (0, 2, 1, 1, -2.0)])
+    row = ConfigImportanceRow(1, 2, 1, 1, 1, -0.5, 0.0, 0.0, 1, 0.0, frozenset({2}), 1)
+    tables = config_tables(optimal_latency(latency), imp, {(1, 2, 1): 0.1}, [row], alpha=2.0)
+    assert tables.importance[1, 2, 1, 1, 1] == pytest.approx(-0.5 + 2.0 * 2.0)
+    assert tables.importance[1, 2, 1, 1, 0] == pytest.approx(-3.0 + 2.0 * 2.0)
+    assert tables.time[1, 2, 1] == 0.1 and tables.pruned[1, 2, 1] == frozenset({2})
+    with pytest.raises(dc.TableError, match="no row in the configuration latency table"):
+        config_tables(optimal_latency(latency), imp, {}, [row])
