@@ -1077,6 +1077,8 @@ def _compress_settings(**kw):  # returns pipeline.CompressSettings
         lr_probe=_probe_settings(kw),
         width=kw.get("width", 0.0),
         width_importance=kw.get("width_importance", "l1"),
+        prune_layers=kw.get("prune_layers", False),
+        prune_subsets=kw.get("prune_subsets", 2),
     )
 
 
@@ -1096,6 +1098,19 @@ LrProbeOption = Annotated[
         "--lr/16, --lr/64 and use the largest that keeps its held-out accuracy (the control, "
         "reported next to the result); --no-lr-probe uses --lr as given"
     ),
+]
+
+
+PruneLayersOption = Annotated[
+    bool,
+    typer.Option(
+        help="also prune convolutions inside merged blocks (LayerMerge): configuration latency "
+        "and importance tables, and a plan that picks a configuration per segment"
+    ),
+]
+PruneSubsetsOption = Annotated[
+    int,
+    typer.Option(help="--prune-layers: pruned subsets fine-tuned per configuration (best kept)"),
 ]
 
 
@@ -1155,6 +1170,8 @@ def compress_cmd(
         typer.Option(help="lr probe: held-out accuracy points the original may lose at an lr"),
     ] = 1.0,
     grad_clip: GradClipOption = None,
+    prune_layers: PruneLayersOption = False,
+    prune_subsets: PruneSubsetsOption = 2,
     optimizer: Annotated[str, typer.Option(help="fine-tuning optimizer: sgd or adamw")] = "sgd",
     distill: Annotated[
         float, typer.Option(help="knowledge-distillation weight (0 = off; the paper uses 0.3)")

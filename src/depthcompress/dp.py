@@ -28,6 +28,7 @@ import numpy as np
 from .errors import BudgetError, PlanError, TableError, plain
 from .plan import Plan
 from .tables import (
+    ConfigImportanceRow,
     ExtendedImportanceTable,
     ImportanceTable,
     LatencyTable,
@@ -827,3 +828,66 @@ def solve_configs(tables: ConfigTables, budget: float) -> Solution:
             f"{fastest!r} ms (Σ T over its segments); use a budget of at least that"
         )
     return _config_solution(tables, keys, _rows_of(fronts, final, k), value)
+
+
+def config_tables(
+    opt: OptimalLatencyTable,
+    importance: ImportanceTable,
+    config_time: Mapping[ConfigKey, float],
+    config_rows: Iterable[ConfigImportanceRow],
+    alpha: float = DEFAULT_ALPHA,
+) -> ConfigTables:
+    """Stage 2's input with layer pruning: configuration 0 is today's problem (``T_opt`` with
+    its breaks, the extended importance), and each configuration row (i, j, x, y, c ≥ 1) is a
+    single-block segment with ``T(i, j, c)`` and its score normalised as today's rows are
+    (minus α × the mean single-conv score of the plain table), pruning its best subset."""
+    ext = extended_importance(importance, alpha)
+    offset = alpha * importance.single_mean() if alpha else 0.0
+    time: dict[ConfigKey, float] = {}
+    values: dict[tuple[int, int, int, int, int], float] = {}
+    breaks: dict[ConfigKey, tuple[int, ...]] = {}
+    pruned: dict[ConfigKey, frozenset[int]] = {}
+    for (i, j, x, y), value in zip(ext.keys, ext.value.tolist(), strict=True):
+        time[i, j, 0] = opt.time_of(i, j)
+        breaks[i, j, 0] = opt.breaks_of(i, j)
+        values[i, j, x, y, 0] = value
+    for row in config_rows:
+        i, j, _, _, c = row.key
+        values[row.key] = row.val_acc - offset
+        time[i, j, c] = float(config_time[i, j, c]) if (i, j, c) in config_time else math.nan
+        pruned[i, j, c] = row.pruned
+    missing = [k for k, t in time.items() if math.isnan(t)]
+    if missing:
+        raise TableError(
+            f"configuration importance rows {missing[:3]} have no row in the configuration "
+            "latency table: the two tables describe different chains or configurations"
+        )
+    return ConfigTables(time=time, importance=values, breaks=breaks, pruned=pruned)
+
+
+def min_latency_configs(tables: ConfigTables) -> float:
+    """The smallest ``Σ T`` any plan of ``tables`` reaches: the tightest budget."""
+    return _shortest(_config_incoming(tables)[1])
+
+
+def sweep_configs(tables: ConfigTables, budgets: Iterable[float]) -> Sweep:
+    """``sweep`` with layer pruning: the best plan per budget and the Pareto front, from one
+    exact DP over (segment, configuration) for the largest budget."""
+    values = tuple(_check_budget(b) for b in budgets)
+    if not values:
+        raise BudgetError("a sweep needs at least one budget")
+    keys, incoming = _config_incoming(tables)
+    fronts = _pareto_dp(incoming, max(values) + BUDGET_SLACK)
+    final = _final_front(fronts)
+    front = () if final is None else tuple(zip(final.lat.tolist(), final.imp.tolist(), strict=True))
+    picks = [_pick(final, b) for b in values]
+    if final is None or None in picks:
+        raise BudgetError(
+            f"no plan fits the budget {min(values):g} ms (the smallest of the sweep): the "
+            f"fastest plan these tables allow takes {_shortest(incoming)!r} ms"
+        )
+    sols = tuple(
+        _config_solution(tables, keys, _rows_of(fronts, final, k), b)
+        for b, k in zip(values, cast("list[int]", picks), strict=True)
+    )
+    return Sweep(budgets=values, solutions=sols, front=front)

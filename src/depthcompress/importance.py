@@ -47,6 +47,12 @@ from .graph import ConvChain, symbolic_trace
 from .linearization import linearize
 from .plan import Plan
 from .progress import LOG, Reporter, tell
+from .tables import (
+    CONFIG_IMPORTANCE_COLUMNS,
+    ConfigImportanceRow,
+    read_config_importance_rows,
+    write_config_importance_rows,
+)
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -840,3 +846,210 @@ def merge_tables(
     merged.update(shard=None, merged_from=[str(p) for p in parts])
     write_table(out, merged, rows_by.values())
     return merged, sorted(rows_by.values(), key=_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer pruning: importance per block configuration (docs/layermerge.md)
+
+DEFAULT_SUBSETS = 2
+"""Pruned subsets measured per configuration (fewest pruned first); the best one is kept."""
+
+
+class ConfigEntry(NamedTuple):
+    """Configuration ``config`` ≥ 1 (``pruning.block_configs`` order) of extended block
+    ``(st, end, st_act, end_act)``."""
+
+    st: int
+    end: int
+    st_act: int
+    end_act: int
+    config: int
+
+
+def config_entries(
+    chain: ConvChain, *, exclude_zeros: bool = True
+) -> list[tuple[ConfigEntry, tuple[frozenset[int], ...]]]:
+    """Every configuration entry with the pruned subsets that reach it (fewest pruned first):
+    today's extended blocks × each block's configurations c ≥ 1, sorted."""
+    from .pruning import block_configs
+
+    configs = {b: block_configs(chain, *b) for b in chain.blocks}
+    out = [
+        (ConfigEntry(*e, c), cfg.subsets)
+        for e in enumerate_entries(chain, exclude_zeros=exclude_zeros)
+        for c, cfg in enumerate(configs[e.st, e.end])
+        if c
+    ]
+    return sorted(out)
+
+
+def config_entry_network(
+    model: nn.Module, chain: ConvChain, entry: ConfigEntry, pruned: frozenset[int]
+) -> fx.GraphModule | None:
+    """The trainable network of a configuration entry: the entry's network with ``pruned``
+    convs as identities; None where a conv shortcut fused by its cover would no longer fit."""
+    from .pruning import misfit_shortcuts
+
+    plan = entry_plan(chain, Entry(*entry[:4]))
+    if misfit_shortcuts(chain, pruned, plan.boundaries | {0}):
+        return None
+    return linearize(model, chain, Plan(plan.activations, plan.boundaries, pruned))
+
+
+def _config_seed(seed: int, entry: ConfigEntry, pruned: frozenset[int]) -> int:
+    """A seed for one subset of a configuration entry, from the global seed and it alone."""
+    text = f"{seed}:{':'.join(map(str, entry))}:{sorted(pruned)}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") % (2**63)
+
+
+def _measure_subset(
+    job: _Job, entry: ConfigEntry, pruned: frozenset[int]
+) -> tuple[float, float, float] | None:
+    """Fine-tune and score one pruned subset: (Δ accuracy, Δ loss, train loss), or None."""
+    s = job.settings
+    seed = _config_seed(s.seed, entry, pruned)
+    with torch.random.fork_rng(devices=[]), torch_threads(s.threads):
+        torch.manual_seed(seed)
+        net = config_entry_network(job.net, job.chain, entry, pruned)
+        if net is None:
+            return None
+        train_loss = math.nan
+        if s.steps:
+            try:
+                train_loss = tune_entry(net, job.data.train, s, seed, job.device)
+            except DivergedError:
+                raise DivergedError(_diverged(job.chain, Entry(*entry[:4]), s)) from None
+        acc, loss = score_entry(net, job.data.holdout, s, job.device)
+    return round(acc - job.base[0], 10), round(loss - job.base[1], 10), train_loss
+
+
+def measure_config_entry(
+    job: _Job, entry: ConfigEntry, subsets: Sequence[frozenset[int]]
+) -> ConfigImportanceRow | None:
+    """The best-scoring of ``subsets`` (ties: the first, i.e. fewest pruned) as the entry's row;
+    None when no subset can be merged under the entry's cover."""
+    start = time.perf_counter()
+    best: tuple[tuple[float, float, float], frozenset[int]] | None = None
+    tried = 0
+    for pruned in subsets:
+        got = _measure_subset(job, entry, pruned)
+        if got is None:
+            continue
+        tried += 1
+        if best is None or got[0] > best[0][0]:
+            best = (got, pruned)
+    if best is None:
+        return None
+    (acc, loss, train_loss), pruned = best
+    seconds = time.perf_counter() - start
+    return ConfigImportanceRow(
+        *entry, acc, loss, train_loss, job.settings.steps, seconds, pruned, tried
+    )
+
+
+@dataclass
+class ConfigTableResult:
+    """What ``config_importance_table`` did: its sidecar, rows, entries new and fine-tunes run."""
+
+    path: Path
+    meta: dict[str, Any]
+    rows: list[ConfigImportanceRow] = field(default_factory=list)
+    computed: int = 0
+    skipped: int = 0
+    finetunes: int = 0
+    seconds: float = 0.0
+
+
+def config_cost(chain: ConvChain, settings: FinetuneSettings, subsets: int) -> tuple[int, int]:
+    """(entries, fine-tunes) of a configuration importance table: what it costs to make."""
+    entries = config_entries(chain, exclude_zeros=settings.exclude_zeros)
+    return len(entries), sum(min(subsets, len(s)) for _, s in entries)
+
+
+def config_importance_table(
+    model: nn.Module,
+    chain: ConvChain,
+    data: SplitData,
+    path: str | Path,
+    *,
+    settings: FinetuneSettings | None = None,
+    subsets: int = DEFAULT_SUBSETS,
+    device: str = "cpu",
+    progress: Reporter | None = None,
+    model_name: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ConfigTableResult:
+    """Measure I(i, j, x, y, c) for every configuration entry (at most ``subsets`` pruned subsets
+    each, the best kept with its subset) into the CSV at ``path``, one process, row by row;
+    an existing table with a matching sidecar is resumed, a mismatching one refused."""
+    settings = settings or FinetuneSettings()
+    if subsets < 1:
+        raise DepthCompressError(f"subsets must be ≥ 1, got {subsets}")
+    path = Path(path)
+    entries = config_entries(chain, exclude_zeros=settings.exclude_zeros)
+    net = portable_model(model, chain)
+    name = model_name or type(model).__name__
+    meta, done = _config_resume(
+        path, model, chain, data, settings, (entries, subsets), device, name
+    )
+    base = (meta["base"][SCORE], meta["base"]["val_loss"])
+    job = _Job(net, chain, data, settings, base, device)
+    todo = [(e, s[:subsets]) for e, s in entries if e not in done]
+    result = ConfigTableResult(path=path, meta=meta, skipped=len(entries) - len(todo))
+    n, tunes = config_cost(chain, settings, subsets)
+    (log or LOG.info)(
+        f"configuration importance: {n} entries, {tunes} fine-tunes of {settings.steps} steps "
+        f"({len(todo)} entries to compute)"
+    )
+    start = time.perf_counter()
+    with csv_appender(path, CONFIG_IMPORTANCE_COLUMNS) as append:
+        tell(progress, "importance", result.skipped, len(entries), path.name)
+        for entry, tries in todo:
+            row = measure_config_entry(job, entry, tries)
+            result.finetunes += len(tries)
+            if row is not None:
+                append(row.as_csv())
+                done[entry] = row
+            result.computed += 1
+            count = result.skipped + result.computed
+            tell(progress, "importance", count, len(entries), f"{path.name}: {tuple(entry)}")
+    result.seconds = time.perf_counter() - start
+    write_config_importance_rows(path, done.values())
+    result.rows = sorted(done.values(), key=lambda r: r.key)
+    return result
+
+
+def _config_resume(
+    path: Path,
+    model: nn.Module,
+    chain: ConvChain,
+    data: SplitData,
+    settings: FinetuneSettings,
+    measured: tuple[list[tuple[ConfigEntry, tuple[frozenset[int], ...]]], int],
+    device: str,
+    model_name: str,
+) -> tuple[dict[str, Any], dict[ConfigEntry, ConfigImportanceRow]]:
+    """The sidecar and finished rows of the table at ``path`` (checked), or a new sidecar."""
+    entries, subsets = measured
+    keys = [e for e, _ in entries]
+    if path.exists():
+        old = _read_meta(path)
+        repair_tail(path)
+        base = (old["base"][SCORE], old["base"]["val_loss"])
+        meta = table_meta(model, chain, data, settings, base, keys, shard=None, model_name="")
+        meta["configs"] = {"subsets": subsets}
+        diff = _mismatch(old, meta, (*COMPATIBLE_KEYS, "configs"))
+        if diff:
+            raise TableError(
+                f"{path} was computed with other settings ({diff}): "
+                "resume with the same model, data and flags, or write to a new file"
+            )
+        rows = read_config_importance_rows(path)
+        return old, {ConfigEntry(*r.key): r for r in rows}
+    with torch_threads(settings.threads):
+        base = score_entry(portable_model(model, chain), data.holdout, settings, device)
+    meta = table_meta(model, chain, data, settings, base, keys, shard=None, model_name=model_name)
+    meta["configs"] = {"subsets": subsets}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(sidecar_path(path), meta)
+    return meta, {}

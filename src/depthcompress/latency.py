@@ -48,7 +48,18 @@ from .files import (
 from .graph import ConvChain
 from .kinds import make_activation
 from .progress import LOG, Reporter, tell
-from .tables import LATENCY_COLUMNS, LatencyRow, read_latency_rows, write_latency_rows
+from .tables import (
+    CONFIG_LATENCY_COLUMNS,
+    LATENCY_COLUMNS,
+    ConfigLatencyRow,
+    LatencyRow,
+    read_config_latency_rows,
+    read_latency_rows,
+    write_config_latency_rows,
+    write_latency_rows,
+)
+
+Row = LatencyRow | ConfigLatencyRow
 
 PASS_COLUMNS = ("id", "pass", "time", "stdev")
 FORMAT = "depthcompress-latency-1"
@@ -79,7 +90,7 @@ class LatencyResult:
 
     path: Path
     meta: dict[str, Any]
-    rows: list[LatencyRow] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
     measured: int = 0
     skipped: int = 0
     seconds: float = 0.0
@@ -92,12 +103,62 @@ class LatencyResult:
         return len(self.rows) == self.meta["blocks"]["count"]
 
 
-def block_module(chain: ConvChain, i: int, j: int, *, seed: int = 0) -> nn.Module:
-    """The module timed for block ``(i, j)``: its merged conv + the chain's activation, random
-    weights drawn from ``seed`` without touching torch's global random state."""
-    g = chain.geometry(i, j)
+@dataclass(frozen=True)
+class Timed:
+    """One timed module of a table: block ``(st, end)`` in configuration ``config`` (0: the
+    unpruned block of the plain table), with the convs of ``pruned`` left out."""
+
+    st: int
+    end: int
+    config: int = 0
+    pruned: frozenset[int] = frozenset()
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        """What a row of the unit's table names: ``(st, end)``, or ``(st, end, config)``."""
+        return (self.st, self.end, self.config) if self.config else (self.st, self.end)
+
+
+def timed_units(chain: ConvChain, configs: bool = False) -> tuple[Timed, ...]:
+    """The modules a table times, in row-id order: every block, or with ``configs`` every
+    configuration c ≥ 1 of every block (``pruning.block_configs``; its first subset)."""
+    if not configs:
+        return tuple(Timed(i, j) for i, j in chain.blocks)
+    from .pruning import block_configs
+
+    return tuple(
+        Timed(i, j, c, cfg.subsets[0])
+        for i, j in chain.blocks
+        for c, cfg in enumerate(block_configs(chain, i, j))
+        if c
+    )
+
+
+def _wired_through(chain: ConvChain, i: int, j: int, pruned: frozenset[int]) -> bool:
+    """Whether block ``(i, j)`` with ``pruned`` is no conv at all: every conv pruned and no
+    residual inside (merge wires it through; with a residual it is a 1×1 depthwise conv)."""
+    inside = any(r.fusable and i <= r.start and r.end <= j for r in chain.residuals)
+    return not inside and all(k in pruned for k in range(i + 1, j + 1))
+
+
+def block_module(
+    chain: ConvChain,
+    i: int,
+    j: int,
+    *,
+    seed: int = 0,
+    config: int = 0,
+    pruned: frozenset[int] = frozenset(),
+) -> nn.Module:
+    """The module timed for block ``(i, j)`` (with the convs of ``pruned`` left out): its merged
+    conv + the chain's activation, random weights drawn from ``seed`` without touching torch's
+    global random state; the activation alone where the block is no conv at all."""
+    act = make_activation(chain.insert_activation)
+    if _wired_through(chain, i, j, pruned):
+        return nn.Sequential(act).eval()
+    g = chain.geometry(i, j, pruned)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1_000_003 + i * 1009 + j)
+        torch.manual_seed(seed * 1_000_003 + i * 1009 + j + config * 7919)
         conv = nn.Conv2d(
             g.in_channels,
             g.out_channels,
@@ -106,7 +167,7 @@ def block_module(chain: ConvChain, i: int, j: int, *, seed: int = 0) -> nn.Modul
             padding=g.padding,
             groups=g.groups,
         )
-    return nn.Sequential(conv, make_activation(chain.insert_activation)).eval()
+    return nn.Sequential(conv, act).eval()
 
 
 def block_input_shape(chain: ConvChain, i: int, j: int, batch: int) -> tuple[int, ...]:
@@ -133,11 +194,13 @@ def table_meta(
     model_name: str,
     passes: int | None = None,
     robust: Robust | None = None,
+    configs: bool = False,
 ) -> dict[str, Any]:
-    """The sidecar of a table: model, blocks, batch, passes, backend, protocol, machine and
-    versions."""
+    """The sidecar of a table: model, blocks (with ``configs``: the configurations timed),
+    batch, passes, backend, protocol, machine and versions."""
     from ._version import __version__
 
+    units = timed_units(chain, configs)
     return {
         "format": FORMAT,
         "model": {
@@ -150,7 +213,7 @@ def table_meta(
             "input_shape": list(chain.input_shape[1:]),
             "activation": chain.insert_activation,
         },
-        "blocks": {"count": len(chain.blocks), "sha256": json_sha([list(b) for b in chain.blocks])},
+        "blocks": {"count": len(units), "sha256": json_sha([list(u.key) for u in units])},
         "batch": batch,
         "seed": seed,
         "passes": DEFAULT_PASSES if passes is None else passes,
@@ -198,7 +261,7 @@ def read_meta(
 def _is_complete(path: Path, meta: dict[str, Any]) -> bool:
     """Whether the table at ``path`` has a row for each of its sidecar's blocks (read only)."""
     try:
-        ids = {r.id for r in read_latency_rows(path)}
+        ids = {r.id for r in read_rows(path)}
     except (OSError, TableError):
         return False
     return len(ids) == int(meta.get("blocks", {}).get("count", -1))
@@ -217,10 +280,23 @@ def check_meta(path: Path, old: dict[str, Any], new: dict[str, Any], fix: str = 
         )
 
 
-def read_latency_table(path: str | Path) -> tuple[dict[str, Any], list[LatencyRow]]:
+def is_config_table(path: str | Path) -> bool:
+    """Whether the CSV at ``path`` is a configuration latency table (a ``config`` column)."""
+    with Path(path).open(newline="") as fh:
+        return "config" in next(csv.reader(fh), [])
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    """The rows of a plain or configuration latency table (told apart by its header)."""
+    if is_config_table(path):
+        return list(read_config_latency_rows(path))
+    return list(read_latency_rows(path))
+
+
+def read_latency_table(path: str | Path) -> tuple[dict[str, Any], list[Row]]:
     """A table's sidecar and its rows sorted by id."""
     meta = read_meta(path)
-    return meta, sorted(read_latency_rows(path), key=lambda r: r.id)
+    return meta, sorted(read_rows(path), key=lambda r: r.id)
 
 
 def latency_dict(rows: Iterable[LatencyRow]) -> dict[tuple[int, int], float]:
@@ -228,12 +304,12 @@ def latency_dict(rows: Iterable[LatencyRow]) -> dict[tuple[int, int], float]:
     return {(r.st, r.end): r.time for r in rows}
 
 
-def _check_rows(path: Path, rows: list[LatencyRow], blocks: tuple[tuple[int, int], ...]) -> None:
+def _check_rows(path: Path, rows: list[Row], units: tuple[Timed, ...]) -> None:
     seen: set[int] = set()
     for r in rows:
-        if not 0 <= r.id < len(blocks) or blocks[r.id] != (r.st, r.end):
+        if not 0 <= r.id < len(units) or units[r.id].key != r.key:
             raise TableError(
-                f"{path}: row id {r.id} is block ({r.st}, {r.end}), which is not block {r.id} "
+                f"{path}: row id {r.id} is block {r.key}, which is not entry {r.id} "
                 "of this chain: the file belongs to another model"
             )
         if r.id in seen:
@@ -322,7 +398,7 @@ def combine_passes(values: list[tuple[float, float]], how: str = "median") -> tu
 
 
 def spread_summary(
-    blocks: tuple[tuple[int, int], ...],
+    blocks: tuple[tuple[int, ...], ...],
     values: dict[int, dict[int, tuple[float, float]]],
     passes: int,
 ) -> dict[str, Any]:
@@ -370,6 +446,7 @@ class _Sweep:
     """One build's state: the pass values of each row, the rows done, the progress count."""
 
     chain: ConvChain
+    units: tuple[Timed, ...]
     backend: Backend
     path: Path
     batch: int
@@ -380,18 +457,25 @@ class _Sweep:
     count: int = 0
 
     def measure(self, k: int, label: str) -> tuple[tuple[float, float], Timing]:
-        """Time block ``k`` once: (the protocol's statistic, stdev) and the timing."""
-        i, j = self.chain.blocks[k]
-        g = self.chain.geometry(i, j)
-        detail = f"{label}({i},{j}) {g.kernel[0]}x{g.kernel[1]}"
+        """Time unit ``k`` once: (the protocol's statistic, stdev) and the timing."""
+        u = self.units[k]
+        g = self.chain.geometry(u.st, u.end, u.pruned)
+        detail = f"{label}({','.join(map(str, u.key))}) {g.kernel[0]}x{g.kernel[1]}"
         tell(self.progress, self.path.name, self.count, self.total, detail)
         timing = self.backend.measure(
-            block_module(self.chain, i, j, seed=self.seed),
-            block_input_shape(self.chain, i, j, self.batch),
+            self.module(u), block_input_shape(self.chain, u.st, u.end, self.batch)
         )
         self.count += 1
         tell(self.progress, self.path.name, self.count, self.total, detail)
         return (timing.statistic(self.backend.protocol.statistic), timing.stdev), timing
+
+    def module(self, u: Timed) -> nn.Module:
+        """The module timed for unit ``u`` (a plain block: ``block_module`` called as before)."""
+        if not u.config:
+            return block_module(self.chain, u.st, u.end, seed=self.seed)
+        return block_module(
+            self.chain, u.st, u.end, seed=self.seed, config=u.config, pruned=u.pruned
+        )
 
 
 def _settled(times: list[float], passes: int, robust: Robust) -> bool:
@@ -413,7 +497,8 @@ def build_latency_table(
     model_name: str = "",
     force: bool = False,
     progress: Reporter | None = None,
-    on_row: Callable[[LatencyRow, Timing], None] | None = None,
+    on_row: Callable[[Row, Timing], None] | None = None,
+    configs: bool = False,
 ) -> LatencyResult:
     """Measure ``T(i, j)`` for every block of ``chain`` on ``backend`` into the CSV at ``path``.
 
@@ -432,7 +517,9 @@ def build_latency_table(
     ``on_row`` sees each finished row with the timing of its last pass. ``progress`` is told a
     ``Step`` (task: the table's file name, detail: the block) before and after each
     measurement; nothing is drawn. A table too noisy to trust is logged as a warning on
-    ``progress.LOG`` and returned in ``LatencyResult.warning``.
+    ``progress.LOG`` and returned in ``LatencyResult.warning``. ``configs`` makes the
+    configuration table instead (layer pruning): one row per configuration c ≥ 1 of each block
+    (``timed_units``), columns ``CONFIG_LATENCY_COLUMNS``.
     """
     passes = DEFAULT_PASSES if passes is None else passes
     if batch < 1:
@@ -441,17 +528,25 @@ def build_latency_table(
         raise TableError(f"passes must be ≥ 1, got {passes}")
     path = Path(path)
     meta = table_meta(
-        chain, backend, batch=batch, seed=seed, model_name=model_name, passes=passes, robust=robust
+        chain,
+        backend,
+        batch=batch,
+        seed=seed,
+        model_name=model_name,
+        passes=passes,
+        robust=robust,
+        configs=configs,
     )
+    units = timed_units(chain, configs)
     if force:
         for old in (path, sidecar_path(path), passes_path(path)):
             old.unlink(missing_ok=True)
-    done = _existing_rows(path, chain, meta)
+    done = _existing_rows(path, units, meta)
     if path.exists():
         meta = read_meta(path)
-    n = len(chain.blocks)
+    n = len(units)
     split = passes_path(path) if passes > 1 else None
-    sweep = _Sweep(chain, backend, path, batch, seed, n * passes, progress)
+    sweep = _Sweep(chain, units, backend, path, batch, seed, n * passes, progress)
     if split is not None:
         sweep.values = _read_passes(split, n, passes + robust.max_extra)
     todo = [k for k in range(n) if k not in done]
@@ -462,12 +557,12 @@ def build_latency_table(
     tell(progress, path.name, sweep.count, sweep.total)
     try:
         with (
-            csv_appender(path, LATENCY_COLUMNS) as append,
+            csv_appender(path, CONFIG_LATENCY_COLUMNS if configs else LATENCY_COLUMNS) as append,
             csv_appender(split, PASS_COLUMNS) if split else contextlib.nullcontext() as append_pass,
         ):
 
             def finish(k: int, value: tuple[float, float], timing: Timing | None) -> None:
-                row = LatencyRow(k, *chain.blocks[k], *value)
+                row = _row(k, units[k], value)
                 append(row.as_csv())
                 done[k] = row
                 result.measured += 1
@@ -505,14 +600,29 @@ def build_latency_table(
         result.rows = sorted(done.values(), key=lambda r: r.id)
         result.pass_times = {k: [t for t, _ in v.values()] for k, v in sorted(sweep.values.items())}
     if len(done) == n:
-        write_latency_rows(path, result.rows)
+        _write_rows(path, result.rows, configs)
         if result.measured:
             _record_measurement(result, sweep, passes, robust, load_start)
         passes_path(path).unlink(missing_ok=True)
     return result
 
 
-def _existing_rows(path: Path, chain: ConvChain, meta: dict[str, Any]) -> dict[int, LatencyRow]:
+def _row(k: int, unit: Timed, value: tuple[float, float]) -> Row:
+    """Row ``k`` of a table timing ``unit`` (a configuration row when the unit has one)."""
+    if unit.config:
+        return ConfigLatencyRow(k, unit.st, unit.end, unit.config, *value)
+    return LatencyRow(k, unit.st, unit.end, *value)
+
+
+def _write_rows(path: Path, rows: list[Row], configs: bool) -> None:
+    """Rewrite a finished table sorted by id with its kind's one writer."""
+    if configs:
+        write_config_latency_rows(path, [r for r in rows if isinstance(r, ConfigLatencyRow)])
+    else:
+        write_latency_rows(path, [r for r in rows if isinstance(r, LatencyRow)])
+
+
+def _existing_rows(path: Path, units: tuple[Timed, ...], meta: dict[str, Any]) -> dict[int, Row]:
     """The rows already at ``path`` (checked against ``meta``), or a new table's sidecar."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -521,9 +631,9 @@ def _existing_rows(path: Path, chain: ConvChain, meta: dict[str, Any]) -> dict[i
         return {}
     old = read_meta(path)
     repair_tail(path)
-    rows = read_latency_rows(path)
+    rows = read_rows(path)
     check_meta(path, old, meta)
-    _check_rows(path, rows, chain.blocks)
+    _check_rows(path, rows, units)
     return {r.id: r for r in rows}
 
 
@@ -536,7 +646,7 @@ def _record_measurement(
 ) -> None:
     """Write the spread and load of a finished table into its sidecar; warn if it is noisy."""
     measurement = {
-        "spread": spread_summary(sweep.chain.blocks, sweep.values, passes),
+        "spread": spread_summary(tuple(u.key for u in sweep.units), sweep.values, passes),
         "load_start": [round(v, 2) for v in load_start],
         "load_end": [round(v, 2) for v in os.getloadavg()],
         "cores": os.cpu_count() or 1,

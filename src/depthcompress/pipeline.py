@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
 
+import numpy as np
 import torch
 from torch import nn
 from torch.fx import GraphModule
@@ -42,12 +44,28 @@ from .calibration import Calibration, calibrate, calibrated_table
 from .data import SplitData, fetch, fingerprint, num_classes
 from .defaults import FINETUNE_LR
 from .devices import device_name, resolve_device
-from .dp import Budget, optimal_boundaries, optimal_latency, original_latency
+from .dp import (
+    Budget,
+    ConfigTables,
+    config_tables,
+    min_latency_configs,
+    optimal_boundaries,
+    optimal_latency,
+    original_latency,
+    solve_configs,
+    sweep_configs,
+)
 from .errors import BudgetError, DepthCompressError, TableError, WorkdirError, plain
 from .files import json_sha, nested_diff, sidecar_path, write_json
 from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
 from .graph import ConvChain, trace
-from .importance import FinetuneSettings, importance_table, weights_sha
+from .importance import (
+    DEFAULT_SUBSETS,
+    FinetuneSettings,
+    config_importance_table,
+    importance_table,
+    weights_sha,
+)
 from .latency import build_latency_table, chain_sha, check_meta, read_meta, table_meta
 from .linearization import linearize
 from .lrprobe import ProbeResult, ProbeSettings, control_record, control_warning, probe_lr
@@ -55,7 +73,15 @@ from .merging import check_close, merge
 from .plan import Plan
 from .progress import LOG, Reporter
 from .speedup import Rule, SpeedupResult, paired_speedup
-from .tables import ImportanceTable, LatencyTable, OptimalLatencyTable
+from .tables import (
+    ConfigImportanceRow,
+    ConfigLatencyRow,
+    ImportanceTable,
+    LatencyTable,
+    OptimalLatencyTable,
+    read_config_importance_rows,
+    read_config_latency_rows,
+)
 from .width import WidthResult
 
 MANIFEST = "stages.json"
@@ -97,6 +123,10 @@ class CompressSettings:
     pruned network, distilled from the unpruned original, and the budget stays a fraction of
     the unpruned original's whole latency (budget_mode "whole" only). Kept channels are
     multiples of ``width_round_to`` (default: 16 on the CPU backends, 8 on a GPU).
+
+    ``prune_layers`` adds layer pruning inside merged blocks (LayerMerge, docs/layermerge.md):
+    configuration tables beside the latency and importance tables (``prune_subsets`` pruned
+    subsets measured per configuration) and stage 2 over (segment, configuration).
     """
 
     budget: Budget
@@ -124,9 +154,13 @@ class CompressSettings:
     width: float = 0.0
     width_importance: str = "l1"
     width_round_to: int | None = None
+    prune_layers: bool = False
+    prune_subsets: int = DEFAULT_SUBSETS
 
     def __post_init__(self) -> None:
         problems = []
+        if self.prune_subsets < 1:
+            problems.append(f"prune_subsets must be ≥ 1, got {self.prune_subsets}")
         if self.batch < 1:
             problems.append(f"batch must be ≥ 1, got {self.batch}")
         if self.workers < 1:
@@ -215,6 +249,8 @@ class CompressSettings:
         solve = {**lat, **imp, "budget": budget, "alpha": self.alpha}
         if self.budget_mode == "whole":  # absent in "chain" mode: older work directories resume
             solve = {**solve, "budget_mode": "whole", "calibration": calibrate}
+        if self.prune_layers:  # absent when off: older work directories resume
+            solve = {**solve, "prune_layers": {"subsets": self.prune_subsets}}
         tune = {**solve, "finetune": self.finetune.to_dict()}
         probe: dict[str, Any] = {}
         if self.lr_probe is not None:  # absent when off: older work directories resume
@@ -466,6 +502,7 @@ class RunContext:
     progress: Reporter | None = None
     importance_from: Path | None = None
     latency_from: Path | None = None
+    pruning: bool = False
     ran: list[str] = field(default_factory=list)
     # filled by the stages, in order
     network: nn.Module | None = None
@@ -475,6 +512,8 @@ class RunContext:
     opt: OptimalLatencyTable | None = None
     calibration: Calibration | None = None
     importance: ImportanceTable | None = None
+    config_time: dict[tuple[int, int, int], float] | None = None
+    config_rows: list[ConfigImportanceRow] | None = None
     budget_ms: float | None = None
     fastest_ms: float | None = None
     plan_data: dict[str, Any] | None = None
@@ -686,7 +725,7 @@ class OptimalStage(Stage):
         _, fastest = optimal_boundaries(_need(ctx.latency, "latency"), ())
         budget_ms = ctx.settings.budget.resolve(_need(ctx.original_ms, "original_ms"))
         chain_mode = ctx.settings.budget_mode == "chain"  # "whole": checked once calibrated
-        if chain_mode and budget_ms < fastest * (1 - 1e-9) - 1e-12:
+        if chain_mode and not ctx.pruning and budget_ms < fastest * (1 - 1e-9) - 1e-12:
             _below_fastest(
                 ctx, _unreachable(ctx, budget_ms, fastest, "no importance entry was computed")
             )
@@ -737,7 +776,7 @@ class CalibrateStage(Stage):
         _, fastest = optimal_boundaries(latency, ())
         budget = cal.table_budget(ctx.settings.budget)
         ctx.say(_calibration_line(ctx, cal, budget))
-        if budget < fastest * (1 - 1e-9) - 1e-12:
+        if not ctx.pruning and budget < fastest * (1 - 1e-9) - 1e-12:
             _below_fastest(ctx, _refusal(ctx, budget, fastest, "no importance entry was computed"))
         return {}
 
@@ -789,6 +828,137 @@ class CalibrateStage(Stage):
         return cal
 
 
+def _set_aside(ctx: RunContext, names: tuple[str, ...], why: str) -> None:
+    """Move the work directory's files ``names`` to ``previous/N/`` and say so."""
+    present = [ctx.wd.file(n) for n in names if ctx.wd.file(n).exists()]
+    if not present:
+        return
+    target = ctx.wd.new_previous()
+    for p in present:
+        shutil.move(str(p), str(target / p.name))
+    ctx.say(f"moved {', '.join(p.name for p in present)} ({why}) to {target}")
+
+
+class LatencyConfigStage(Stage):
+    """With layer pruning: T(i, j, c) for every configuration c ≥ 1 of every block
+    (``latency_configs.csv``, resumable row by row). Not recorded: the table's sidecar guards
+    its settings (a table made with others is moved to ``previous/N/``), and the solve stage's
+    settings name ``prune_layers``."""
+
+    name = "latency_configs"
+    files = ("latency_configs.csv", "latency_configs.csv.json", "latency_configs.csv.passes")
+    recorded = False
+    run_fills = True
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        if not ctx.pruning or ctx.world > 1:  # under torchrun: made by the run before
+            self.load(ctx)
+            return {}
+        s, path = ctx.settings, ctx.wd.file(self.files[0])
+        ctx.say(f"configuration latency table on {ctx.runner.name} (layer pruning)")
+        build = functools.partial(
+            build_latency_table,
+            ctx.chain,
+            ctx.runner,
+            path,
+            batch=s.batch,
+            seed=s.seed,
+            model_name=ctx.model_name,
+            progress=ctx.progress,
+            configs=True,
+        )
+        try:
+            result = build()
+        except TableError as exc:
+            _set_aside(ctx, self.files, f"made with other settings: {exc}")
+            result = build()
+        ctx.config_time = {r.key: r.time for r in result.rows if isinstance(r, ConfigLatencyRow)}
+        return {}
+
+    def load(self, ctx: RunContext) -> None:
+        if ctx.pruning:
+            rows = read_config_latency_rows(ctx.wd.file(self.files[0]))
+            ctx.config_time = {r.key: r.time for r in rows}
+
+
+class ImportanceConfigStage(Stage):
+    """With layer pruning: I(i, j, x, y, c) for every configuration entry, the best of
+    ``prune_subsets`` pruned subsets each (``importance_configs.csv``, resumable row by row; one
+    process). Not recorded, like ``LatencyConfigStage``."""
+
+    name = "importance_configs"
+    files = ("importance_configs.csv", "importance_configs.csv.json")
+    recorded = False
+    run_fills = True
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        if not ctx.pruning or ctx.world > 1:  # under torchrun: made by the run before
+            self.load(ctx)
+            return {}
+        s, path = ctx.settings, ctx.wd.file(self.files[0])
+        build = functools.partial(
+            config_importance_table,
+            _need(ctx.network, "network"),
+            ctx.chain,
+            ctx.data,
+            path,
+            subsets=s.prune_subsets,
+            **_importance_kwargs(ctx),
+        )
+        try:
+            result = build()
+        except TableError as exc:
+            _set_aside(ctx, self.files, f"made with other settings: {exc}")
+            result = build()
+        if result.computed:
+            ctx.say(
+                f"configuration importance: {result.computed} entries computed with "
+                f"{result.finetunes} fine-tunes in {result.seconds:.1f} s"
+            )
+        ctx.config_rows = result.rows
+        return {}
+
+    def load(self, ctx: RunContext) -> None:
+        if ctx.pruning:
+            ctx.config_rows = read_config_importance_rows(ctx.wd.file(self.files[0]))
+
+
+def _importance_kwargs(ctx: RunContext) -> dict[str, Any]:
+    """What both importance tables take from the run: settings, device, progress, name, log."""
+    s = ctx.settings
+    return {
+        "settings": s.importance,
+        "device": str(ctx.device) if s.device is not None else "cpu",
+        "progress": ctx.progress,
+        "model_name": ctx.model_name,
+        "log": ctx.say,
+    }
+
+
+def _config_problem(ctx: RunContext) -> ConfigTables:
+    """Stage 2's input with layer pruning: today's tables as configuration 0 and the
+    configuration tables (calibrated like the latency table in "whole" mode)."""
+    keys = list(_need(ctx.config_time, "config_time"))
+    times = np.asarray([ctx.config_time[k] for k in keys] if ctx.config_time else [], float)
+    if ctx.calibration is not None:
+        times = np.maximum(ctx.calibration.fit.block_time(times), 0.0)
+    return config_tables(
+        _need(ctx.opt, "opt"),
+        _need(ctx.importance, "importance"),
+        dict(zip(keys, times.tolist(), strict=True)),
+        _need(ctx.config_rows, "config_rows"),
+        alpha=ctx.settings.alpha,
+    )
+
+
+def _pruned_line(ctx: RunContext, plan: Plan) -> str:
+    """The convolutions a plan prunes, in words."""
+    if not plan.pruned:
+        return "layer pruning: the plan prunes no convolution"
+    names = ", ".join(f"{p} ({ctx.chain.positions[p].conv})" for p in sorted(plan.pruned))
+    return f"layer pruning: the plan prunes {len(plan.pruned)} convolution(s): {names}"
+
+
 class ImportanceStage(Stage):
     """The importance table I(i, j) (resumable row by row)."""
 
@@ -807,12 +977,8 @@ class ImportanceStage(Stage):
                 ctx.chain,
                 ctx.data,
                 path,
-                settings=s.importance,
                 workers=s.workers,
-                device=str(ctx.device) if s.device is not None else "cpu",
-                progress=ctx.progress,
-                model_name=ctx.model_name,
-                log=ctx.say,
+                **_importance_kwargs(ctx),
             )
         return {}
 
@@ -833,7 +999,10 @@ class SolveStage(Stage):
     def check(self, ctx: RunContext) -> None:
         from .dp import min_latency
 
-        fastest = min_latency(_need(ctx.opt, "opt"), _need(ctx.importance, "importance"))
+        if ctx.pruning:
+            fastest = min_latency_configs(_config_problem(ctx))
+        else:
+            fastest = min_latency(_need(ctx.opt, "opt"), _need(ctx.importance, "importance"))
         budget_ms = _table_budget(ctx)
         if budget_ms < fastest - 1e-12:  # checked before anything is moved or written
             _below_fastest(ctx, _refusal(ctx, budget_ms, fastest, "nothing else was changed"))
@@ -847,9 +1016,15 @@ class SolveStage(Stage):
         s, original_ms = ctx.settings, _need(ctx.original_ms, "original_ms")
         opt, importance = _need(ctx.opt, "opt"), _need(ctx.importance, "importance")
         budget_ms, fastest = _need(ctx.budget_ms, "budget_ms"), _need(ctx.fastest_ms, "fastest_ms")
-        sol = solve(opt, importance, budget_ms, alpha=s.alpha)
         budgets = sorted({*_grid(fastest, original_ms), budget_ms})
-        write_front_csv(ctx.wd.file("front.csv"), sweep(opt, importance, budgets, alpha=s.alpha))
+        if ctx.pruning:
+            tables = _config_problem(ctx)
+            sol, swept = solve_configs(tables, budget_ms), sweep_configs(tables, budgets)
+            ctx.say(_pruned_line(ctx, sol.plan))
+        else:
+            sol = solve(opt, importance, budget_ms, alpha=s.alpha)
+            swept = sweep(opt, importance, budgets, alpha=s.alpha)
+        write_front_csv(ctx.wd.file("front.csv"), swept)
         write_json(
             ctx.wd.file("plan.json"),
             {
@@ -1185,7 +1360,9 @@ PIPELINE: tuple[Stage, ...] = (
     LatencyStage(),
     OptimalStage(),
     CalibrateStage(),
+    LatencyConfigStage(),
     ImportanceStage(),
+    ImportanceConfigStage(),
     SolveStage(),
     ProbeStage(),
     FinetuneStage(),
@@ -1508,6 +1685,7 @@ def compress(
         _check_adopted_latency(Path(latency_from), chain, runner, settings, name)
     wd.claim(identity)
     timing = device_name(torch.device(runner.device), index=False)
+    pruning = settings.prune_layers and _reducible_or_say(chain, say)
     ctx = RunContext(
         wd=wd,
         settings=settings,
@@ -1528,8 +1706,19 @@ def compress(
         progress=progress,
         importance_from=Path(importance_from) if importance_from is not None else None,
         latency_from=Path(latency_from) if latency_from is not None else None,
+        pruning=pruning,
     )
     return _run_stages(ctx, redo, until)
+
+
+def _reducible_or_say(chain: ConvChain, say: Log) -> bool:
+    """Whether ``chain`` has a convolution layer pruning may remove; if not, say so."""
+    from .pruning import reducible
+
+    if reducible(chain):
+        return True
+    say("no reducible convolution in this chain: merging alone")
+    return False
 
 
 def _check_adopted_latency(

@@ -637,6 +637,10 @@ def write_report(
     ]
     if inserted:
         lines.append(f"- activations added at linear positions: {', '.join(map(str, inserted))}")
+    pruned = frozenset(plan.get("pruned", ()))
+    if pruned:
+        names = ", ".join(f"{p} ({chain.positions[p].conv})" for p in sorted(pruned))
+        lines.append(f"- pruned convolutions, layer pruning ({len(pruned)}): {names}")
     lines += [
         f"- {chain.num_positions} convolutions of the chain → {len(blocks)} "
         f"(chain positions 0..{chain.num_positions}; stem/head outside the chain are unchanged)",
@@ -644,7 +648,7 @@ def write_report(
     ]
     rows, plot_rows = [], []
     for i, j in blocks:
-        g = chain.geometry(i, j)
+        g = chain.geometry(i, j, pruned)
         before = sum(latency.time_of(k, k + 1) for k in range(i, j))
         after = latency.time_of(i, j)
         names = [chain.positions[k].conv or "?" for k in range(i + 1, j + 1)]

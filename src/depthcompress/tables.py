@@ -35,6 +35,18 @@ LATENCY_COLUMNS = ("id", "st", "end", "time", "stdev")
 OPT_LATENCY_COLUMNS = (*LATENCY_COLUMNS, "breaks")
 IMPORTANCE_KEYS = ("st", "end", "st_act", "end_act")
 EXT_IMPORTANCE_COLUMNS = ("id", *IMPORTANCE_KEYS, "imp", "breaks")
+CONFIG_LATENCY_COLUMNS = ("id", "st", "end", "config", "time", "stdev")
+CONFIG_IMPORTANCE_COLUMNS = (
+    *IMPORTANCE_KEYS,
+    "config",
+    DEFAULT_SCORE,
+    "val_loss",
+    "train_loss",
+    "steps",
+    "seconds",
+    "pruned",
+    "tried",
+)
 
 Block = tuple[int, int]
 _T = TypeVar("_T")
@@ -50,6 +62,11 @@ class LatencyRow:
     end: int
     time: float
     stdev: float
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """``(st, end)``."""
+        return (self.st, self.end)
 
     def as_csv(self) -> list[str]:
         """The row as CSV fields (floats in shortest round-trip form)."""
@@ -250,6 +267,98 @@ def read_latency_rows(path: str | Path) -> list[LatencyRow]:
 def write_latency_rows(path: str | Path, rows: Iterable[LatencyRow]) -> None:
     """The one writer of a latency CSV: ``rows`` in the given order, atomically."""
     write_rows(path, LATENCY_COLUMNS, (row.as_csv() for row in rows))
+
+
+@dataclass(frozen=True)
+class ConfigLatencyRow:
+    """One row of a configuration latency table (layer pruning): configuration ``config`` ≥ 1
+    of block ``(st, end)`` (``pruning.block_configs`` order) is timed unit ``id``; ms."""
+
+    id: int
+    st: int
+    end: int
+    config: int
+    time: float
+    stdev: float
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """``(st, end, config)``."""
+        return (self.st, self.end, self.config)
+
+    def as_csv(self) -> list[str]:
+        """The row as CSV fields (floats in shortest round-trip form)."""
+        ints = (self.id, self.st, self.end, self.config)
+        return [*map(str, ints), repr(self.time), repr(self.stdev)]
+
+
+def read_config_latency_rows(path: str | Path) -> list[ConfigLatencyRow]:
+    """The one reader of a configuration latency CSV: its rows in file order (also of a table
+    still being measured)."""
+    f = _Csv(path, "configuration latency", CONFIG_LATENCY_COLUMNS, partial=True)
+    f.require(CONFIG_LATENCY_COLUMNS, CONFIG_LATENCY_COLUMNS)
+    ints = [f.ints(c) for c in ("id", "st", "end", "config")]
+    columns = (*ints, f.floats("time"), f.floats("stdev"))
+    return [ConfigLatencyRow(*values) for values in zip(*columns, strict=True)]
+
+
+def write_config_latency_rows(path: str | Path, rows: Iterable[ConfigLatencyRow]) -> None:
+    """The one writer of a configuration latency CSV: ``rows`` in the given order, atomically."""
+    write_rows(path, CONFIG_LATENCY_COLUMNS, (row.as_csv() for row in rows))
+
+
+@dataclass(frozen=True)
+class ConfigImportanceRow:
+    """One row of a configuration importance table: the best of ``tried`` pruned subsets giving
+    configuration ``config`` of extended block ``(st, end, st_act, end_act)`` is ``pruned``, its
+    score ``val_acc`` (difference to the unmodified network, as in the importance table)."""
+
+    st: int
+    end: int
+    st_act: int
+    end_act: int
+    config: int
+    val_acc: float
+    val_loss: float
+    train_loss: float
+    steps: int
+    seconds: float
+    pruned: frozenset[int]
+    tried: int
+
+    @property
+    def key(self) -> tuple[int, int, int, int, int]:
+        """``(st, end, st_act, end_act, config)``."""
+        return (self.st, self.end, self.st_act, self.end_act, self.config)
+
+    def as_csv(self) -> list[str]:
+        """The row as CSV fields; ``pruned`` as a ``;`` list of positions."""
+        pruned = ";".join(str(p) for p in sorted(self.pruned))
+        head = [str(v) for v in self.key]
+        tail = [str(self.steps), f"{self.seconds:.3f}", pruned, str(self.tried)]
+        return [*head, repr(self.val_acc), repr(self.val_loss), repr(self.train_loss), *tail]
+
+
+def _subset(text: str) -> frozenset[int]:
+    return frozenset(int(v) for v in text.split(";") if v)
+
+
+def read_config_importance_rows(path: str | Path) -> list[ConfigImportanceRow]:
+    """The one reader of a configuration importance CSV: its rows in file order (also of a table
+    still being computed)."""
+    f = _Csv(path, "configuration importance", CONFIG_IMPORTANCE_COLUMNS, partial=True)
+    f.require(CONFIG_IMPORTANCE_COLUMNS, CONFIG_IMPORTANCE_COLUMNS)
+    keys = [f.ints(c) for c in (*IMPORTANCE_KEYS, "config")]
+    scores = [f.floats(c) for c in (DEFAULT_SCORE, "val_loss", "train_loss")]
+    pruned = f._parse("pruned", _subset, 'not a ";" list of positions such as "3;5"')
+    columns = (*keys, *scores, f.ints("steps"), f.floats("seconds"), pruned, f.ints("tried"))
+    return [ConfigImportanceRow(*values) for values in zip(*columns, strict=True)]
+
+
+def write_config_importance_rows(path: str | Path, rows: Iterable[ConfigImportanceRow]) -> None:
+    """The one writer of a configuration importance CSV: ``rows`` sorted by key, atomically."""
+    ordered = sorted(rows, key=lambda r: r.key)
+    write_rows(path, CONFIG_IMPORTANCE_COLUMNS, (row.as_csv() for row in ordered))
 
 
 def _num(x: float) -> str:
