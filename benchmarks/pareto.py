@@ -481,6 +481,9 @@ def main(argv: list[str] | None = None) -> None:
         help="RATIO:BUDGET pairs: compress --width RATIO --budget BUDGET (whole latency)",
     )  # fmt: skip
     parser.add_argument("--round-to", type=int, default=16, help="16: ORT CPU; 8: a GPU")
+    parser.add_argument(
+        "--tp-importances", nargs="+", choices=TP_IMPORTANCES, default=list(TP_IMPORTANCES)
+    )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--steps-per-epoch", type=int, default=None, help="for a quick trial")
     parser.add_argument("--lr", type=float, default=0.02)
@@ -497,6 +500,7 @@ def main(argv: list[str] | None = None) -> None:
         timings=tuple(Timing.parse(t) for t in args.timings),
         rule=Rule(min_rounds=args.rounds, max_time=args.max_time),
         round_to=args.round_to,
+        importances=tuple(args.tp_importances),
         joint=tuple(args.joint),
     )
     run(model_setup(args), opts, args.out, command=" ".join(["python", *sys.argv]))
