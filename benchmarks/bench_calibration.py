@@ -7,16 +7,15 @@ a network on ONNX Runtime CPU after calibrating its latency table.
 ``--model``: the demo network ``fashion_mbv2`` (default; 1×28×28, stem and head excluded) or a
 CIFAR-10 network of the benchmark issue (``resnet20``, ``cifar_mbv2``; 3×32×32). Shipped weights
 are loaded where the package has them, else the network keeps its seeded random initialisation:
-only latencies are compared, and they do not depend on the weights. Batch 64, general mode,
-kernels ≤ 15 (``--max-kernel-size``), 1 thread by default. The latency table is built (or
-resumed) in
+only latencies are compared, and they do not depend on the weights. Batch 64, general mode, kernels
+≤ 15 (``--max-kernel-size``), 1 thread by default. The latency table is built (or resumed) in
 ``--workdir``; the calibration times 3 plans and the original whole (seeded synthetic importance
 table, seed 0: only latencies matter); then for each budget (a fraction of the measured whole
-original; the demo's fastest plan is about 0.69x of it, so 0.65x and 0.5x have no plan) a plan
-is solved on the calibrated table with another synthetic table (seed 1, so the plans are not
-the calibration's), merged with the original weights and timed against the
-original in paired rounds. Target: |predicted / measured − 1| ≤ 10 % at every budget. The chain
-prediction (Σ T of the raw table) is printed beside it for contrast.
+original; the demo's fastest plan is about 0.69x of it, so 0.65x and 0.5x have no plan) a plan is
+solved on the calibrated table with another synthetic table (seed 1, so the plans are not the
+calibration's), merged with the original weights and timed against the original in paired rounds.
+Target: |predicted / measured − 1| ≤ 10 % at every budget. The chain prediction (Σ T of the raw
+table) is printed beside it for contrast.
 """
 
 from __future__ import annotations
