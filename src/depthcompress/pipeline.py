@@ -1613,7 +1613,7 @@ def _refusal(ctx: RunContext, budget_ms: float, fastest: float, kept: str) -> Bu
     if ctx.width is None:
         return error
     return BudgetError(
-        f"{error} With --width {ctx.settings.width:g} the pruned network alone runs at "
+        f"{error}. With --width {ctx.settings.width:g} the pruned network alone runs at "
         f"{1 / ctx.width['speedup']:.3f}x of the original: a larger --width reaches further"
     )
 
