@@ -165,6 +165,22 @@ def test_redo_importance_moves_the_configuration_importance_table(joint_run, tmp
     assert (wd / "importance_configs.csv").is_file()
 
 
+def test_a_new_width_is_taken_with_redo_latency(joint_run, tmp_path) -> None:
+    wd = copy_of(joint_run[0], tmp_path)
+    before = snapshot(wd)
+    mp = pytest.MonkeyPatch()
+    priced(mp)
+    s = joint_settings(width=0.5)
+    compress(wide_resnet(), tiny_data(), wd, s, redo="latency", until="solve")
+    mp.undo()
+    moved = wd / "previous" / "1"
+    for name in ("width.json", "calibration.json", "latency.csv", "latency_configs.csv"):
+        assert (moved / name).read_bytes() == before[name], name
+    assert json.loads((wd / "width.json").read_text())["ratio"] == 0.5
+    solve = json.loads((wd / "stages.json").read_text())["solve"]
+    assert solve["settings"]["width"]["ratio"] == 0.5
+
+
 def test_redo_latency_moves_every_file_derived_from_the_latency_settings(tmp_path) -> None:
     assert {"width.json", "calibration.json", "latency_configs.csv"} <= set(REDO_FILES["latency"])
     assert "importance_configs.csv" in REDO_FILES["importance"]
