@@ -119,13 +119,13 @@ def _trial(
 ) -> ProbeTrial:
     """Fine-tune a deep copy of ``original`` under ``config`` (one short epoch, distilled from
     ``teacher`` when the recipe distills) and score it."""
-    teacher = copy.deepcopy(teacher) if config.distill > 0 else None
+    distilled = copy.deepcopy(teacher) if config.distill > 0 else None
     try:
         result = finetune(
             copy.deepcopy(original),
             data.train,
             config,
-            teacher=teacher,
+            teacher=distilled,
             holdout_data=data.holdout,
             device=device,
             distributed=False,
