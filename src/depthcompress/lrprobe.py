@@ -1,9 +1,10 @@
 """The learning-rate probe and the control run: before the compressed network is fine-tuned, a
-copy of the *original* network is fine-tuned for a few steps under the same recipe at the
-configured lr and smaller ones, and scored on the held-out split. The largest lr that keeps the
-original where it was is used, and the original fine-tuned at that lr is the *control*: what the
+copy of the network it comes from (the original; with width, the width-pruned network, which is
+what depth compression fine-tunes) is fine-tuned for a few steps under the same recipe at the
+configured lr and smaller ones, and scored on the held-out split. The largest lr that keeps that
+network where it was is used, and the network fine-tuned at that lr is the *control*: what the
 recipe alone keeps, against which the compressed network's accuracy tells the plan's loss from the
-recipe's.
+recipe's. ``ProbeResult.network`` names the network probed.
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ class ProbeTrial:
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """What the probe found: the original's held-out accuracy, every candidate tried (largest
-    first; trying stops at the first accepted), the lr chosen, whether any candidate was
-    accepted, and the steps and tolerance used."""
+    """What the probe found: the probed network's held-out accuracy (``original_accuracy``),
+    every candidate tried (largest first; trying stops at the first accepted), the lr chosen,
+    whether any candidate was accepted, the steps and tolerance used, and which network was
+    probed (``network``: "original", or the width-pruned one)."""
 
     original_accuracy: float
     trials: tuple[ProbeTrial, ...]
@@ -77,6 +79,7 @@ class ProbeResult:
     accepted: bool
     steps: int
     tolerance: float
+    network: str = "original"
 
     @property
     def control_accuracy(self) -> float | None:
@@ -98,6 +101,7 @@ class ProbeResult:
             accepted=data["accepted"],
             steps=data["steps"],
             tolerance=data["tolerance"],
+            network=data.get("network", "original"),  # absent in files made before width
         )
 
 
@@ -111,15 +115,17 @@ def _trial(
     data: SplitData,
     config: FinetuneConfig,
     device: torch.device | str | None,
+    teacher: nn.Module,
 ) -> ProbeTrial:
-    """Fine-tune a deep copy of ``original`` under ``config`` (one short epoch) and score it."""
-    teacher = copy.deepcopy(original) if config.distill > 0 else None
+    """Fine-tune a deep copy of ``original`` under ``config`` (one short epoch, distilled from
+    ``teacher`` when the recipe distills) and score it."""
+    distilled = copy.deepcopy(teacher) if config.distill > 0 else None
     try:
         result = finetune(
             copy.deepcopy(original),
             data.train,
             config,
-            teacher=teacher,
+            teacher=distilled,
             holdout_data=data.holdout,
             device=device,
             distributed=False,
@@ -138,10 +144,14 @@ def probe_lr(
     *,
     device: torch.device | str | None = None,
     progress: Reporter | None = None,
+    teacher: nn.Module | None = None,
+    network: str = "original",
 ) -> ProbeResult:
-    """Choose the fine-tuning lr: the largest candidate whose short fine-tuning of the original
-    keeps a finite loss and its held-out accuracy within the tolerance (else the smallest, with
-    a warning). Same optimizer, weight decay, distillation, batch and seed as ``config``."""
+    """Choose the fine-tuning lr: the largest candidate whose short fine-tuning of ``original``
+    (the network that is fine-tuned, named ``network``) keeps a finite loss and its held-out
+    accuracy within the tolerance (else the smallest, with a warning). Same optimizer, weight
+    decay, distillation (from ``teacher``, default ``original`` itself), batch and seed as
+    ``config``."""
     net = copy.deepcopy(original).to(device or "cpu")
     base = evaluate(net, data.holdout, batch_size=config.batch_size)
     del net
@@ -150,7 +160,7 @@ def probe_lr(
     for k, lr in enumerate(lrs):
         tell(progress, "lr probe", k, len(lrs), f"lr {lr:g}")
         run = replace(config, epochs=1, steps_per_epoch=steps, lr=lr)
-        trials.append(_trial(original, data, run, device))
+        trials.append(_trial(original, data, run, device, teacher or original))
         if _accepted(trials[-1], base, settings.tolerance):
             break
     tell(progress, "lr probe", len(lrs), len(lrs), "done")
@@ -162,6 +172,7 @@ def probe_lr(
         accepted=accepted,
         steps=steps,
         tolerance=settings.tolerance,
+        network=network,
     )
     if not accepted:
         LOG.warning(recipe_warning(result))
@@ -183,8 +194,8 @@ def recipe_warning(probe: ProbeResult) -> str:
     """The warning when even the smallest candidate lr moves the original network away."""
     tried = ", ".join(f"lr {t.lr:g}: {_acc(t.accuracy)}" for t in probe.trials)
     return (
-        f"warning: the fine-tuning recipe itself costs the original network accuracy: on the "
-        f"held-out split it had {probe.original_accuracy:.2f} %, and after {probe.steps} steps "
+        f"warning: the fine-tuning recipe itself costs the {probe.network} network accuracy: on "
+        f"the held-out split it had {probe.original_accuracy:.2f} %, and after {probe.steps} steps "
         f"of fine-tuning ({tried}) no lr kept it within {probe.tolerance:g} points. The recipe "
         "is the problem, not the plan: try a smaller --lr or another --optimizer (adamw for a "
         "network trained with Adam); the smallest lr is used"
@@ -194,9 +205,11 @@ def recipe_warning(probe: ProbeResult) -> str:
 def control_record(
     probe: ProbeResult, tuned_accuracy: float | None, settings: ProbeSettings, budget: str
 ) -> dict[str, Any]:
-    """What ``evaluation.json`` keeps of the control: held-out accuracies of the original, the
-    control and the fine-tuned compressed network, the chosen lr, and the warning if any."""
+    """What ``evaluation.json`` keeps of the control: which network was probed, held-out
+    accuracies of it (``original_holdout_accuracy``), of the control and of the fine-tuned
+    compressed network, the chosen lr, and the warning if any."""
     return {
+        "network": probe.network,
         "original_holdout_accuracy": probe.original_accuracy,
         "control_holdout_accuracy": probe.control_accuracy,
         "compressed_holdout_accuracy": tuned_accuracy,
@@ -221,7 +234,8 @@ def control_warning(
     return (
         f"warning: the compressed network's held-out accuracy after fine-tuning, "
         f"{tuned_accuracy:.2f} %, is {control - tuned_accuracy:.1f} points below the control's "
-        f"{control:.2f} % (the original fine-tuned under the same recipe at lr {probe.lr:g}). "
+        f"{control:.2f} % (the {probe.network} network fine-tuned under the same recipe at lr "
+        f"{probe.lr:g}). "
         f"The plan for budget {budget} lost the accuracy, not the recipe: try a looser --budget "
         "or more --epochs"
     )

@@ -116,8 +116,9 @@ class CompressSettings:
     ``budget_or_fastest`` takes the fastest plan (with a note) where the budget is below it,
     instead of refusing the run: the demo's setting.
 
-    ``lr_probe`` (None: off, the configured lr is used) probes the fine-tuning lr on the original
-    network first (``lrprobe``): the largest of lr, lr/4, ... that keeps its held-out accuracy.
+    ``lr_probe`` (None: off, the configured lr is used) probes the fine-tuning lr first on the
+    network that is fine-tuned (the original, or with width the pruned one; ``lrprobe``): the
+    largest of lr, lr/4, ... that keeps its held-out accuracy.
     ``width`` > 0 channel-prunes that fraction of every layer's channels first (``width.py``,
     Torch-Pruning, ``width_importance`` "l1" or "taylor"); the depth stages then work on the
     pruned network, distilled from the unpruned original, and the budget stays a fraction of
@@ -256,6 +257,8 @@ class CompressSettings:
         if self.lr_probe is not None:  # absent when off: older work directories resume
             probe = {"finetune": self.finetune.to_dict(), "lr_probe": asdict(self.lr_probe)}
             probe["finetune"].pop("epochs")
+            if width:  # the probed network is the width-pruned one
+                probe["width"] = width
             tune = {**tune, "lr_probe": probe["lr_probe"]}
         return {
             "width": {**lat, "rule": asdict(self.calibration_rule)} if width else {},
@@ -384,6 +387,7 @@ class Workdir:
                 + "; ".join(diff[:4])
                 + f"). Pass --redo {stage} to move it and the later stages to "
                 f"{self.path / 'previous'}/ and compute them again, or use another --workdir"
+                + _width_hint(diff)
             )
         return True
 
@@ -402,13 +406,14 @@ class Workdir:
         return target
 
     def redo(self, stage: str) -> Path | None:
-        """Move ``stage``'s and every later stage's files to ``previous/N/``; returns that
-        folder (None when there was nothing to move)."""
+        """Move ``stage``'s and every later stage's files (with those of the unrecorded stages
+        that are ``part_of`` them) to ``previous/N/``; returns that folder (None when there was
+        nothing to move)."""
         if stage not in STAGES:
             raise WorkdirError(f"--redo must name one of the stages {', '.join(STAGES)}")
         later = STAGES[STAGES.index(stage) :]
         manifest = self.manifest()
-        present = [self.file(f) for s in later for f in STAGE_FILES[s] if self.file(f).exists()]
+        present = [self.file(f) for s in later for f in REDO_FILES[s] if self.file(f).exists()]
         if not present and not any(s in manifest for s in later):
             return None
         target = self.new_previous()
@@ -418,6 +423,16 @@ class Workdir:
             write_json(target / MANIFEST, {s: manifest[s] for s in later if s in manifest})
             write_json(self.file(MANIFEST), {s: v for s, v in manifest.items() if s not in later})
         return target
+
+
+def _width_hint(diff: list[str]) -> str:
+    """What a refusal adds when the width changed: width has no stage name of its own."""
+    if not any(d.startswith("width") for d in diff):
+        return ""
+    return (
+        ". The width (--width) is chosen before the latency table, which times the pruned "
+        "network: a new width takes --redo latency"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,10 +517,10 @@ class RunContext:
     progress: Reporter | None = None
     importance_from: Path | None = None
     latency_from: Path | None = None
-    pruning: bool = False
     ran: list[str] = field(default_factory=list)
     # filled by the stages, in order
     network: nn.Module | None = None
+    pruning: bool = False  # layer pruning on and the (width-pruned) chain has a reducible conv
     width: dict[str, Any] | None = None
     latency: LatencyTable | None = None
     original_ms: float | None = None
@@ -546,15 +561,18 @@ class Stage(ABC):
     computes and writes its files, ``load`` fills the context from them when it finished before.
 
     ``recorded`` False: never in ``stages.json`` (nor a ``--until``/``--redo`` name), always
-    run. ``torchrun``: may run under torchrun. ``main_only``: only rank 0 goes on to it.
-    ``run_fills``: ``run`` leaves its results on the context itself, so ``load`` is not called
-    after it (otherwise the files just written are read back, as a later run would).
+    run; ``part_of`` names the recorded stage whose ``--redo`` moves its files too (None: they
+    are reused while their own settings hold). ``torchrun``: may run under torchrun.
+    ``main_only``: only rank 0 goes on to it. ``run_fills``: ``run`` leaves its results on the
+    context itself, so ``load`` is not called after it (otherwise the files just written are
+    read back, as a later run would).
     """
 
     name: ClassVar[str]
     files: ClassVar[tuple[str, ...]] = ()
     reads: ClassVar[tuple[str, ...]] = ()
     recorded: ClassVar[bool] = True
+    part_of: ClassVar[str | None] = None
     torchrun: ClassVar[bool] = False
     main_only: ClassVar[bool] = False
     run_fills: ClassVar[bool] = False
@@ -586,18 +604,30 @@ class WidthStage(Stage):
     Torch-Pruning becomes the network (and chain) every later stage works on; ``width.json``
     holds the kept channels and the paired speed-up of the pruned network over the original.
     Not recorded: a resume prunes again (deterministic) and checks the recorded channels and
-    weights, and the later stages' settings name the width."""
+    weights, and the later stages' settings name the width, so a new width is refused until
+    ``--redo latency``, which moves ``width.json`` too. It also decides ``ctx.pruning`` on the
+    chain the later stages see."""
 
     name = "width"
     files = ("width.json",)
     recorded = False
+    part_of = "latency"
     run_fills = True
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        s = ctx.settings
         ctx.network = ctx.original
-        if s.width <= 0:
-            return {}
+        if ctx.settings.width > 0:
+            self._narrow(ctx)
+        ctx.pruning = ctx.settings.prune_layers and _reducible_or_say(ctx.chain, ctx.say)
+        return {}
+
+    def load(self, ctx: RunContext) -> None:
+        self.run(ctx)
+
+    def _narrow(self, ctx: RunContext) -> None:
+        """Prune the original's channels (or check the recorded pruning): the network and
+        chain the later stages work on."""
+        s = ctx.settings
         pruned = self._prune(ctx)
         record = _kept_json(ctx, "width.json", self.settings(ctx))
         if record is None:
@@ -606,7 +636,7 @@ class WidthStage(Stage):
             raise WorkdirError(
                 f"pruning the original again did not give the network recorded in "
                 f"{ctx.wd.file('width.json')} (another Torch-Pruning or torch?): use another "
-                "--workdir, or move width.json and pass --redo latency"
+                "--workdir, or pass --redo latency (which moves width.json too)"
             )
         example = torch.randn(1, *ctx.shape[1:], generator=torch.Generator().manual_seed(s.seed))
         ctx.network, ctx.width = pruned.model, record
@@ -617,10 +647,6 @@ class WidthStage(Stage):
             max_kernel_size=s.max_kernel_size,
             exclude=s.exclude,
         )
-        return {}
-
-    def load(self, ctx: RunContext) -> None:
-        self.run(ctx)
 
     @staticmethod
     def _prune(ctx: RunContext) -> WidthResult:
@@ -754,12 +780,14 @@ class CalibrateStage(Stage):
     """With ``budget_mode="whole"``: the latency table calibrated against whole-network timings
     of a few plans (``calibration.json``, reused while its settings and table hold), the budget
     converted to the calibrated table, and refused here, before any importance entry, when no
-    plan meets it. Not recorded: it decides nothing the solve stage's settings do not name."""
+    plan meets it. Not recorded: it decides nothing the solve stage's settings do not name;
+    ``--redo latency`` moves it."""
 
     name = "calibrate"
     files = ("calibration.json",)
     reads = ("latency", "opt", "original_ms", "network")
     recorded = False
+    part_of = "latency"
     run_fills = True
 
     def settings(self, ctx: RunContext) -> dict[str, Any]:
@@ -842,12 +870,14 @@ def _set_aside(ctx: RunContext, names: tuple[str, ...], why: str) -> None:
 class LatencyConfigStage(Stage):
     """With layer pruning: T(i, j, c) for every configuration c ≥ 1 of every block
     (``latency_configs.csv``, resumable row by row). Not recorded: the table's sidecar guards
-    its settings (a table made with others is moved to ``previous/N/``), and the solve stage's
-    settings name ``prune_layers``."""
+    its settings (a table made with others is moved to ``previous/N/``), the solve stage's
+    settings name ``prune_layers``, and ``--redo latency`` moves it. A budget below the fastest
+    plan the configurations allow is refused here, before any importance entry."""
 
     name = "latency_configs"
     files = ("latency_configs.csv", "latency_configs.csv.json", "latency_configs.csv.passes")
     recorded = False
+    part_of = "latency"
     run_fills = True
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
@@ -873,6 +903,7 @@ class LatencyConfigStage(Stage):
             _set_aside(ctx, self.files, f"made with other settings: {exc}")
             result = build()
         ctx.config_time = {r.key: r.time for r in result.rows if isinstance(r, ConfigLatencyRow)}
+        _refuse_unreachable_configs(ctx)
         return {}
 
     def load(self, ctx: RunContext) -> None:
@@ -884,11 +915,12 @@ class LatencyConfigStage(Stage):
 class ImportanceConfigStage(Stage):
     """With layer pruning: I(i, j, x, y, c) for every configuration entry, the best of
     ``prune_subsets`` pruned subsets each (``importance_configs.csv``, resumable row by row; one
-    process). Not recorded, like ``LatencyConfigStage``."""
+    process). Not recorded, like ``LatencyConfigStage``; ``--redo importance`` moves it."""
 
     name = "importance_configs"
     files = ("importance_configs.csv", "importance_configs.csv.json")
     recorded = False
+    part_of = "importance"
     run_fills = True
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
@@ -935,20 +967,47 @@ def _importance_kwargs(ctx: RunContext) -> dict[str, Any]:
     }
 
 
-def _config_problem(ctx: RunContext) -> ConfigTables:
-    """Stage 2's input with layer pruning: today's tables as configuration 0 and the
-    configuration tables (calibrated like the latency table in "whole" mode)."""
+def _config_times(ctx: RunContext) -> dict[tuple[int, int, int], float]:
+    """T(i, j, c) of the configuration table, calibrated like the latency table in "whole"
+    mode."""
     keys = list(_need(ctx.config_time, "config_time"))
     times = np.asarray([ctx.config_time[k] for k in keys] if ctx.config_time else [], float)
     if ctx.calibration is not None:
         times = np.maximum(ctx.calibration.fit.block_time(times), 0.0)
+    return dict(zip(keys, times.tolist(), strict=True))
+
+
+def _config_problem(ctx: RunContext) -> ConfigTables:
+    """Stage 2's input with layer pruning: today's tables as configuration 0 and the
+    configuration tables (calibrated like the latency table in "whole" mode)."""
     return config_tables(
         _need(ctx.opt, "opt"),
         _need(ctx.importance, "importance"),
-        dict(zip(keys, times.tolist(), strict=True)),
+        _config_times(ctx),
         _need(ctx.config_rows, "config_rows"),
         alpha=ctx.settings.alpha,
     )
+
+
+def _fastest_with_configs(ctx: RunContext) -> float:
+    """The fastest tiling of the chain by T_opt segments and configuration blocks, activation
+    flags ignored: a lower bound of stage 2's fastest plan, known before any importance entry."""
+    opt = _need(ctx.opt, "opt")
+    edges = {(i, j): opt.time_of(i, j) for i, j in opt.index}
+    for (i, j, _), t in _config_times(ctx).items():
+        edges[i, j] = min(t, edges.get((i, j), math.inf))
+    best = [0.0] + [math.inf] * opt.num_positions
+    for (i, j), t in sorted(edges.items(), key=lambda e: e[0][1]):
+        best[j] = min(best[j], best[i] + t)
+    return best[-1]
+
+
+def _refuse_unreachable_configs(ctx: RunContext) -> None:
+    """With layer pruning, refuse a budget below the fastest plan the configurations allow,
+    naming the smallest reachable fraction of the original (checked before importance)."""
+    budget, fastest = _table_budget(ctx), _fastest_with_configs(ctx)
+    if budget < fastest * (1 - 1e-9) - 1e-12:
+        _below_fastest(ctx, _refusal(ctx, budget, fastest, "no importance entry was computed"))
 
 
 def _pruned_line(ctx: RunContext, plan: Plan) -> str:
@@ -1045,11 +1104,16 @@ class SolveStage(Stage):
 
 
 class ProbeStage(Stage):
-    """With ``lr_probe``: the fine-tuning lr probed on the original network (``lr_probe.json``,
-    reused while its settings hold). Not recorded: the fine-tuning stage's settings name it."""
+    """With ``lr_probe``: the fine-tuning lr probed on ``ctx.network`` (``lr_probe.json``, reused
+    while its settings hold). With width that is the width-pruned network, distilled from the
+    original: the network depth compression fine-tunes, so the control (it after the probe)
+    separates the depth plan's loss from the recipe's; the record names it. Not recorded: the
+    fine-tuning stage's settings name it, and ``--redo`` leaves it (it does not depend on the
+    plan)."""
 
     name = "probe"
     files = ("lr_probe.json",)
+    reads = ("network",)
     recorded = False
     torchrun = True
     run_fills = True
@@ -1075,18 +1139,30 @@ class ProbeStage(Stage):
 
     def _measure(self, ctx: RunContext, probe: ProbeSettings) -> dict[str, Any]:
         """Probe the candidate learning rates; write ``lr_probe.json``."""
-        cfg = ctx.settings.finetune
+        cfg, network = ctx.settings.finetune, _probed_name(ctx)
         ctx.say(
-            f"lr probe: the original network fine-tuned for up to {probe.steps} steps at lr "
+            f"lr probe: the {network} network fine-tuned for up to {probe.steps} steps at lr "
             f"{', '.join(f'{lr:g}' for lr in probe.lrs(cfg.lr))} until one keeps its held-out "
             f"accuracy within {probe.tolerance:g} points"
         )
         result = probe_lr(
-            ctx.original, ctx.data, cfg, probe, device=ctx.device, progress=ctx.progress
+            _need(ctx.network, "network"),
+            ctx.data,
+            cfg,
+            probe,
+            device=ctx.device,
+            progress=ctx.progress,
+            teacher=ctx.original,
+            network=network,
         )
         data = {"settings": self.settings(ctx), **result.to_dict()}
         write_json(ctx.wd.file("lr_probe.json"), data)
         return data
+
+
+def _probed_name(ctx: RunContext) -> str:
+    """The network the probe fine-tunes, in words: the original, or the width-pruned one."""
+    return "original" if ctx.width is None else "width-pruned"
 
 
 def _probe_line(probe: ProbeResult) -> str:
@@ -1097,7 +1173,7 @@ def _probe_line(probe: ProbeResult) -> str:
     )
     verdict = "" if probe.accepted else " (none kept it: the smallest is used)"
     return (
-        f"lr probe: original {probe.original_accuracy:.2f} % held-out; after {probe.steps} "
+        f"lr probe: {probe.network} {probe.original_accuracy:.2f} % held-out; after {probe.steps} "
         f"steps at lr {tried}; fine-tuning uses lr {probe.lr:g}{verdict}"
     )
 
@@ -1376,7 +1452,14 @@ STAGES = tuple(s.name for s in PIPELINE if s.recorded)
 """The stages ``stages.json`` records, the names ``--until`` and ``--redo`` take."""
 
 STAGE_FILES: dict[str, tuple[str, ...]] = {s.name: s.files for s in PIPELINE if s.recorded}
-"""The files each recorded stage writes, relative to the work directory (moved by ``--redo``)."""
+"""The files each recorded stage writes, relative to the work directory."""
+
+REDO_FILES: dict[str, tuple[str, ...]] = {
+    name: files + tuple(f for s in PIPELINE if s.part_of == name for f in s.files)
+    for name, files in STAGE_FILES.items()
+}
+"""The files ``--redo`` moves per recorded stage: its own and those of the unrecorded stages
+that are ``part_of`` it (the width, calibration and configuration tables)."""
 
 
 def _files(wd: Workdir) -> dict[str, Path]:
@@ -1386,7 +1469,9 @@ def _files(wd: Workdir) -> dict[str, Path]:
 
 def _run_stages(ctx: RunContext, redo: str | None, until: str | None) -> CompressResult | None:
     """Load or run each stage of ``PIPELINE`` in order; None when ``until`` stops the run (after
-    that stage and the unrecorded ones that follow it) or on a non-main torchrun rank."""
+    that stage and the unrecorded ones that follow it) or on a non-main torchrun rank. Every
+    finished stage's settings are checked first, so a refused run moves and computes nothing."""
+    _check_finished(ctx, redo, until)
     stopping = False
     for stage in PIPELINE:
         if (stopping and stage.recorded) or (stage.main_only and ctx.rank != 0):
@@ -1395,8 +1480,10 @@ def _run_stages(ctx: RunContext, redo: str | None, until: str | None) -> Compres
         if missing:
             raise RuntimeError(f"the {stage.name} stage reads {missing}, which no stage filled")
         stage.check(ctx)
-        if _must_run(ctx, stage, redo):
-            redo = None if redo == stage.name else redo
+        if redo is not None and _redone(stage, redo):
+            _move_for_redo(ctx, redo)
+            redo = None
+        if _must_run(ctx, stage):
             info = stage.run(ctx)
             if info is None and stage.recorded:
                 return None
@@ -1411,18 +1498,41 @@ def _run_stages(ctx: RunContext, redo: str | None, until: str | None) -> Compres
     return None if stopping else ctx.result()
 
 
-def _must_run(ctx: RunContext, stage: Stage, redo: str | None) -> bool:
+def _check_finished(ctx: RunContext, redo: str | None, until: str | None) -> None:
+    """Refuse, before any stage runs, a finished recorded stage (before ``redo``, up to
+    ``until``) whose settings differ: unrecorded stages then never move or recompute files for
+    a run that is refused later."""
+    for stage in PIPELINE:
+        if not stage.recorded:
+            continue
+        if stage.name == redo:
+            return
+        ctx.wd.done(stage.name, stage.settings(ctx))
+        if stage.name == until:
+            return
+
+
+def _redone(stage: Stage, redo: str) -> bool:
+    """Whether ``stage`` belongs to what ``--redo redo`` moves (it or a later recorded stage)."""
+    group = stage.name if stage.recorded else stage.part_of
+    return group is not None and STAGES.index(group) >= STAGES.index(redo)
+
+
+def _move_for_redo(ctx: RunContext, redo: str) -> None:
+    """Move the ``redo`` stage's and later files aside: only at the first stage they belong
+    to, once every earlier stage and the budget have been checked, so a refused run moves
+    nothing."""
+    moved = ctx.wd.redo(redo)
+    if moved is not None:
+        ctx.say(f"moved the {redo} stage and later ones to {moved}")
+
+
+def _must_run(ctx: RunContext, stage: Stage) -> bool:
     """Whether ``stage`` must run; if so, announce it (the first stage to run records the
-    command and the chain). Under torchrun only fine-tuning and later stages may run. The stage
-    named by ``redo`` (and every later one) is moved aside only now, when every earlier stage
-    has been checked, so a refused run moves nothing."""
+    command and the chain). Under torchrun only fine-tuning and later stages may run."""
     if not stage.recorded:
         return True
-    if redo == stage.name:
-        moved = ctx.wd.redo(stage.name)
-        if moved is not None:
-            ctx.say(f"moved the {stage.name} stage and later ones to {moved}")
-    elif ctx.wd.done(stage.name, stage.settings(ctx)):
+    if ctx.wd.done(stage.name, stage.settings(ctx)):
         return False
     if ctx.world > 1 and not stage.torchrun:
         raise WorkdirError(
@@ -1503,7 +1613,7 @@ def _refusal(ctx: RunContext, budget_ms: float, fastest: float, kept: str) -> Bu
     if ctx.width is None:
         return error
     return BudgetError(
-        f"{error} With --width {ctx.settings.width:g} the pruned network alone runs at "
+        f"{error}. With --width {ctx.settings.width:g} the pruned network alone runs at "
         f"{1 / ctx.width['speedup']:.3f}x of the original: a larger --width reaches further"
     )
 
@@ -1685,7 +1795,6 @@ def compress(
         _check_adopted_latency(Path(latency_from), chain, runner, settings, name)
     wd.claim(identity)
     timing = device_name(torch.device(runner.device), index=False)
-    pruning = settings.prune_layers and _reducible_or_say(chain, say)
     ctx = RunContext(
         wd=wd,
         settings=settings,
@@ -1706,7 +1815,6 @@ def compress(
         progress=progress,
         importance_from=Path(importance_from) if importance_from is not None else None,
         latency_from=Path(latency_from) if latency_from is not None else None,
-        pruning=pruning,
     )
     return _run_stages(ctx, redo, until)
 

@@ -216,9 +216,10 @@ def control_lines(evaluation: dict[str, Any]) -> list[str]:
     control = evaluation.get("control")
     if not control:
         return []
+    net = control.get("network", "original")  # the network probed: with width, the pruned one
     line = (
-        f"Control (held-out split): original {_fmt(control['original_holdout_accuracy'], '.2f')} "
-        f"%, original fine-tuned {control['steps']} steps at the probed lr {control['lr']:g}: "
+        f"Control (held-out split): {net} {_fmt(control['original_holdout_accuracy'], '.2f')} "
+        f"%, {net} fine-tuned {control['steps']} steps at the probed lr {control['lr']:g}: "
         f"{_fmt(control['control_holdout_accuracy'], '.2f')} %, compressed after fine-tuning: "
         f"{_fmt(control['compressed_holdout_accuracy'], '.2f')} %"
     )
