@@ -39,7 +39,7 @@ from tests.test_prune_layers import (
 
 pruned_run = test_prune_layers.pruned_run  # the module-scoped compress --prune-layers run
 
-NETS = '''
+NETS = """
 from tests.test_prune_layers import NoReducible, tiny_resnet
 
 def resnet():
@@ -47,7 +47,7 @@ def resnet():
 
 def plain():
     return NoReducible()
-'''
+"""
 
 
 def invoke(*args: str) -> str:
