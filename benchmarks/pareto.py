@@ -12,7 +12,11 @@ merge; (b) Torch-Pruning's ``MetaPruner`` at each ratio with an L1 magnitude and
 Taylor (gradient) importance, ``round_to`` channels (16 suits ONNX Runtime on a CPU, 8 a GPU);
 (c) with ``--joint RATIO:BUDGET ...``, both at once (issue 14): ``compress`` with ``width`` RATIO
 (L1, the same ``round_to``) and BUDGET of the original's whole latency on the tables' backend
-(the fastest plan where the budget is below it), in ``OUT/points/joint-R-B/compress``.
+(the fastest plan where the budget is below it), in ``OUT/points/joint-R-B/compress``;
+(d) with ``--layers`` (at ``--budgets``) or ``--layer-budgets B ...``, depthcompress with layer
+pruning (issue 16, LayerMerge): the configuration tables made once beside the depth tables
+(``compress(..., prune_layers=True, until="importance")``, whose depth tables are the same
+files), a plan per budget over (segment, configuration) (``dp.solve_configs``).
 Every network is fine-tuned with one ``FinetuneConfig`` (distillation from the original, as in
 the demo), scored on the test set the same way, and timed against the original with
 ``speedup.paired_speedup`` (median per-round ratio, 95 % interval) at each
@@ -43,12 +47,25 @@ from torch.utils.data import Dataset
 import depthcompress as dc
 from depthcompress.backends import Backend, get_backend, machine_info
 from depthcompress.data import SplitData, fetch, num_classes
-from depthcompress.dp import min_latency, solve
+from depthcompress.dp import (
+    ConfigTables,
+    config_tables,
+    min_latency,
+    min_latency_configs,
+    solve,
+    solve_configs,
+)
 from depthcompress.export import save_torch
 from depthcompress.files import atomic_open, write_json
 from depthcompress.finetune import FinetuneConfig, evaluate, finetune
 from depthcompress.speedup import Rule, paired_speedup
-from depthcompress.tables import ImportanceTable, LatencyTable, OptimalLatencyTable
+from depthcompress.tables import (
+    ImportanceTable,
+    LatencyTable,
+    OptimalLatencyTable,
+    read_config_importance_rows,
+    read_config_latency_rows,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TP_IMPORTANCES = ("l1", "taylor")
@@ -106,6 +123,7 @@ class Options:
     importances: tuple[str, ...] = TP_IMPORTANCES
     taylor_batches: int = 4
     joint: tuple[str, ...] = ()
+    layer_budgets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,7 @@ class Tables:
     opt: OptimalLatencyTable
     importance: ImportanceTable
     original_ms: float
+    configs: ConfigTables | None = None
 
 
 def load() -> str:
@@ -139,26 +158,39 @@ def params(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def build_tables(setup: Setup, out: Path, log: Log) -> Tables:
-    """The latency and importance tables in ``out/tables`` (resumed by ``compress``)."""
+def build_tables(setup: Setup, opts: Options, out: Path, log: Log) -> Tables:
+    """The latency and importance tables in ``out/tables`` (resumed by ``compress``), with
+    ``layer_budgets`` also the configuration tables (the depth tables stay the same files)."""
     wd = out / "tables"
+    s = replace(setup.settings, prune_layers=bool(opts.layer_budgets))
     dc.compress(
-        setup.model, setup.data, wd, setup.settings, test_data=setup.test,
+        setup.model, setup.data, wd, s, test_data=setup.test,
         model_name=setup.name, until="importance", log=log,
     )  # fmt: skip
-    s = setup.settings
     chain = dc.trace(
         setup.model.eval(), example(setup), mode=s.mode, max_kernel_size=s.max_kernel_size,
         exclude=s.exclude,
     )  # fmt: skip
     latency = LatencyTable.read_csv(wd / "latency.csv")
     original_ms = sum(latency.time_of(k, k + 1) for k in range(chain.num_positions))
-    return Tables(
+    tables = Tables(
         chain,
         OptimalLatencyTable.read_csv(wd / "opt_latency.csv"),
         ImportanceTable.read_csv(wd / "importance.csv"),
         original_ms,
     )
+    if not opts.layer_budgets:
+        return tables
+    return replace(tables, configs=layer_tables(tables, wd, s.alpha))
+
+
+def layer_tables(tables: Tables, wd: Path, alpha: float) -> ConfigTables:
+    """Stage 2's input with layer pruning from the configuration tables in ``wd``; without them
+    (no reducible conv: ``compress`` said so) the depth-only problem, merging alone."""
+    lat, imp = wd / "latency_configs.csv", wd / "importance_configs.csv"
+    times = {r.key: r.time for r in read_config_latency_rows(lat)} if lat.is_file() else {}
+    rows = read_config_importance_rows(imp) if imp.is_file() else []
+    return config_tables(tables.opt, tables.importance, times, rows, alpha=alpha)
 
 
 def tune(setup: Setup, net: nn.Module, where: Path) -> nn.Module:
@@ -183,9 +215,27 @@ def depth_point(setup: Setup, tables: Tables, budget: str, where: Path) -> tuple
     fastest = min_latency(tables.opt, tables.importance)
     sol = solve(tables.opt, tables.importance, max(ms, fastest), alpha=setup.settings.alpha)
     plan = dc.Plan.from_dict(sol.to_dict())
+    net = planned_point(setup, tables, plan, where)
+    return net, {"plan": plan.to_dict(), "budget_ms": ms, "fastest": ms < fastest}
+
+
+def layer_point(setup: Setup, tables: Tables, budget: str, where: Path) -> tuple[nn.Module, dict]:
+    """The depthcompress network with layer pruning at ``budget`` (the fastest plan where the
+    budget is below it): a configuration per segment, same tables, same fine-tuning."""
+    if tables.configs is None:
+        raise RuntimeError("layer points need the configuration tables (Options.layer_budgets)")
+    ms = dc.Budget.parse(budget).resolve(tables.original_ms)
+    fastest = min_latency_configs(tables.configs)
+    plan = dc.Plan.from_dict(solve_configs(tables.configs, max(ms, fastest)).to_dict())
+    net = planned_point(setup, tables, plan, where)
+    extra = {"plan": plan.to_dict(), "pruned": sorted(plan.pruned)}
+    return net, {**extra, "budget_ms": ms, "fastest": ms < fastest}
+
+
+def planned_point(setup: Setup, tables: Tables, plan: dc.Plan, where: Path) -> nn.Module:
+    """``plan`` applied to the original: linearized, fine-tuned, merged (checked)."""
     lin = tune(setup, dc.linearize(setup.model, tables.chain, plan), where)
-    merged = dc.merge(lin, tables.chain, plan, verify=True)
-    return merged, {"plan": plan.to_dict(), "budget_ms": ms, "fastest": ms < fastest}
+    return dc.merge(lin, tables.chain, plan, verify=True)
 
 
 def joint_point(
@@ -278,6 +328,8 @@ def point_specs(opts: Options) -> Iterator[tuple[str, str, str]]:
     yield "original", "original", "-"
     for b in opts.budgets:
         yield f"depthcompress-{b}", "depthcompress", b
+    for b in opts.layer_budgets:
+        yield f"layers-{b}", "layers", b
     for kind in opts.importances:
         for r in opts.ratios:
             yield f"tp-{kind}-{r:g}", f"torch-pruning {kind}", f"{r:g}"
@@ -295,6 +347,8 @@ def build_point(
         return copy.deepcopy(setup.model).eval(), {}
     if method == "depthcompress":
         return depth_point(setup, tables, setting, where)
+    if method == "layers":
+        return layer_point(setup, tables, setting, where)
     if method == "joint":
         return joint_point(setup, opts, setting, where, log)
     kind = method.split()[-1]
@@ -357,12 +411,19 @@ def markdown(points: list[dict], timings: tuple[Timing, ...]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+LABELS = {"depthcompress": "depthcompress (merging)", "layers": "depthcompress + layer pruning"}
+"""Legend names of the methods whose record name is short."""
+
+
 def marker(method: str) -> dict[str, Any]:
-    """The original as a large star, each method as a line of dots."""
+    """The original as a large star, joint points as squares, layer pruning as a line of
+    triangles, each other method as a line of dots."""
     if method == "original":
         return {"marker": "*", "markersize": 14, "linestyle": "none"}
     if method == "joint":
         return {"marker": "s", "linestyle": "none"}
+    if method == "layers":
+        return {"marker": "^"}
     return {"marker": "o"}
 
 
@@ -381,10 +442,13 @@ def plot(points: list[dict], timing: Timing, title: str, path: Path) -> None:
         s = [p["speedups"][timing.key] for p in mine]
         x, y = [v["speedup"] for v in s], [p["accuracy"] for p in mine]
         err = [[v["speedup"] - v["low"] for v in s], [v["high"] - v["speedup"] for v in s]]
-        ax.errorbar(x, y, xerr=err, label=method, capsize=3, **marker(method))
-        if method == "joint":  # each joint point labelled with its width:budget
+        label = LABELS.get(method, method)
+        ax.errorbar(x, y, xerr=err, label=label, capsize=3, **marker(method))
+        if method != "original":  # each point labelled with its budget, ratio or width:budget
             for p, xi, yi in zip(mine, x, y, strict=True):
-                ax.annotate(p["setting"], (xi, yi), textcoords="offset points", xytext=(4, 4))
+                ax.annotate(
+                    p["setting"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
     ax.set_xlabel(
         f"measured speed-up ({timing.backend}, {timing.threads} thread(s), batch {timing.batch})"
     )
@@ -410,7 +474,7 @@ def write_outputs(setup: Setup, opts: Options, points: list[dict], out: Path, me
 def run(setup: Setup, opts: Options, out: Path, log: Log = print, command: str = "") -> list[dict]:
     """Every point (made, or loaded where an earlier run finished it) and the result files."""
     out.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(setup, out, log)
+    tables = build_tables(setup, opts, out, log)
     points = [run_point(setup, opts, tables, spec, out, log) for spec in point_specs(opts)]
     cfg = setup.settings.finetune
     meta = {
@@ -480,6 +544,14 @@ def main(argv: list[str] | None = None) -> None:
         "--joint", nargs="*", default=[],
         help="RATIO:BUDGET pairs: compress --width RATIO --budget BUDGET (whole latency)",
     )  # fmt: skip
+    parser.add_argument(
+        "--layers", action="store_true",
+        help="also depthcompress with layer pruning (LayerMerge) at --budgets",
+    )  # fmt: skip
+    parser.add_argument(
+        "--layer-budgets", nargs="*", default=None,
+        help="the budgets of the layer-pruning points (default with --layers: --budgets)",
+    )  # fmt: skip
     parser.add_argument("--round-to", type=int, default=16, help="16: ORT CPU; 8: a GPU")
     parser.add_argument(
         "--tp-importances", nargs="+", choices=TP_IMPORTANCES, default=list(TP_IMPORTANCES)
@@ -494,6 +566,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-time", type=float, default=30.0, help="seconds per speed-up")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "pareto")
     args = parser.parse_args(argv)
+    layer_budgets = args.budgets if args.layers else []
+    if args.layer_budgets is not None:
+        layer_budgets = args.layer_budgets
     opts = Options(
         budgets=tuple(args.budgets),
         ratios=tuple(args.ratios),
@@ -502,6 +577,7 @@ def main(argv: list[str] | None = None) -> None:
         round_to=args.round_to,
         importances=tuple(args.tp_importances),
         joint=tuple(args.joint),
+        layer_budgets=tuple(layer_budgets),
     )
     run(model_setup(args), opts, args.out, command=" ".join(["python", *sys.argv]))
     print((args.out / "pareto.md").read_text())

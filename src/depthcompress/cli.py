@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .defaults import FINETUNE_LR
+from .defaults import FINETUNE_LR, NO_REDUCIBLE
 from .errors import BudgetError, DepthCompressError
 
 app = typer.Typer(
@@ -428,6 +430,14 @@ def importance_cmd(
         bool, typer.Option(help="download Fashion-MNIST with torchvision if it is not installed")
     ] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    prune_layers: Annotated[
+        bool,
+        typer.Option(
+            help="also score every layer-pruning configuration of every entry into "
+            "OUTPUT_configs.csv beside the table (one process; not with --shard or ray)"
+        ),
+    ] = False,
+    prune_subsets: PruneSubsetsOption = 2,
 ) -> None:
     """Measure the importance table: fine-tune and score the network once per extended block."""
     import time
@@ -435,9 +445,19 @@ def importance_cmd(
     from .data import load_split, sample_shape
     from .devices import resolve_device
     from .graph import trace
-    from .importance import FinetuneSettings, importance_table, parse_shard
+    from .importance import (
+        FinetuneSettings,
+        config_importance_table,
+        importance_table,
+        parse_shard,
+    )
     from .report import RichProgress
 
+    if prune_layers and (shard or executor != "local"):
+        raise typer.BadParameter(
+            "--prune-layers makes its configuration table in one local process: "
+            "without --shard and --executor ray"
+        )
     try:
         device = str(resolve_device(device))
         net = _load_model_with_weights(model, weights)
@@ -486,7 +506,7 @@ def importance_cmd(
                 device=device,
                 progress=reporter,
                 model_name=model,
-                log=lambda m: console.print(f"note: {m}", highlight=False, markup=False),
+                log=_note,
             )
     except DepthCompressError as exc:
         raise fail(exc) from None
@@ -495,6 +515,40 @@ def importance_cmd(
         f"{len(result.rows)} rows in {output} ({result.computed} computed, {result.skipped} "
         f"already there) in {time.perf_counter() - start:.1f} s; unmodified network: "
         f"{base:.2f} % on {holdout} held-out training examples (sidecar {output}.json)"
+    )
+    if prune_layers and _reducible_or_say(chain):
+        job = functools.partial(
+            config_importance_table, net, chain, split, configs_path(output), settings=settings
+        )
+        _config_importance(job, prune_subsets, device, model, progress)
+
+
+def _note(message: str) -> None:
+    """A library message, printed as a note."""
+    console.print(f"note: {message}", highlight=False, markup=False)
+
+
+def _config_importance(
+    job: Callable[..., Any], subsets: int, device: str, model: str, progress: bool
+) -> None:
+    """Compute or resume a configuration importance table and say what it holds and cost."""
+    import time
+
+    from .report import RichProgress
+
+    start = time.perf_counter()
+    try:
+        with RichProgress(console, enabled=progress) as reporter:
+            result = job(
+                subsets=subsets, device=device, progress=reporter, model_name=model, log=_note
+            )
+    except DepthCompressError as exc:
+        raise fail(exc) from None
+    console.print(
+        f"{len(result.rows)} configuration rows (layer pruning) in {result.path} "
+        f"({result.computed} computed with {result.finetunes} fine-tunes, {result.skipped} "
+        f"already there) in {time.perf_counter() - start:.1f} s",
+        highlight=False,
     )
 
 
@@ -605,6 +659,13 @@ def latency_cmd(
     mode: ModeOption = "general",
     max_kernel_size: MaxKernelOption = 15,
     exclude: ExcludeOption = None,
+    prune_layers: Annotated[
+        bool,
+        typer.Option(
+            help="also time every layer-pruning configuration T(i, j, c) of every block into "
+            "OUTPUT_configs.csv beside the table (same backend, threads, batch, protocol)"
+        ),
+    ] = False,
 ) -> None:
     """Measure the latency table T(i, j) of MODEL's blocks (resumable), or with --whole the
     end-to-end latency of a network, on a real backend."""
@@ -643,6 +704,7 @@ def latency_cmd(
                 extra_passes,
                 force,
                 progress,
+                prune_layers,
             )
     except DepthCompressError as exc:
         raise fail(exc) from None
@@ -674,31 +736,29 @@ def _latency_table(
     extra_passes: int,
     force: bool,
     progress: bool,
+    prune_layers: bool = False,
 ) -> None:
-    """Build or resume the latency table of MODEL at ``output``; a table measured on a machine
-    too noisy to trust is followed by the library's warning."""
+    """Build or resume the latency table of MODEL at ``output`` (with ``prune_layers`` also its
+    configuration table); a table measured on a machine too noisy to trust is followed by the
+    library's warning."""
     from .latency import Robust, build_latency_table
-    from .report import RichProgress, log_to_console
+    from .report import log_to_console
 
     mode, max_kernel_size, exclude = chain_flags
     _, chain = _trace_for_cli(model, (1, *shape[1:]), mode, max_kernel_size, exclude or [])
     log_to_console(console)
-    try:
-        with RichProgress(console, enabled=progress) as reporter:
-            result = build_latency_table(
-                chain,
-                runner,
-                output,
-                batch=shape[0],
-                seed=seed,
-                passes=passes,
-                robust=Robust(max_extra=extra_passes),
-                model_name=model,
-                force=force,
-                progress=reporter,
-            )
-    except KeyboardInterrupt:
-        raise _interrupted(f"the rows measured so far are in {output}") from None
+    build = functools.partial(
+        build_latency_table,
+        chain,
+        runner,
+        batch=shape[0],
+        seed=seed,
+        passes=passes,
+        robust=Robust(max_extra=extra_passes),
+        model_name=model,
+        force=force,
+    )
+    result = _measured(build, output, progress)
     singles = sum(r.time for r in result.rows if r.end == r.st + 1)
     console.print(
         f"{len(result.rows)} of {len(chain.blocks)} blocks in {output} ({result.measured} "
@@ -707,6 +767,42 @@ def _latency_table(
         highlight=False,
     )
     _print_measurement(result.meta.get("measurement"))
+    if prune_layers:  # with no reducible conv: an empty table, so solve says merging alone
+        _reducible_or_say(chain)
+        path = configs_path(output)
+        result = _measured(functools.partial(build, configs=True), path, progress)
+        console.print(
+            f"{len(result.rows)} configurations (layer pruning) in {path} ({result.measured} "
+            f"measured in {result.seconds:.1f} s, {result.skipped} already there)",
+            highlight=False,
+        )
+        _print_measurement(result.meta.get("measurement"))
+
+
+def _measured(build: Callable[..., Any], output: Path, progress: bool) -> Any:
+    """``build(output, progress=...)`` under a progress bar; Ctrl-C says what was kept."""
+    from .report import RichProgress
+
+    try:
+        with RichProgress(console, enabled=progress) as reporter:
+            return build(output, progress=reporter)
+    except KeyboardInterrupt:
+        raise _interrupted(f"the rows measured so far are in {output}") from None
+
+
+def configs_path(table: Path) -> Path:
+    """Where a table's configuration table (layer pruning) lies by default: NAME_configs.csv."""
+    return table.with_name(f"{table.stem}_configs{table.suffix}")
+
+
+def _reducible_or_say(chain) -> bool:  # chain: ConvChain
+    """Whether layer pruning can remove a conv of ``chain``; if not, say so (merging alone)."""
+    from .pruning import reducible
+
+    if reducible(chain):
+        return True
+    console.print(NO_REDUCIBLE, highlight=False)
+    return False
 
 
 def _print_measurement(measurement: dict | None) -> None:
@@ -784,6 +880,62 @@ def _print_solution(sol, score: str, alpha: float) -> None:  # sol: dp.Solution
             + ("" if sol.within_budget else "; the real latency exceeds the budget"),
             highlight=False,
         )
+
+
+def _config_problem(
+    lat,  # LatencyTable | OptimalLatencyTable
+    imp,  # ImportanceTable | ExtendedImportanceTable
+    paths: tuple[Path, Path | None],
+    importance: Path,
+    how: tuple[str, str, float],
+):  # returns dp.ConfigTables | None
+    """Stage 2's input with layer pruning, from the plain and the configuration tables; None
+    (merging alone, said) when the configuration latency table has no row."""
+    from .dp import ConfigTables, config_tables, optimal_latency
+    from .tables import (
+        DEFAULT_SCORE,
+        ImportanceTable,
+        LatencyTable,
+        read_config_importance_rows,
+        read_config_latency_rows,
+    )
+
+    score, rounding, alpha = how
+    if rounding != "exact" or score != DEFAULT_SCORE or not isinstance(imp, ImportanceTable):
+        raise typer.BadParameter(
+            f"--prune-layers solves exactly on {DEFAULT_SCORE} of a raw importance table: "
+            "not with --rounding reference, another --score or an extended table"
+        )
+    lat_path, imp_path = paths[0], paths[1] or configs_path(importance)
+    times = read_config_latency_rows(_config_file(lat_path, "latency"))
+    if not times:  # what latency --prune-layers writes on a chain with no reducible conv
+        console.print(NO_REDUCIBLE, highlight=False)
+        return None
+    rows = read_config_importance_rows(_config_file(imp_path, "importance"))
+    opt = optimal_latency(lat) if isinstance(lat, LatencyTable) else lat
+    tables: ConfigTables = config_tables(
+        opt, imp, {r.key: r.time for r in times}, rows, alpha=alpha
+    )
+    console.print(
+        f"layer pruning: {len(times)} configuration times from {lat_path}, {len(rows)} "
+        f"configuration scores from {imp_path}",
+        highlight=False,
+    )
+    return tables
+
+
+def _config_file(path: Path, command: str) -> Path:
+    """``path`` if it is a file; else say which command writes it."""
+    if not path.is_file():
+        raise typer.BadParameter(
+            f"no configuration table {path}: `depthcompress {command} --prune-layers` writes it"
+        )
+    return path
+
+
+def _print_pruned(pruned: frozenset[int]) -> None:
+    """Which positions' convolutions a plan prunes."""
+    console.print(f"pruned convolutions P ({len(pruned)}): {_positions(pruned)}")
 
 
 @app.command("opt-time")
@@ -867,9 +1019,36 @@ def solve_cmd(
     prec: Annotated[
         float, typer.Option(help="grid steps per ms for --rounding reference (MBV2: 20, VGG: 10)")
     ] = 20.0,
+    prune_layers: Annotated[
+        bool,
+        typer.Option(
+            help="also prune convolutions (LayerMerge): a configuration per segment from the "
+            "configuration tables of latency/importance --prune-layers"
+        ),
+    ] = False,
+    latency_configs: Annotated[
+        Path | None,
+        typer.Option(
+            help="--prune-layers: configuration latency table (default: LATENCY_configs.csv)"
+        ),
+    ] = None,
+    importance_configs: Annotated[
+        Path | None,
+        typer.Option(
+            help="--prune-layers: configuration importance table (default: IMPORTANCE_configs.csv)"
+        ),
+    ] = None,
 ) -> None:
     """Stage 2: the most important plan (A, S) within the latency budget, or a sweep's front."""
-    from .dp import DEFAULT_PREC, ROUNDINGS, original_latency, solve, sweep
+    from .dp import (
+        DEFAULT_PREC,
+        ROUNDINGS,
+        original_latency,
+        solve,
+        solve_configs,
+        sweep,
+        sweep_configs,
+    )
     from .tables import ExtendedImportanceTable, read_importance, read_latency
 
     if rounding not in ROUNDINGS:
@@ -897,7 +1076,14 @@ def solve_cmd(
                 f"fractions are of the original chain latency Σ T(k-1,k) = {original:.4f} ms",
                 highlight=False,
             )
-        if not is_sweep:
+        configs = None
+        if prune_layers:
+            paths = (latency_configs or configs_path(latency), importance_configs)
+            configs = _config_problem(lat, imp, paths, importance, (score, rounding, alpha))
+        if configs is not None:
+            sol = solve_configs(configs, budgets[0]) if not is_sweep else None
+            result = sweep_configs(configs, budgets) if is_sweep else None
+        elif not is_sweep:
             sol = solve(lat, imp, budgets[0], alpha=alpha, rounding=rounding, prec=prec)
         else:
             result = sweep(lat, imp, budgets, alpha=alpha, rounding=rounding, prec=prec)
@@ -907,6 +1093,8 @@ def solve_cmd(
         import json
 
         _print_solution(sol, score, alpha)
+        if configs is not None:
+            _print_pruned(sol.plan.pruned)
         if output is not None:
             data = {**sol.to_dict(), "budget_spec": str(specs[0]), "original_latency": original}
             output.write_text(json.dumps(data, indent=1) + "\n")
@@ -915,7 +1103,8 @@ def solve_cmd(
     from rich.table import Table
 
     table = Table(title=f"budget sweep ({rounding})", header_style="bold")
-    for col in ("budget (ms)", "latency", "importance", "|A|", "blocks"):
+    pruning = ("pruned",) if configs is not None else ()
+    for col in ("budget (ms)", "latency", "importance", "|A|", "blocks", *pruning):
         table.add_column(col, justify="right")
     for spec, sol in zip(specs, result.solutions, strict=True):
         table.add_row(
@@ -924,6 +1113,7 @@ def solve_cmd(
             f"{sol.importance:.4f}",
             str(len(sol.plan.activations)),
             str(len(sol.plan.boundaries)),
+            *([_positions(sol.plan.pruned)] if pruning else []),
         )
     console.print(table)
     console.print(f"{len(result.front)} Pareto-optimal plans up to {max(budgets):g} ms")

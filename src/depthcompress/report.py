@@ -469,7 +469,8 @@ def _plot_blocks(path: Path, rows: list[tuple[str, float, float]]) -> bool:
     ax = fig.subplots()
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], 0.4, label="before (separate convs)")
-    ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], 0.4, label="after (merged block)")
+    after = "after (merged block; with pruned convs: its configuration)"
+    ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], 0.4, label=after)
     ax.set_xticks(list(xs), [r[0] for r in rows], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("latency-table time (ms)")
     ax.set_title("per-block latency before and after merging", fontsize=9)
@@ -584,6 +585,35 @@ def speedup_section(evaluation: dict[str, Any], plan: dict[str, Any]) -> list[st
     return lines
 
 
+def block_config_times(workdir: Path, plan: dict[str, Any]) -> dict[tuple[int, int], float]:
+    """T(i, j, c) of each block the plan prunes in (a segment with configuration c ≥ 1 is one
+    block), from the run's configuration latency table ``latency_configs.csv``."""
+    chosen = {(s["st"], s["end"]): s["config"] for s in plan["segments"] if s.get("config")}
+    if not chosen:
+        return {}
+    from .tables import read_config_latency_rows
+
+    times = {r.key: r.time for r in read_config_latency_rows(workdir / "latency_configs.csv")}
+    return {(i, j): times[i, j, c] for (i, j), c in chosen.items()}
+
+
+def pruning_lines(workdir: Path) -> list[str]:
+    """With layer pruning: the configuration tables' sizes and what the importance one cost
+    (fine-tunes × steps); nothing for a run without them."""
+    from .tables import read_config_importance_rows, read_config_latency_rows
+
+    lat, imp = workdir / "latency_configs.csv", workdir / "importance_configs.csv"
+    if not (lat.is_file() and imp.is_file()):
+        return []
+    rows = read_config_importance_rows(imp)
+    steps = sorted({r.steps for r in rows})
+    return [
+        f"- layer pruning tables: {len(read_config_latency_rows(lat))} configuration latency "
+        f"rows (`{lat.name}`), {len(rows)} configuration importance entries (`{imp.name}`) "
+        f"from {sum(r.tried for r in rows)} fine-tunes × {'/'.join(map(str, steps)) or 0} steps"
+    ]
+
+
 def write_report(
     workdir: str | Path, *, chain: ConvChain, latency: LatencyTable, opt: OptimalLatencyTable
 ) -> Path:
@@ -642,6 +672,8 @@ def write_report(
     if pruned:
         names = ", ".join(f"{p} ({chain.positions[p].conv})" for p in sorted(pruned))
         lines.append(f"- pruned convolutions, layer pruning ({len(pruned)}): {names}")
+    lines += pruning_lines(wd)
+    config_time = block_config_times(wd, plan)
     lines += [
         f"- {chain.num_positions} convolutions of the chain → {len(blocks)} "
         f"(chain positions 0..{chain.num_positions}; stem/head outside the chain are unchanged)",
@@ -651,7 +683,7 @@ def write_report(
     for i, j in blocks:
         g = chain.geometry(i, j, pruned)
         before = sum(latency.time_of(k, k + 1) for k in range(i, j))
-        after = latency.time_of(i, j)
+        after = config_time.get((i, j), latency.time_of(i, j))
         names = [chain.positions[k].conv or "?" for k in range(i + 1, j + 1)]
         convs = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]} ({len(names)})"
         groups = "dw" if g.groups == g.in_channels and g.groups > 1 else str(g.groups)
@@ -667,7 +699,7 @@ def write_report(
                 f"{after:.4f}",
             )
         )
-        if j - i > 1:
+        if j - i > 1 or (i, j) in config_time:
             plot_rows.append((f"({i},{j})", before, after))
     lines += _md_table(
         (
