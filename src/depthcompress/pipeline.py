@@ -42,7 +42,7 @@ from .backends import (
 )
 from .calibration import Calibration, calibrate, calibrated_table
 from .data import SplitData, fetch, fingerprint, num_classes
-from .defaults import FINETUNE_LR
+from .defaults import FINETUNE_LR, NO_REDUCIBLE
 from .devices import device_name, resolve_device
 from .dp import (
     Budget,
@@ -1825,7 +1825,7 @@ def _reducible_or_say(chain: ConvChain, say: Log) -> bool:
 
     if reducible(chain):
         return True
-    say("no reducible convolution in this chain: merging alone")
+    say(NO_REDUCIBLE)
     return False
 
 
