@@ -522,6 +522,7 @@ def model_setup(args: argparse.Namespace) -> Setup:
             steps_per_epoch=args.steps_per_epoch,
         ),
         budget_mode="chain",
+        prune_subsets=args.prune_subsets,
     )
     split = load_split(data, holdout=holdout, seed=0)
     test = fashion_mnist("test") if data == "fashion-mnist" else cifar10("test")
@@ -561,6 +562,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--distill", type=float, default=0.3)
     parser.add_argument("--importance-steps", type=int, default=25)
+    parser.add_argument(
+        "--prune-subsets", type=int, default=2, help="layers: pruned subsets per configuration"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10, help="paired rounds, at least")
     parser.add_argument("--max-time", type=float, default=30.0, help="seconds per speed-up")
