@@ -649,7 +649,7 @@ def test_cli_train_then_compress_an_image_folder(tmp_path: Path, monkeypatch) ->
         "--weights",
         str(weights),
         "--budget",
-        "0.8x",
+        "1.2x",  # above any plan: the test must not depend on this machine's timing
         "--workdir",
         str(tmp_path / "wd"),
         "--exclude",
