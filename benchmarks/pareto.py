@@ -257,9 +257,7 @@ def after_point(
     ratio, budget = setting.split(":")
     first, second = halves(setup.settings.finetune.epochs)
     plan, extra = depth_plan(setup, tables, budget)
-    lin = dc.linearize(setup.model, tables.chain, plan)
-    lin = tune(setup, lin, where, epochs=first, folder="finetune-depth")
-    merged = dc.merge(lin, tables.chain, plan, verify=True)
+    merged = planned_point(setup, tables, plan, where, epochs=first, folder="finetune-depth")
     slim = prune_width(merged, example(setup), float(ratio), round_to=opts.round_to)
     net = tune(setup, slim.model, where, epochs=second, folder="finetune-width")
     width = {"width": float(ratio), "budget": budget, "round_to": opts.round_to}
@@ -280,9 +278,20 @@ def layer_point(setup: Setup, tables: Tables, budget: str, where: Path) -> tuple
     return net, {**extra, "budget_ms": ms, "fastest": ms < fastest}
 
 
-def planned_point(setup: Setup, tables: Tables, plan: dc.Plan, where: Path) -> nn.Module:
-    """``plan`` applied to the original: linearized, fine-tuned, merged (checked)."""
-    lin = tune(setup, dc.linearize(setup.model, tables.chain, plan), where)
+def planned_point(
+    setup: Setup,
+    tables: Tables,
+    plan: dc.Plan,
+    where: Path,
+    *,
+    epochs: int | None = None,
+    folder: str = "finetune",
+) -> nn.Module:
+    """``plan`` applied to the original: linearized, fine-tuned (``epochs`` of the recipe where
+    given, in ``where/folder``), merged (checked)."""
+    lin = tune(
+        setup, dc.linearize(setup.model, tables.chain, plan), where, epochs=epochs, folder=folder
+    )
     return dc.merge(lin, tables.chain, plan, verify=True)
 
 
