@@ -16,7 +16,12 @@ Taylor (gradient) importance, ``round_to`` channels (16 suits ONNX Runtime on a 
 (d) with ``--layers`` (at ``--budgets``) or ``--layer-budgets B ...``, depthcompress with layer
 pruning (issue 16, LayerMerge): the configuration tables made once beside the depth tables
 (``compress(..., prune_layers=True, until="importance")``, whose depth tables are the same
-files), a plan per budget over (segment, configuration) (``dp.solve_configs``).
+files), a plan per budget over (segment, configuration) (``dp.solve_configs``);
+(e) with ``--after RATIO:BUDGET ...``, width after depth (issue 14): the depth plan for BUDGET
+linearized and fine-tuned for the first half of the epochs, merged, the *merged* network
+channel-pruned by ``width.prune_width`` (L1, the same ``round_to``) and fine-tuned for the
+second half, so every method has the same total epochs (its own point: the depth point's network
+had all of them; the plan is the same).
 Every network is fine-tuned with one ``FinetuneConfig`` (distillation from the original, as in
 the demo), scored on the test set the same way, and timed against the original with
 ``speedup.paired_speedup`` (median per-round ratio, 95 % interval) at each
@@ -66,6 +71,7 @@ from depthcompress.tables import (
     read_config_importance_rows,
     read_config_latency_rows,
 )
+from depthcompress.width import prune_width
 
 ROOT = Path(__file__).resolve().parents[1]
 TP_IMPORTANCES = ("l1", "taylor")
@@ -124,6 +130,7 @@ class Options:
     taylor_batches: int = 4
     joint: tuple[str, ...] = ()
     layer_budgets: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,15 +200,25 @@ def layer_tables(tables: Tables, wd: Path, alpha: float) -> ConfigTables:
     return config_tables(tables.opt, tables.importance, times, rows, alpha=alpha)
 
 
-def tune(setup: Setup, net: nn.Module, where: Path) -> nn.Module:
-    """The one fine-tuning recipe, with the original as teacher, resumable per epoch."""
+def tune(
+    setup: Setup,
+    net: nn.Module,
+    where: Path,
+    *,
+    epochs: int | None = None,
+    folder: str = "finetune",
+) -> nn.Module:
+    """The one fine-tuning recipe (``epochs`` of it where given), with the original as teacher,
+    resumable per epoch from ``where/folder``."""
     cfg = setup.settings.finetune
+    if epochs is not None:
+        cfg = replace(cfg, epochs=epochs)
     result = finetune(
         net,
         setup.data.train,
         cfg,
         teacher=copy.deepcopy(setup.model) if cfg.distill > 0 else None,
-        checkpoint_dir=where / "finetune",
+        checkpoint_dir=where / folder,
         holdout_data=setup.data.holdout,
         device="cpu",
         distributed=False,
@@ -209,14 +226,43 @@ def tune(setup: Setup, net: nn.Module, where: Path) -> nn.Module:
     return result.model.cpu().eval()
 
 
-def depth_point(setup: Setup, tables: Tables, budget: str, where: Path) -> tuple[nn.Module, dict]:
-    """The depthcompress network at ``budget`` (the fastest plan where the budget is below it)."""
+def depth_plan(setup: Setup, tables: Tables, budget: str) -> tuple[dc.Plan, dict]:
+    """The depth-only plan at ``budget`` (the fastest plan where the budget is below it) and
+    what describes it."""
     ms = dc.Budget.parse(budget).resolve(tables.original_ms)
     fastest = min_latency(tables.opt, tables.importance)
     sol = solve(tables.opt, tables.importance, max(ms, fastest), alpha=setup.settings.alpha)
     plan = dc.Plan.from_dict(sol.to_dict())
-    net = planned_point(setup, tables, plan, where)
-    return net, {"plan": plan.to_dict(), "budget_ms": ms, "fastest": ms < fastest}
+    return plan, {"plan": plan.to_dict(), "budget_ms": ms, "fastest": ms < fastest}
+
+
+def depth_point(setup: Setup, tables: Tables, budget: str, where: Path) -> tuple[nn.Module, dict]:
+    """The depthcompress network at ``budget``."""
+    plan, extra = depth_plan(setup, tables, budget)
+    return planned_point(setup, tables, plan, where), extra
+
+
+def halves(epochs: int) -> tuple[int, int]:
+    """An after point's epochs before and after pruning: the same total as every other method."""
+    if epochs < 2:
+        raise ValueError(f"an after point splits the fine-tuning in two: ≥ 2 epochs, not {epochs}")
+    return epochs - epochs // 2, epochs // 2
+
+
+def after_point(
+    setup: Setup, opts: Options, tables: Tables, setting: str, where: Path
+) -> tuple[nn.Module, dict]:
+    """Depth then width at ``RATIO:BUDGET``: the depth plan fine-tuned for half the epochs and
+    merged, the merged network channel-pruned (L1) and fine-tuned for the other half."""
+    ratio, budget = setting.split(":")
+    first, second = halves(setup.settings.finetune.epochs)
+    plan, extra = depth_plan(setup, tables, budget)
+    merged = planned_point(setup, tables, plan, where, epochs=first, folder="finetune-depth")
+    slim = prune_width(merged, example(setup), float(ratio), round_to=opts.round_to)
+    net = tune(setup, slim.model, where, epochs=second, folder="finetune-width")
+    width = {"width": float(ratio), "budget": budget, "round_to": opts.round_to}
+    made = {"epochs": [first, second], "merged_params": params(merged), "kept": slim.kept_json()}
+    return net, {**extra, **width, **made}
 
 
 def layer_point(setup: Setup, tables: Tables, budget: str, where: Path) -> tuple[nn.Module, dict]:
@@ -232,9 +278,20 @@ def layer_point(setup: Setup, tables: Tables, budget: str, where: Path) -> tuple
     return net, {**extra, "budget_ms": ms, "fastest": ms < fastest}
 
 
-def planned_point(setup: Setup, tables: Tables, plan: dc.Plan, where: Path) -> nn.Module:
-    """``plan`` applied to the original: linearized, fine-tuned, merged (checked)."""
-    lin = tune(setup, dc.linearize(setup.model, tables.chain, plan), where)
+def planned_point(
+    setup: Setup,
+    tables: Tables,
+    plan: dc.Plan,
+    where: Path,
+    *,
+    epochs: int | None = None,
+    folder: str = "finetune",
+) -> nn.Module:
+    """``plan`` applied to the original: linearized, fine-tuned (``epochs`` of the recipe where
+    given, in ``where/folder``), merged (checked)."""
+    lin = tune(
+        setup, dc.linearize(setup.model, tables.chain, plan), where, epochs=epochs, folder=folder
+    )
     return dc.merge(lin, tables.chain, plan, verify=True)
 
 
@@ -336,6 +393,9 @@ def point_specs(opts: Options) -> Iterator[tuple[str, str, str]]:
     for pair in opts.joint:
         ratio, budget = pair.split(":")
         yield f"joint-{float(ratio):g}-{budget}", "joint", f"{float(ratio):g}:{budget}"
+    for pair in opts.after:
+        ratio, budget = pair.split(":")
+        yield f"after-{float(ratio):g}-{budget}", "after", f"{float(ratio):g}:{budget}"
 
 
 def build_point(
@@ -351,6 +411,8 @@ def build_point(
         return layer_point(setup, tables, setting, where)
     if method == "joint":
         return joint_point(setup, opts, setting, where, log)
+    if method == "after":
+        return after_point(setup, opts, tables, setting, where)
     kind = method.split()[-1]
     return prune_point(setup, opts, kind, float(setting), where), {"round_to": opts.round_to}
 
@@ -408,20 +470,38 @@ def markdown(points: list[dict], timings: tuple[Timing, ...]) -> str:
                 f"{cell(p['speedups'][t.key])} |"
             )
         parts.append("\n".join(rows))
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(parts + after_note(points)) + "\n"
 
 
-LABELS = {"depthcompress": "depthcompress (merging)", "layers": "depthcompress + layer pruning"}
+def after_note(points: list[dict]) -> list[str]:
+    """What an ``after`` point's setting means and how its epochs were split (none: no note)."""
+    split = next((p["epochs"] for p in points if p["method"] == "after"), None)
+    if split is None:
+        return []
+    return [
+        f"*after* `R:B`: the depth network at budget B fine-tuned {split[0]} epoch(s), merged, "
+        f"its merged network channel-pruned by R (L1) and fine-tuned {split[1]} epoch(s): "
+        f"{sum(split)} in all, as every other method."
+    ]
+
+
+LABELS = {
+    "depthcompress": "depthcompress (merging)",
+    "layers": "depthcompress + layer pruning",
+    "after": "depth, then width on the merged network",
+}
 """Legend names of the methods whose record name is short."""
 
 
 def marker(method: str) -> dict[str, Any]:
-    """The original as a large star, joint points as squares, layer pruning as a line of
-    triangles, each other method as a line of dots."""
+    """The original as a large star, joint points as squares, after points as diamonds, layer
+    pruning as a line of triangles, each other method as a line of dots."""
     if method == "original":
         return {"marker": "*", "markersize": 14, "linestyle": "none"}
     if method == "joint":
         return {"marker": "s", "linestyle": "none"}
+    if method == "after":
+        return {"marker": "D", "linestyle": "none"}
     if method == "layers":
         return {"marker": "^"}
     return {"marker": "o"}
@@ -546,6 +626,11 @@ def main(argv: list[str] | None = None) -> None:
         help="RATIO:BUDGET pairs: compress --width RATIO --budget BUDGET (whole latency)",
     )  # fmt: skip
     parser.add_argument(
+        "--after", nargs="*", default=[],
+        help="RATIO:BUDGET pairs: the depth network at BUDGET (chain latency), its merged "
+        "network channel-pruned by RATIO; half the epochs before pruning, half after",
+    )  # fmt: skip
+    parser.add_argument(
         "--layers", action="store_true",
         help="also depthcompress with layer pruning (LayerMerge) at --budgets",
     )  # fmt: skip
@@ -581,6 +666,7 @@ def main(argv: list[str] | None = None) -> None:
         round_to=args.round_to,
         importances=tuple(args.tp_importances),
         joint=tuple(args.joint),
+        after=tuple(args.after),
         layer_budgets=tuple(layer_budgets),
     )
     run(model_setup(args), opts, args.out, command=" ".join(["python", *sys.argv]))

@@ -21,9 +21,10 @@ pareto = importlib.import_module("pareto")
 TIMING = pareto.Timing("onnxruntime", 1, 8)
 
 
-def tiny_setup() -> pareto.Setup:
+def tiny_setup(epochs: int = 1) -> pareto.Setup:
     data = small_data()
-    return pareto.Setup("tiny:mbv2", small_model().eval(), data, data.holdout, settings(epochs=1))
+    s = settings(epochs=epochs)
+    return pareto.Setup("tiny:mbv2", small_model().eval(), data, data.holdout, s)
 
 
 def test_points_written_and_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,3 +60,45 @@ def test_points_written_and_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     again = pareto.run(tiny_setup(), opts, tmp_path, log=lambda _: None)
     assert len(tunes) == 6  # nothing fine-tuned again
     assert again == first  # nothing re-measured either
+
+
+def test_after_point_prunes_the_merged_network_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Width after depth: half the epochs before pruning the merged network, half after."""
+    opts = pareto.Options(
+        budgets=("0.6x",), ratios=(), timings=(TIMING,), rule=TINY_RULE, round_to=4,
+        importances=(), after=("0.3:0.6x",),
+    )  # fmt: skip
+    epochs: list[int] = []
+    resumed: list[int] = []
+    real = pareto.finetune
+
+    def counted(net: Any, data: Any, cfg: Any, **kwargs: Any) -> Any:
+        epochs.append(cfg.epochs)
+        result = real(net, data, cfg, **kwargs)
+        resumed.append(result.resumed_epochs)
+        return result
+
+    monkeypatch.setattr(pareto, "finetune", counted)
+    first = pareto.run(tiny_setup(epochs=2), opts, tmp_path, log=lambda _: None)
+    assert epochs == [2, 1, 1]  # the depth point, then the after point's two halves
+    original, depth, after = first
+    assert after["name"] == "after-0.3-0.6x" and after["setting"] == "0.3:0.6x"
+    assert after["plan"] == depth["plan"] and after["epochs"] == [1, 1]
+    assert after["params"] < after["merged_params"]
+    assert after["convs"] == depth["convs"] < original["convs"]
+    assert any(new < old for old, new in after["kept"].values())
+    assert after["speedups"][TIMING.key]["low"] <= after["speedups"][TIMING.key]["high"]
+    table = (tmp_path / "pareto.md").read_text()
+    assert "| after | 0.3:0.6x |" in table and "*after*" in table
+
+    again = pareto.run(tiny_setup(epochs=2), opts, tmp_path, log=lambda _: None)
+    assert epochs == [2, 1, 1] and again == first  # nothing fine-tuned or measured again
+
+    where = tmp_path / "points" / after["name"]  # killed after both fine-tunings, before its record
+    (where / "point.json").unlink()
+    (where / "net.pt").unlink()
+    third = pareto.run(tiny_setup(epochs=2), opts, tmp_path, log=lambda _: None)
+    assert epochs[3:] == resumed[3:] == [1, 1]  # both halves resumed from their checkpoints
+    assert third[2]["accuracy"] == after["accuracy"] and third[2]["kept"] == after["kept"]
