@@ -68,3 +68,23 @@ def test_identity_and_random_plans_merge_exactly(name: str) -> None:
 def test_unknown_built_in_model_names_the_known_ones() -> None:
     with pytest.raises(ModelSpecError, match=r"cifar_mbv2.*fashion_mbv2.*resnet20"):
         get_model("resnet21")
+
+
+@pytest.mark.parametrize("name", ["fashion_mbv2", "resnet20"])
+def test_shipped_weights_load_and_record_their_command(name: str) -> None:
+    """Each shipped checkpoint loads strictly into its built-in model, and the JSON beside it
+    records the exact `depthcompress train` command and the accuracy it reached."""
+    import json
+
+    from depthcompress.models import trained_weights
+
+    path = trained_weights(name)
+    model = get_model(name)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    record = json.loads(path.with_name(path.name + ".json").read_text())
+    assert record["command"].startswith(f"depthcompress train depthcompress:{name} ")
+    assert 0 < record["test_accuracy"] <= 100
+    channels = 1 if name == "fashion_mbv2" else 3
+    size = 28 if name == "fashion_mbv2" else 32
+    out = model.eval()(torch.randn(2, channels, size, size))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
