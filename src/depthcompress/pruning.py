@@ -16,6 +16,10 @@ from .errors import PlanError
 from .graph import ConvChain, Position, Residual
 from .kernels import Pair
 
+SEMANTICS = "shortcut-alone"
+"""What a fully pruned residual branch means, recorded in the configuration tables' sidecars so
+that tables made under another meaning (``x + x`` before) are refused or made again."""
+
 MAX_SUBSETS = 4096
 """Most pruned subsets ``block_configs`` enumerates for one block (2^12): beyond that the block
 holds too many reducible convs to list, and a caller must restrict the block or the subsets."""
