@@ -44,8 +44,9 @@ def reducible(chain: ConvChain) -> frozenset[int]:
 
 def shortcut_fits(chain: ConvChain, r: Residual, pruned: frozenset[int]) -> bool:
     """Whether residual ``r``'s conv shortcut still lies inside its branch's merged kernel once
-    ``pruned`` convs are identities (pruning shrinks the branch kernel; an identity skip always
-    fits)."""
+    ``pruned`` convs are identities (an identity skip always fits). A fully pruned branch is its
+    shortcut alone, yet only a 1x1 shortcut fits it: the geometry has no k x k shortcut as a
+    block's only conv."""
     if r.shortcut is None:
         return True
     geo = chain.geometry(r.start, r.end, pruned)
