@@ -128,6 +128,26 @@ def test_configuration_latency_table_is_resumable(tmp_path: Path, monkeypatch) -
     assert [(r.st, r.end) for r in plain.rows] == list(chain.blocks)
 
 
+def test_configuration_table_of_the_old_semantics_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """A configuration table whose sidecar lacks ``semantics: shortcut-alone`` (made when a fully
+    pruned branch meant ``x + x``) is refused, not resumed; a fully pruned basic block times the
+    activation alone (merge wires it through)."""
+    priced_by_kept_convs(monkeypatch)
+    chain = dc.trace(tiny_resnet().eval(), torch.randn(1, 3, 8, 8))
+    backend = OnnxRuntimeBackend(threads=1)
+    path = tmp_path / "latency_configs.csv"
+    latency.build_latency_table(chain, backend, path, passes=1, configs=True)
+    sidecar = Path(f"{path}.json")
+    meta = json.loads(sidecar.read_text())
+    assert meta["blocks"].pop("semantics") == "shortcut-alone"
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(dc.TableError, match="semantics"):
+        latency.build_latency_table(chain, backend, path, passes=1, configs=True)
+    r = next(r for r in chain.residuals if r.shortcut is None)
+    module = latency.block_module(chain, r.start, r.end, pruned=frozenset({r.start + 1, r.end}))
+    assert not any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
 def test_configuration_entries_and_their_cost() -> None:
     chain = dc.trace(tiny_resnet().eval(), torch.randn(1, 3, 8, 8))
     entries = config_entries(chain)

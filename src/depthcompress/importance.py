@@ -47,6 +47,7 @@ from .graph import ConvChain, symbolic_trace
 from .linearization import linearize
 from .plan import Plan
 from .progress import LOG, Reporter, tell
+from .pruning import SEMANTICS
 from .tables import (
     CONFIG_IMPORTANCE_COLUMNS,
     ConfigImportanceRow,
@@ -1037,7 +1038,7 @@ def _config_resume(
         repair_tail(path)
         base = (old["base"][SCORE], old["base"]["val_loss"])
         meta = table_meta(model, chain, data, settings, base, keys, shard=None, model_name="")
-        meta["configs"] = {"subsets": subsets}
+        meta["configs"] = {"subsets": subsets, "semantics": SEMANTICS}
         diff = _mismatch(old, meta, (*COMPATIBLE_KEYS, "configs"))
         if diff:
             raise TableError(
@@ -1049,7 +1050,7 @@ def _config_resume(
     with torch_threads(settings.threads):
         base = score_entry(portable_model(model, chain), data.holdout, settings, device)
     meta = table_meta(model, chain, data, settings, base, keys, shard=None, model_name=model_name)
-    meta["configs"] = {"subsets": subsets}
+    meta["configs"] = {"subsets": subsets, "semantics": SEMANTICS}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(sidecar_path(path), meta)
     return meta, {}

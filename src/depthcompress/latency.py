@@ -48,6 +48,7 @@ from .files import (
 from .graph import ConvChain
 from .kinds import make_activation
 from .progress import LOG, Reporter, tell
+from .pruning import SEMANTICS
 from .tables import (
     CONFIG_LATENCY_COLUMNS,
     LATENCY_COLUMNS,
@@ -135,9 +136,9 @@ def timed_units(chain: ConvChain, configs: bool = False) -> tuple[Timed, ...]:
 
 
 def _wired_through(chain: ConvChain, i: int, j: int, pruned: frozenset[int]) -> bool:
-    """Whether block ``(i, j)`` with ``pruned`` is no conv at all: every conv pruned and no
-    residual inside (merge wires it through; with a residual it is a 1×1 depthwise conv)."""
-    inside = any(r.fusable and i <= r.start and r.end <= j for r in chain.residuals)
+    """Whether block ``(i, j)`` with ``pruned`` is no conv at all: every conv pruned and no conv
+    shortcut inside (merge wires it through: a fully pruned residual is its shortcut alone)."""
+    inside = any(r.fusable and r.shortcut and i <= r.start and r.end <= j for r in chain.residuals)
     return not inside and all(k in pruned for k in range(i + 1, j + 1))
 
 
@@ -213,7 +214,11 @@ def table_meta(
             "input_shape": list(chain.input_shape[1:]),
             "activation": chain.insert_activation,
         },
-        "blocks": {"count": len(units), "sha256": json_sha([list(u.key) for u in units])},
+        "blocks": {
+            "count": len(units),
+            "sha256": json_sha([list(u.key) for u in units]),
+            **({"semantics": SEMANTICS} if configs else {}),
+        },
         "batch": batch,
         "seed": seed,
         "passes": DEFAULT_PASSES if passes is None else passes,

@@ -29,16 +29,23 @@ META_KEY = "depthcompress"
 
 class ResidualJoin(nn.Module):
     """``branch + shortcut(window(skip))``: a residual add whose skip is cropped or zero-padded to
-    line up with a branch computed on padding moved to the block front (ALGORITHM.md §3)."""
+    line up with a branch computed on padding moved to the block front (ALGORITHM.md §3). With
+    ``branch_pruned`` (every branch conv pruned) it is the shortcut alone (docs/layermerge.md)."""
 
     def __init__(
-        self, offset: Pair, stride: Pair, kernel: Pair, shortcut: nn.Module | None = None
+        self,
+        offset: Pair,
+        stride: Pair,
+        kernel: Pair,
+        shortcut: nn.Module | None = None,
+        branch_pruned: bool = False,
     ) -> None:
         super().__init__()
         self.offset = offset
         self.stride = stride
         self.kernel = kernel
         self.shortcut = shortcut
+        self.branch_pruned = branch_pruned
 
     def forward(self, branch: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         h, w = branch.shape[-2:]
@@ -51,10 +58,13 @@ class ResidualJoin(nn.Module):
         )
         if self.shortcut is not None:
             x = self.shortcut(x)
-        return branch + x
+        return x if self.branch_pruned else branch + x
 
     def extra_repr(self) -> str:
-        return f"offset={self.offset}, stride={self.stride}, kernel={self.kernel}"
+        return (
+            f"offset={self.offset}, stride={self.stride}, kernel={self.kernel}, "
+            f"branch_pruned={self.branch_pruned}"
+        )
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,11 @@ def fused_residuals(chain: ConvChain, plan: Plan) -> list[Residual]:
         for r in chain.residuals
         if r.fusable and not any(r.start < b < r.end for b in plan.boundaries)
     ]
+
+
+def branch_pruned(r: Residual, pruned: frozenset[int]) -> bool:
+    """Whether every conv of ``r``'s branch is pruned: the residual is then its shortcut alone."""
+    return all(k in pruned for k in range(r.start + 1, r.end + 1))
 
 
 def block_of(layouts: list[BlockLayout], position: int) -> BlockLayout:
@@ -150,7 +165,8 @@ def linearize(model: nn.Module, chain: ConvChain, plan: Plan) -> fx.GraphModule:
             conv = gm.get_submodule(chain.positions[k].conv)
             conv.padding = lay.margin[lay.start] if k == lay.first else (0, 0)
 
-    for r in fused_residuals(chain, plan):
+    fused = fused_residuals(chain, plan)
+    for r in fused:
         lay = block_of(layouts, r.end)
         skip_margin = lay.margin[r.start] if r.start > lay.start else (0, 0)
         end_margin = lay.margin[r.end]
@@ -171,7 +187,8 @@ def linearize(model: nn.Module, chain: ConvChain, plan: Plan) -> fx.GraphModule:
             source = nodes[r.shortcut_node].args[0]
         offset = tuple(skip_margin[d] - pad_s[d] - geo.stride[d] * end_margin[d] for d in range(2))
         name = f"depthcompress_join_{r.start}_{r.end}"
-        gm.add_submodule(name, ResidualJoin(offset, geo.stride, kernel, shortcut))
+        whole = branch_pruned(r, plan.pruned)
+        gm.add_submodule(name, ResidualJoin(offset, geo.stride, kernel, shortcut, whole))
         add = nodes[r.add_node]
         branch = nodes[chain.positions[r.end].tail_node]
         with gm.graph.inserting_before(add):
@@ -196,6 +213,9 @@ def linearize(model: nn.Module, chain: ConvChain, plan: Plan) -> fx.GraphModule:
                 act = gm.graph.call_module(name, (out,))
             out.replace_all_uses_with(act, delete_user_cb=lambda user, a=act: user is not a)
 
+    for r in chain.residuals:
+        if r not in fused and branch_pruned(r, plan.pruned):
+            _skip_only(nodes[r.add_node], nodes[chain.positions[r.end].tail_node])
     for k in sorted(plan.pruned):
         _prune(gm, nodes, chain, k)
     _no_inplace(gm)
@@ -225,6 +245,14 @@ def _prune(gm: fx.GraphModule, nodes: dict[str, fx.Node], chain: ConvChain, k: i
         node.target = name
 
 
+def _skip_only(add: fx.Node, branch: fx.Node) -> None:
+    """Make an explicit residual ``add`` of a fully pruned ``branch`` return its other operand,
+    the skip (its shortcut, if any, stays as it is)."""
+    skip = next(a for a in add.args if isinstance(a, fx.Node) and a is not branch)
+    add.replace_all_uses_with(skip)
+    add.graph.erase_node(add)
+
+
 def _erase_chain(graph: fx.Graph, last: fx.Node, first: fx.Node) -> None:
     """Erase the now unused nodes from ``last`` back to ``first`` (a shortcut's conv → BN...)."""
     node = last
@@ -252,6 +280,7 @@ __all__ = [
     "BlockLayout",
     "ResidualJoin",
     "block_layouts",
+    "branch_pruned",
     "fused_residuals",
     "linearize",
     "linearized_plan",

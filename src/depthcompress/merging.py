@@ -23,7 +23,7 @@ from .kernels import (
     to_conv2d,
 )
 from .kinds import is_batchnorm, is_conv
-from .linearization import META_KEY, fused_residuals, linearized_plan
+from .linearization import META_KEY, branch_pruned, fused_residuals, linearized_plan
 from .plan import Plan
 
 MERGE_TOLERANCE = 1e-4
@@ -155,9 +155,10 @@ def _conv_spec(gm: fx.GraphModule, chain: ConvChain, k: int) -> ConvSpec:
 
 
 def _is_identity(chain: ConvChain, plan: Plan, fused: list[Residual], i: int, j: int) -> bool:
-    """Whether block ``(i, j)`` computes its input: every conv pruned and no residual inside."""
+    """Whether block ``(i, j)`` computes its input: every conv pruned and no conv shortcut inside
+    (a fully pruned residual is its shortcut alone)."""
     every = all(k in plan.pruned for k in range(i + 1, j + 1))
-    return every and not any(i <= r.start and r.end <= j for r in fused)
+    return every and not any(i <= r.start and r.end <= j and r.shortcut for r in fused)
 
 
 def _identity_spec(channels: int) -> ConvSpec:
@@ -216,12 +217,18 @@ def _residual_spec(
     pruned: frozenset[int],
     r: Residual,
 ) -> ConvSpec:
-    branch = _chain_spec(gm, chain, fused, pruned, r.start, r.end)
+    """A fused residual as one spec: branch plus shortcut, or the shortcut alone (the identity
+    for an identity skip) when every branch conv is pruned."""
     shortcut = None
     if r.shortcut is not None:
         join = gm.get_submodule(f"depthcompress_join_{r.start}_{r.end}")
         conv, *rest = list(join.shortcut)
         shortcut = spec_from_conv(conv, rest[0] if rest else None, padding=r.shortcut_padding)
+    if branch_pruned(r, pruned):
+        if shortcut is not None:
+            return shortcut
+        return _identity_spec(chain.positions[r.start + 1].in_channels)
+    branch = _chain_spec(gm, chain, fused, pruned, r.start, r.end)
     return add_shortcut(branch, shortcut)
 
 

@@ -16,6 +16,10 @@ from .errors import PlanError
 from .graph import ConvChain, Position, Residual
 from .kernels import Pair
 
+SEMANTICS = "shortcut-alone"
+"""What a fully pruned residual branch means, recorded in the configuration tables' sidecars so
+that tables made under another meaning (``x + x`` before) are refused or made again."""
+
 MAX_SUBSETS = 4096
 """Most pruned subsets ``block_configs`` enumerates for one block (2^12): beyond that the block
 holds too many reducible convs to list, and a caller must restrict the block or the subsets."""
@@ -40,8 +44,9 @@ def reducible(chain: ConvChain) -> frozenset[int]:
 
 def shortcut_fits(chain: ConvChain, r: Residual, pruned: frozenset[int]) -> bool:
     """Whether residual ``r``'s conv shortcut still lies inside its branch's merged kernel once
-    ``pruned`` convs are identities (pruning shrinks the branch kernel; an identity skip always
-    fits)."""
+    ``pruned`` convs are identities (an identity skip always fits). A fully pruned branch is its
+    shortcut alone, yet only a 1x1 shortcut fits it: the geometry has no k x k shortcut as a
+    block's only conv."""
     if r.shortcut is None:
         return True
     geo = chain.geometry(r.start, r.end, pruned)
