@@ -867,6 +867,18 @@ def _set_aside(ctx: RunContext, names: tuple[str, ...], why: str) -> None:
     ctx.say(f"moved {', '.join(p.name for p in present)} ({why}) to {target}")
 
 
+def _built_afresh_if_refused(
+    ctx: RunContext, files: tuple[str, ...], build: Callable[[], _T]
+) -> _T:
+    """``build()`` a table that resumes through its sidecar; when the sidecar refuses it (made
+    with other settings), set its ``files`` aside and build it afresh."""
+    try:
+        return build()
+    except TableError as exc:
+        _set_aside(ctx, files, f"made with other settings: {exc}")
+        return build()
+
+
 class LatencyConfigStage(Stage):
     """With layer pruning: T(i, j, c) for every configuration c ≥ 1 of every block
     (``latency_configs.csv``, resumable row by row). Not recorded: the table's sidecar guards
@@ -897,11 +909,7 @@ class LatencyConfigStage(Stage):
             progress=ctx.progress,
             configs=True,
         )
-        try:
-            result = build()
-        except TableError as exc:
-            _set_aside(ctx, self.files, f"made with other settings: {exc}")
-            result = build()
+        result = _built_afresh_if_refused(ctx, self.files, build)
         ctx.config_time = {r.key: r.time for r in result.rows if isinstance(r, ConfigLatencyRow)}
         _refuse_unreachable_configs(ctx)
         return {}
@@ -937,11 +945,7 @@ class ImportanceConfigStage(Stage):
             subsets=s.prune_subsets,
             **_importance_kwargs(ctx),
         )
-        try:
-            result = build()
-        except TableError as exc:
-            _set_aside(ctx, self.files, f"made with other settings: {exc}")
-            result = build()
+        result = _built_afresh_if_refused(ctx, self.files, build)
         if result.computed:
             ctx.say(
                 f"configuration importance: {result.computed} entries computed with "
