@@ -615,8 +615,14 @@ def main(argv: list[str] | None = None) -> None:
         "--model", choices=sorted(MODELS), default="fashion_mbv2",
         help="a built-in network with shipped weights, and its data",
     )  # fmt: skip
-    parser.add_argument("--budgets", nargs="+", default=["0.5x", "0.6x", "0.7x", "0.8x"])
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4])
+    parser.add_argument(
+        "--budgets", nargs="*", default=["0.5x", "0.6x", "0.7x", "0.8x"],
+        help="depth-only budgets (none: no depth points)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ratios", nargs="*", type=float, default=[0.1, 0.2, 0.3, 0.4],
+        help="Torch-Pruning ratios (none: no pruning points)",
+    )  # fmt: skip
     parser.add_argument(
         "--timings", nargs="+", default=["ort:1:1", "ort:1:64", "ort:2:1", "ort:2:64"],
         help="backend:threads:batch (ort = onnxruntime; torch: on the CPU; cuda: torch on the GPU)",
