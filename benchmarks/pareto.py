@@ -53,10 +53,12 @@ import depthcompress as dc
 from depthcompress.backends import Backend, get_backend, machine_info
 from depthcompress.data import SplitData, fetch, num_classes
 from depthcompress.dp import (
+    NORMS,
     ConfigTables,
     config_tables,
     min_latency,
     min_latency_configs,
+    resolve_norm,
     solve,
     solve_configs,
 )
@@ -131,6 +133,8 @@ class Options:
     joint: tuple[str, ...] = ()
     layer_budgets: tuple[str, ...] = ()
     after: tuple[str, ...] = ()
+    norm: str = "auto"
+    control: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,16 +192,17 @@ def build_tables(setup: Setup, opts: Options, out: Path, log: Log) -> Tables:
     )
     if not opts.layer_budgets:
         return tables
-    return replace(tables, configs=layer_tables(tables, wd, s.alpha))
+    return replace(tables, configs=layer_tables(tables, wd, s))
 
 
-def layer_tables(tables: Tables, wd: Path, alpha: float) -> ConfigTables:
+def layer_tables(tables: Tables, wd: Path, s: dc.CompressSettings) -> ConfigTables:
     """Stage 2's input with layer pruning from the configuration tables in ``wd``; without them
     (no reducible conv: ``compress`` said so) the depth-only problem, merging alone."""
     lat, imp = wd / "latency_configs.csv", wd / "importance_configs.csv"
     times = {r.key: r.time for r in read_config_latency_rows(lat)} if lat.is_file() else {}
     rows = read_config_importance_rows(imp) if imp.is_file() else []
-    return config_tables(tables.opt, tables.importance, times, rows, alpha=alpha)
+    norm = s.importance_norm()
+    return config_tables(tables.opt, tables.importance, times, rows, alpha=s.alpha, norm=norm)
 
 
 def tune(
@@ -231,7 +236,10 @@ def depth_plan(setup: Setup, tables: Tables, budget: str) -> tuple[dc.Plan, dict
     what describes it."""
     ms = dc.Budget.parse(budget).resolve(tables.original_ms)
     fastest = min_latency(tables.opt, tables.importance)
-    sol = solve(tables.opt, tables.importance, max(ms, fastest), alpha=setup.settings.alpha)
+    s = replace(setup.settings, prune_layers=False)
+    sol = solve(
+        tables.opt, tables.importance, max(ms, fastest), alpha=s.alpha, norm=s.importance_norm()
+    )
     plan = dc.Plan.from_dict(sol.to_dict())
     return plan, {"plan": plan.to_dict(), "budget_ms": ms, "fastest": ms < fastest}
 
@@ -383,10 +391,14 @@ def measure(setup: Setup, net: nn.Module, timing: Timing, rule: Rule, name: str)
 def point_specs(opts: Options) -> Iterator[tuple[str, str, str]]:
     """(directory name, method, setting) of every point, the original first."""
     yield "original", "original", "-"
-    for b in opts.budgets:
-        yield f"depthcompress-{b}", "depthcompress", b
+    if opts.control:
+        yield "control", "control", "-"
+    depth, layers = resolve_norm(opts.norm, False), resolve_norm(opts.norm, True)
+    for b in opts.budgets:  # the paper's normalisation keeps the older folder names
+        tag = "" if depth == "single" else f"{depth}-"
+        yield f"depthcompress-{tag}{b}", "depthcompress", b
     for b in opts.layer_budgets:
-        yield f"layers-{b}", "layers", b
+        yield f"layers-{layers}-{b}", "layers", b
     for kind in opts.importances:
         for r in opts.ratios:
             yield f"tp-{kind}-{r:g}", f"torch-pruning {kind}", f"{r:g}"
@@ -405,6 +417,8 @@ def build_point(
     _, method, setting = spec
     if method == "original":
         return copy.deepcopy(setup.model).eval(), {}
+    if method == "control":  # what the recipe alone does to the unmodified network
+        return tune(setup, copy.deepcopy(setup.model), where), {}
     if method == "depthcompress":
         return depth_point(setup, tables, setting, where)
     if method == "layers":
@@ -489,15 +503,21 @@ LABELS = {
     "depthcompress": "depthcompress (merging)",
     "layers": "depthcompress + layer pruning",
     "after": "depth, then width on the merged network",
+    "control": "original, fine-tuned alike (control)",
 }
 """Legend names of the methods whose record name is short."""
 
 
 def marker(method: str) -> dict[str, Any]:
-    """The original as a large star, joint points as squares, after points as diamonds, layer
-    pruning as a line of triangles, each other method as a line of dots."""
-    if method == "original":
-        return {"marker": "*", "markersize": 14, "linestyle": "none"}
+    """The original as a large star (its control as a plus), joint points as squares, after
+    points as diamonds, layer pruning as a line of triangles, each other method as a line of
+    dots."""
+    if method in ("original", "control"):
+        return {
+            "marker": "*" if method == "original" else "P",
+            "markersize": 12,
+            "linestyle": "none",
+        }
     if method == "joint":
         return {"marker": "s", "linestyle": "none"}
     if method == "after":
@@ -524,7 +544,10 @@ def plot(points: list[dict], timing: Timing, title: str, path: Path) -> None:
         err = [[v["speedup"] - v["low"] for v in s], [v["high"] - v["speedup"] for v in s]]
         label = LABELS.get(method, method)
         ax.errorbar(x, y, xerr=err, label=label, capsize=3, **marker(method))
-        if method != "original":  # each point labelled with its budget, ratio or width:budget
+        if method not in (
+            "original",
+            "control",
+        ):  # each point labelled with its budget, ratio or width:budget
             for p, xi, yi in zip(mine, x, y, strict=True):
                 ax.annotate(
                     p["setting"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7
@@ -603,6 +626,7 @@ def model_setup(args: argparse.Namespace) -> Setup:
         ),
         budget_mode="chain",
         prune_subsets=args.prune_subsets,
+        norm=args.norm,
     )
     split = load_split(data, holdout=holdout, seed=0)
     test = fashion_mnist("test") if data == "fashion-mnist" else cifar10("test")
@@ -656,6 +680,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--prune-subsets", type=int, default=2, help="layers: pruned subsets per configuration"
     )
+    parser.add_argument(
+        "--norm", choices=["auto", *NORMS], default="auto",
+        help="stage 2's score normalisation (compress --norm): auto is delta for layer pruning",
+    )  # fmt: skip
+    parser.add_argument(
+        "--control", action="store_true",
+        help="also the original fine-tuned with the same recipe: what the recipe alone does",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10, help="paired rounds, at least")
     parser.add_argument("--max-time", type=float, default=30.0, help="seconds per speed-up")
@@ -674,6 +706,8 @@ def main(argv: list[str] | None = None) -> None:
         joint=tuple(args.joint),
         after=tuple(args.after),
         layer_budgets=tuple(layer_budgets),
+        norm=args.norm,
+        control=args.control,
     )
     run(model_setup(args), opts, args.out, command=" ".join(["python", *sys.argv]))
     print((args.out / "pareto.md").read_text())

@@ -102,3 +102,25 @@ def test_after_point_prunes_the_merged_network_and_resumes(
     third = pareto.run(tiny_setup(epochs=2), opts, tmp_path, log=lambda _: None)
     assert epochs[3:] == resumed[3:] == [1, 1]  # both halves resumed from their checkpoints
     assert third[2]["accuracy"] == after["accuracy"] and third[2]["kept"] == after["kept"]
+
+
+def test_control_is_the_original_fine_tuned_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opts = pareto.Options(
+        budgets=(), ratios=(), timings=(TIMING,), rule=TINY_RULE, round_to=4, control=True
+    )
+    tuned: list[Any] = []
+    real = pareto.finetune
+
+    def counted(net: Any, *args: Any, **kwargs: Any) -> Any:
+        tuned.append(net)
+        return real(net, *args, **kwargs)
+
+    monkeypatch.setattr(pareto, "finetune", counted)
+    setup = tiny_setup()
+    points = pareto.run(setup, opts, tmp_path, log=lambda _: None)
+    assert [p["name"] for p in points] == ["original", "control"]
+    assert len(tuned) == 1 and tuned[0] is not setup.model  # a copy, never the original
+    original, control = points
+    assert control["convs"] == original["convs"] and control["params"] == original["params"]

@@ -227,7 +227,10 @@ def test_prune_layers_off_changes_no_stage_key() -> None:
     assert "prune_layers" not in json.dumps(off)
     on = tiny_settings(prune_layers=True, prune_subsets=3).stage_settings()
     assert on["solve"]["prune_layers"] == {"subsets": 3}
-    assert {k: v for k, v in on["solve"].items() if k != "prune_layers"} == off["solve"]
+    assert on["solve"]["norm"] == "delta"  # auto: layer pruning normalises by delta
+    rest = {k: v for k, v in on["solve"].items() if k not in ("prune_layers", "norm")}
+    assert rest == off["solve"]
+    assert "norm" not in off["solve"]
     assert STAGES == ("latency", "optimal", "importance", "solve", "finetune", "merge", "evaluate")
 
 
@@ -291,3 +294,48 @@ def test_a_configuration_row_is_normalised_like_todays_rows() -> None:
     assert tables.time[1, 2, 1] == 0.1 and tables.pruned[1, 2, 1] == frozenset({2})
     with pytest.raises(dc.TableError, match="no row in the configuration latency table"):
         config_tables(optimal_latency(latency), imp, {}, [row])
+
+
+def test_delta_norm_keeps_a_conv_that_single_norm_prunes() -> None:
+    """ResNet-20's tables at 10 steps (docs/layermerge.md): a re-initialised single conv scores
+    far below pruning it, so the paper's normalisation prunes at any budget; ``delta`` scores a
+    kept conv 0 and prunes only when the budget needs it."""
+    from depthcompress.dp import config_tables, optimal_latency, solve_configs
+    from depthcompress.tables import ImportanceTable, LatencyTable
+
+    latency = LatencyTable.from_rows([(0, 1, 1.0, 0.0), (1, 2, 1.0, 0.0), (0, 2, 1.9, 0.0)])
+    imp = ImportanceTable.from_rows([(0, 1, 1, 1, -48.0), (1, 2, 1, 1, -45.0), (0, 2, 1, 1, -9.0)])
+    row = ConfigImportanceRow(0, 2, 1, 1, 1, -8.0, 0.0, 0.0, 10, 0.0, frozenset({2}), 1)
+    times = {(0, 2, 1): 1.0}
+    single = config_tables(optimal_latency(latency), imp, times, [row], alpha=1.6)
+    delta = config_tables(optimal_latency(latency), imp, times, [row], alpha=1.6, norm="delta")
+    assert solve_configs(single, 5.0).plan.pruned == frozenset({2})
+    loose = solve_configs(delta, 5.0)
+    assert loose.plan.pruned == frozenset() and loose.plan.boundaries == {1, 2}
+    assert loose.importance == 0.0
+    assert solve_configs(delta, 1.9).plan.pruned == frozenset({2})  # -8 > the merge's -9
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_delta_norm_keeps_the_original_until_the_budget_forces(seed) -> None:
+    """With every merge losing something, ``delta`` picks the unmodified network whenever the
+    budget allows it, whatever the (re-initialised) single-conv scores are."""
+    import random
+
+    from depthcompress.dp import optimal_latency, solve
+    from depthcompress.tables import ImportanceTable
+    from tests.test_dp import random_instance
+
+    rng = random.Random(seed)
+    latency, imp = random_instance(rng, 6, all_flags=True)
+    scores = zip(imp.keys, imp.score.tolist(), strict=True)
+    rows = {key: -abs(s) - 0.01 for key, s in scores}
+    rows |= {(k, k + 1, 1, 1): rng.uniform(-50.0, 0.0) for k in range(6)}
+    table = ImportanceTable.from_rows((*k, s) for k, s in rows.items())
+    opt = optimal_latency(latency)
+    original = sum(opt.time_of(k, k + 1) for k in range(6))
+    sol = solve(opt, table, original + 1e-9, norm="delta")
+    # every segment that removes an activation scores < 0, so 0 means none was removed (convs
+    # around a linear position may still merge: that is exact and free in accuracy)
+    assert sol.importance == 0.0
+    assert solve(opt, table, original + 1e-9, alpha=1.6).importance != 0.0

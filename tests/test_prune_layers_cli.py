@@ -198,7 +198,7 @@ def test_pareto_layers_points_share_the_tables(tmp_path, monkeypatch) -> None:
         layer_budgets=("0.5x",),
     )  # fmt: skip
     record = pareto.run(setup, opts, tmp_path, log=lambda _: None)
-    assert [p["name"] for p in record] == ["original", "depthcompress-0.9x", "layers-0.5x"]
+    assert [p["name"] for p in record] == ["original", "depthcompress-0.9x", "layers-delta-0.5x"]
     layers = record[-1]
     assert layers["method"] == "layers" and layers["pruned"]  # merging alone gains nothing here
     assert layers["pruned"] == sorted(layers["plan"]["pruned"])

@@ -66,6 +66,15 @@ HoldoutOption = Annotated[
     int, typer.Option(help="training examples held out (never trained on) to score importance")
 ]
 HoldoutSeedOption = Annotated[int, typer.Option(help="seed choosing the held-out examples")]
+NormOption = Annotated[
+    str,
+    typer.Option(
+        help="how stage 2 normalises scores: 'single' (the paper: h - alpha * mean of the "
+        "re-initialised single-conv scores), 'delta' (a kept conv scores 0, the rest their "
+        "raw h: the original network is the best plan until the budget forces a change), "
+        "'auto' (delta with --prune-layers, else single; docs/layermerge.md)"
+    ),
+]
 # every command that runs torch on a device takes it in one form (devices.resolve_device)
 DeviceOption = Annotated[
     str | None,
@@ -845,7 +854,7 @@ def _positions(values: frozenset[int]) -> str:
     return " ".join(str(p) for p in sorted(values)) or "-"
 
 
-def _print_solution(sol, score: str, alpha: float) -> None:  # sol: dp.Solution
+def _print_solution(sol, score: str, norm_label: str) -> None:  # sol: dp.Solution
     from rich.table import Table
 
     table = Table(title="segments (stage 2)", header_style="bold")
@@ -871,7 +880,7 @@ def _print_solution(sol, score: str, alpha: float) -> None:  # sol: dp.Solution
     console.print(
         f"latency Σ T_opt = {sol.latency:.4f} ms {sign} budget {sol.budget:g} ms "
         f"({100 * sol.latency / sol.budget:.1f} % used); importance Σ I = {sol.importance:.4f} "
-        f"(score {score}, alpha {alpha:g})",
+        f"(score {score}, {norm_label})",
         highlight=False,
     )
     if sol.grid is not None:
@@ -882,12 +891,17 @@ def _print_solution(sol, score: str, alpha: float) -> None:  # sol: dp.Solution
         )
 
 
+def _norm_label(norm: str, alpha: float) -> str:
+    """How the scores were normalised, in a few words."""
+    return f"alpha {alpha:g}" if norm == "single" else f"norm {norm}"
+
+
 def _config_problem(
     lat,  # LatencyTable | OptimalLatencyTable
     imp,  # ImportanceTable | ExtendedImportanceTable
     paths: tuple[Path, Path | None],
     importance: Path,
-    how: tuple[str, str, float],
+    how: tuple[str, str, float, str],
 ):  # returns dp.ConfigTables | None
     """Stage 2's input with layer pruning, from the plain and the configuration tables; None
     (merging alone, said) when the configuration latency table has no row."""
@@ -900,7 +914,7 @@ def _config_problem(
         read_config_latency_rows,
     )
 
-    score, rounding, alpha = how
+    score, rounding, alpha, norm = how
     if rounding != "exact" or score != DEFAULT_SCORE or not isinstance(imp, ImportanceTable):
         raise typer.BadParameter(
             f"--prune-layers solves exactly on {DEFAULT_SCORE} of a raw importance table: "
@@ -914,7 +928,7 @@ def _config_problem(
     rows = read_config_importance_rows(_config_file(imp_path, "importance"))
     opt = optimal_latency(lat) if isinstance(lat, LatencyTable) else lat
     tables: ConfigTables = config_tables(
-        opt, imp, {r.key: r.time for r in times}, rows, alpha=alpha
+        opt, imp, {r.key: r.time for r in times}, rows, alpha=alpha, norm=norm
     )
     console.print(
         f"layer pruning: {len(times)} configuration times from {lat_path}, {len(rows)} "
@@ -1002,6 +1016,7 @@ def solve_cmd(
             "MobileNetV2-1.0 value (1.2 for MBV2-1.4, 1.4 for VGG19)"
         ),
     ] = 1.6,
+    norm: NormOption = "auto",
     score: Annotated[
         str,
         typer.Option(
@@ -1044,6 +1059,7 @@ def solve_cmd(
         DEFAULT_PREC,
         ROUNDINGS,
         original_latency,
+        resolve_norm,
         solve,
         solve_configs,
         sweep,
@@ -1079,20 +1095,26 @@ def solve_cmd(
         configs = None
         if prune_layers:
             paths = (latency_configs or configs_path(latency), importance_configs)
-            configs = _config_problem(lat, imp, paths, importance, (score, rounding, alpha))
+            how = (score, rounding, alpha, resolve_norm(norm, True))
+            configs = _config_problem(lat, imp, paths, importance, how)
+        chosen = resolve_norm(norm, configs is not None)  # merging alone: as without the flag
         if configs is not None:
             sol = solve_configs(configs, budgets[0]) if not is_sweep else None
             result = sweep_configs(configs, budgets) if is_sweep else None
         elif not is_sweep:
-            sol = solve(lat, imp, budgets[0], alpha=alpha, rounding=rounding, prec=prec)
+            sol = solve(
+                lat, imp, budgets[0], alpha=alpha, rounding=rounding, prec=prec, norm=chosen
+            )
         else:
-            result = sweep(lat, imp, budgets, alpha=alpha, rounding=rounding, prec=prec)
+            result = sweep(
+                lat, imp, budgets, alpha=alpha, rounding=rounding, prec=prec, norm=chosen
+            )
     except DepthCompressError as exc:
         raise fail(exc) from None
     if not is_sweep:
         import json
 
-        _print_solution(sol, score, alpha)
+        _print_solution(sol, score, _norm_label(chosen, alpha))
         if configs is not None:
             _print_pruned(sol.plan.pruned)
         if output is not None:
@@ -1125,7 +1147,7 @@ def solve_cmd(
     write_front_csv(output, rows)
     console.print(f"front written to {output}")
     png = output.with_suffix(".png")
-    title = f"{latency.name} × {importance.name} (alpha {alpha:g}, {rounding})"
+    title = f"{latency.name} × {importance.name} ({_norm_label(chosen, alpha)}, {rounding})"
     if plot_front(png, rows, front=result.front, title=title):
         console.print(f"plot written to {png}")
     else:
@@ -1248,6 +1270,7 @@ def _compress_settings(**kw):  # returns pipeline.CompressSettings
         ),
         workers=kw["workers"],
         alpha=kw["alpha"],
+        norm=kw.get("norm", "auto"),
         finetune=FinetuneConfig(
             epochs=kw["epochs"],
             lr=kw["lr"],
@@ -1395,6 +1418,7 @@ def compress_cmd(
         ),
     ] = 1,
     alpha: Annotated[float, typer.Option(help="importance normalisation alpha (§6)")] = 1.6,
+    norm: NormOption = "auto",
     holdout: HoldoutOption = 10000,
     holdout_seed: HoldoutSeedOption = 0,
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,

@@ -25,7 +25,7 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
-from .errors import BudgetError, PlanError, TableError, plain
+from .errors import BudgetError, DepthCompressError, PlanError, TableError, plain
 from .plan import Plan
 from .tables import (
     ConfigImportanceRow,
@@ -37,6 +37,11 @@ from .tables import (
 
 DEFAULT_ALPHA = 1.6
 """α of the normalisation: the paper's MobileNetV2-1.0 value (1.2 for MBV2-1.4, 1.4 for VGG19)."""
+NORMS = ("single", "delta")
+"""How scores are normalised (docs/layermerge.md, "Normalisation"): ``single`` is the paper's
+``h − α·mean(single-conv h)`` with single convs scored re-initialised; ``delta`` scores a kept
+single conv 0 (nothing changed) and every other segment by its raw ``h``, so the unmodified
+network is the most important plan and only the budget makes the DP remove anything."""
 DEFAULT_PREC = 20.0
 """Grid of ``rounding="reference"``: steps per ms (the reference's MBV2 value; 10 for VGG)."""
 BUDGET_SLACK = 1e-12
@@ -255,34 +260,62 @@ def optimal_latency(latency: LatencyTable) -> OptimalLatencyTable:
 
 
 def normalize_importance(
-    importance: ImportanceTable, alpha: float = DEFAULT_ALPHA
+    importance: ImportanceTable, alpha: float = DEFAULT_ALPHA, norm: str = "single"
 ) -> ImportanceTable:
-    """``h − α·mean(single-conv h)`` (§6): a per-segment bonus, so few segments aren't favoured."""
-    if alpha == 0:
+    """``h − α·mean(single-conv h)`` (§6): a per-segment bonus, so few segments aren't favoured;
+    with ``norm="delta"`` instead single-conv rows score 0 and the others keep ``h``."""
+    _check_norm(norm)
+    if norm == "delta":
+        single = importance.end - importance.st == 1
+        score = np.where(single, 0.0, importance.score)
+    elif alpha == 0:
         return importance
-    mean = importance.single_mean()
-    if math.isnan(mean):
-        raise TableError(
-            f"{importance.source}: alpha={alpha} subtracts α × the mean score of the single-conv "
-            "rows (end = st + 1), but the table has none; add them or use alpha 0"
-        )
+    else:
+        mean = importance.single_mean()
+        if math.isnan(mean):
+            raise TableError(
+                f"{importance.source}: alpha={alpha} subtracts α × the mean score of the "
+                "single-conv rows (end = st + 1), but the table has none; add them or use "
+                "alpha 0"
+            )
+        score = importance.score - alpha * mean
     return ImportanceTable(
         st=importance.st,
         end=importance.end,
         st_act=importance.st_act,
         end_act=importance.end_act,
-        score=importance.score - alpha * mean,
+        score=score,
         score_name=importance.score_name,
         source=importance.source,
         lines=importance.lines,
     )
 
 
+def resolve_norm(norm: str | None, prune_layers: bool) -> str:
+    """The normalisation a run uses: ``norm`` when given, else ``delta`` with layer pruning
+    (the paper's ``single`` makes pruning score above keeping; docs/layermerge.md) and
+    ``single`` without it (the paper's method, unchanged)."""
+    if norm is None or norm == "auto":
+        return "delta" if prune_layers else "single"
+    _check_norm(norm)
+    return norm
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise DepthCompressError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def _offset(importance: ImportanceTable, alpha: float, norm: str) -> float:
+    """What normalisation subtracts from a raw score: ``α·μ`` (``single``), else 0."""
+    return alpha * importance.single_mean() if alpha and norm == "single" else 0.0
+
+
 def extended_importance(
-    importance: ImportanceTable, alpha: float = DEFAULT_ALPHA
+    importance: ImportanceTable, alpha: float = DEFAULT_ALPHA, norm: str = "single"
 ) -> ExtendedImportanceTable:
     """Normalise, then Algorithm 3 (§6): a segment may score as a chain split at flag-0 points."""
-    normed = normalize_importance(importance, alpha)
+    normed = normalize_importance(importance, alpha, norm)
     h = dict(zip(normed.keys, normed.score.tolist(), strict=True))
     ext: dict[tuple[int, int, int, int], float] = {}
     brk: dict[tuple[int, int, int, int], tuple[int, ...]] = {}
@@ -297,7 +330,7 @@ def extended_importance(
                     best, arg = cand, k
         ext[key] = best
         brk[key] = (i, j) if arg == j else (*brk[i, arg, x, 0], j)
-    offset = alpha * importance.single_mean() if alpha else 0.0
+    offset = _offset(importance, alpha, norm)
     return ExtendedImportanceTable(
         st=normed.st,
         end=normed.end,
@@ -305,7 +338,7 @@ def extended_importance(
         end_act=normed.end_act,
         value=np.asarray([ext[k] for k in normed.keys]),
         breaks=tuple(brk[k] for k in normed.keys),
-        alpha=float(alpha),
+        alpha=float(alpha) if norm == "single" else 0.0,
         offset=float(offset),
         source=normed.source,
         lines=normed.lines,
@@ -332,10 +365,11 @@ def _problem(
     latency: LatencyTable | OptimalLatencyTable,
     importance: ImportanceTable | ExtendedImportanceTable,
     alpha: float,
+    norm: str = "single",
 ) -> _Problem:
     opt = optimal_latency(latency) if isinstance(latency, LatencyTable) else latency
     ext = (
-        extended_importance(importance, alpha)
+        extended_importance(importance, alpha, norm)
         if isinstance(importance, ImportanceTable)
         else importance
     )
@@ -646,11 +680,12 @@ def solve(
     alpha: float = DEFAULT_ALPHA,
     rounding: Rounding = "exact",
     prec: float = DEFAULT_PREC,
+    norm: str = "single",
 ) -> Solution:
     """The plan maximising ``Σ I`` with ``Σ T_opt ≤ budget`` (§7); raw tables get §5/§6 first."""
     value = _check_budget(budget)
     _check_rounding(rounding, prec)
-    problem = _problem(latency, importance, alpha)
+    problem = _problem(latency, importance, alpha, norm)
     if rounding == "reference":
         return _reference_dp(problem, value, prec)
     fronts = _pareto_dp(problem.incoming, value + BUDGET_SLACK)
@@ -669,13 +704,14 @@ def sweep(
     alpha: float = DEFAULT_ALPHA,
     rounding: Rounding = "exact",
     prec: float = DEFAULT_PREC,
+    norm: str = "single",
 ) -> Sweep:
     """The best plan per budget and the Pareto front, from one exact DP for the largest budget."""
     values = tuple(_check_budget(b) for b in budgets)
     if not values:
         raise BudgetError("a sweep needs at least one budget")
     _check_rounding(rounding, prec)
-    problem = _problem(latency, importance, alpha)
+    problem = _problem(latency, importance, alpha, norm)
     fronts = _pareto_dp(problem.incoming, max(values) + BUDGET_SLACK)
     final = _final_front(fronts)
     front = () if final is None else tuple(zip(final.lat.tolist(), final.imp.tolist(), strict=True))
@@ -836,13 +872,15 @@ def config_tables(
     config_time: Mapping[ConfigKey, float],
     config_rows: Iterable[ConfigImportanceRow],
     alpha: float = DEFAULT_ALPHA,
+    norm: str = "single",
 ) -> ConfigTables:
     """Stage 2's input with layer pruning: configuration 0 is today's problem (``T_opt`` with
     its breaks, the extended importance), and each configuration row (i, j, x, y, c ≥ 1) is a
     single-block segment with ``T(i, j, c)`` and its score normalised as today's rows are
-    (minus α × the mean single-conv score of the plain table), pruning its best subset."""
-    ext = extended_importance(importance, alpha)
-    offset = alpha * importance.single_mean() if alpha else 0.0
+    (minus α × the mean single-conv score of the plain table, or raw with ``norm="delta"``),
+    pruning its best subset."""
+    ext = extended_importance(importance, alpha, norm)
+    offset = _offset(importance, alpha, norm)
     time: dict[ConfigKey, float] = {}
     values: dict[tuple[int, int, int, int, int], float] = {}
     breaks: dict[ConfigKey, tuple[int, ...]] = {}

@@ -45,6 +45,7 @@ from .data import SplitData, fetch, fingerprint, num_classes
 from .defaults import FINETUNE_LR, NO_REDUCIBLE
 from .devices import device_name, resolve_device
 from .dp import (
+    NORMS,
     Budget,
     ConfigTables,
     config_tables,
@@ -52,6 +53,7 @@ from .dp import (
     optimal_boundaries,
     optimal_latency,
     original_latency,
+    resolve_norm,
     solve_configs,
     sweep_configs,
 )
@@ -141,6 +143,7 @@ class CompressSettings:
     importance: FinetuneSettings = field(default_factory=FinetuneSettings)
     workers: int = 1
     alpha: float = 1.6
+    norm: str | None = None
     finetune: FinetuneConfig = field(
         default_factory=lambda: FinetuneConfig(epochs=3, lr=FINETUNE_LR, batch_size=128)
     )
@@ -172,6 +175,8 @@ class CompressSettings:
             problems.append(f"budget_mode must be 'whole' or 'chain', got {self.budget_mode!r}")
         if self.calibration_plans < 1:
             problems.append(f"calibration_plans must be ≥ 1, got {self.calibration_plans}")
+        if self.norm not in (None, "auto", *NORMS):
+            problems.append(f"norm must be one of auto, {', '.join(NORMS)}; got {self.norm!r}")
         if self.mode not in ("general", "reference"):
             problems.append(f"mode must be 'general' or 'reference', got {self.mode!r}")
         problems += self._width_problems()
@@ -208,6 +213,10 @@ class CompressSettings:
         if self.width > 0 and self.budget_mode != "whole":
             problems.append("width needs budget_mode 'whole' (the original's whole latency)")
         return problems
+
+    def importance_norm(self) -> str:
+        """The score normalisation stage 2 uses (``dp.resolve_norm``)."""
+        return resolve_norm(self.norm, self.prune_layers)
 
     def width_settings(self) -> dict[str, Any]:
         """What decides the width stage's pruned network (empty when ``width`` is 0)."""
@@ -250,6 +259,8 @@ class CompressSettings:
         solve = {**lat, **imp, "budget": budget, "alpha": self.alpha}
         if self.budget_mode == "whole":  # absent in "chain" mode: older work directories resume
             solve = {**solve, "budget_mode": "whole", "calibration": calibrate}
+        if self.importance_norm() != "single":  # absent for the paper's: older ones resume
+            solve = {**solve, "norm": self.importance_norm()}
         if self.prune_layers:  # absent when off: older work directories resume
             solve = {**solve, "prune_layers": {"subsets": self.prune_subsets}}
         tune = {**solve, "finetune": self.finetune.to_dict()}
@@ -990,6 +1001,7 @@ def _config_problem(ctx: RunContext) -> ConfigTables:
         _config_times(ctx),
         _need(ctx.config_rows, "config_rows"),
         alpha=ctx.settings.alpha,
+        norm=ctx.settings.importance_norm(),
     )
 
 
@@ -1085,14 +1097,16 @@ class SolveStage(Stage):
             sol, swept = solve_configs(tables, budget_ms), sweep_configs(tables, budgets)
             ctx.say(_pruned_line(ctx, sol.plan))
         else:
-            sol = solve(opt, importance, budget_ms, alpha=s.alpha)
-            swept = sweep(opt, importance, budgets, alpha=s.alpha)
+            norm = resolve_norm(s.norm, False)  # merging alone, also as --prune-layers' fallback
+            sol = solve(opt, importance, budget_ms, alpha=s.alpha, norm=norm)
+            swept = sweep(opt, importance, budgets, alpha=s.alpha, norm=norm)
         write_front_csv(ctx.wd.file("front.csv"), swept)
         write_json(
             ctx.wd.file("plan.json"),
             {
                 **sol.to_dict(),
                 "budget_spec": str(s.budget),
+                "norm": resolve_norm(s.norm, ctx.pruning),
                 "requested_budget": _table_budget(ctx),
                 "original_latency": original_ms,
                 "fastest_latency": fastest,
