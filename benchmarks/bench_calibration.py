@@ -29,8 +29,22 @@ import torch
 
 from depthcompress import linearize, merge, trace
 from depthcompress.backends import Protocol, get_backend
-from depthcompress.calibration import calibrate, calibrated_table, plan_time
-from depthcompress.dp import Budget, optimal_boundaries, optimal_latency, original_latency, solve
+from depthcompress.calibration import (
+    calibrate,
+    calibrated_config_times,
+    calibrated_table,
+    plan_time,
+    synthetic_config_tables,
+)
+from depthcompress.dp import (
+    Budget,
+    min_latency_configs,
+    optimal_boundaries,
+    optimal_latency,
+    original_latency,
+    solve,
+    solve_configs,
+)
 from depthcompress.errors import BudgetError, ModelSpecError
 from depthcompress.latency import build_latency_table
 from depthcompress.models import (
@@ -40,7 +54,7 @@ from depthcompress.models import (
     trained_weights,
 )
 from depthcompress.speedup import Rule, paired_speedup
-from depthcompress.tables import ImportanceTable, LatencyTable
+from depthcompress.tables import ImportanceTable, LatencyTable, read_config_latency_rows
 
 NETWORKS = {  # name: (input shape at batch 64, modules kept out of the chain)
     "fashion_mbv2": ((64, 1, 28, 28), FASHION_MBV2_EXCLUDE),
@@ -63,6 +77,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--model", choices=sorted(NETWORKS), default="fashion_mbv2")
     parser.add_argument("--max-kernel-size", type=int, default=15, help="largest merged kernel")
+    parser.add_argument(
+        "--prune-layers",
+        action="store_true",
+        help="layer pruning: the configuration latency table too; calibration and budgets over "
+        "(segment, configuration) plans",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -87,9 +107,19 @@ def main() -> int:
     path = args.workdir / "latency.csv"
     build_latency_table(chain, backend, path, batch=shape[0], seed=0, model_name=args.model)
     table = LatencyTable.read_csv(path)
+    config_time = None
+    if args.prune_layers:
+        path = args.workdir / "latency_configs.csv"
+        build_latency_table(
+            chain, backend, path, batch=shape[0], seed=0, model_name=args.model, configs=True
+        )
+        config_time = {r.key: r.time for r in read_config_latency_rows(path)}
+        print(f"{len(config_time)} configuration latencies (layer pruning)", flush=True)
     rule = Rule(max_time=args.max_time)
     print(f"load {load()}: calibrating ({len(chain.blocks)} blocks)", flush=True)
-    cal = calibrate(model, chain, table, backend, shape, rule, count=3, seed=0)
+    cal = calibrate(
+        model, chain, table, backend, shape, rule, count=3, seed=0, config_time=config_time
+    )
     fit = cal.fit
     print(
         f"fit {fit.model}: c={fit.c:.4f} a={fit.a:.4f} o={fit.o:.4f} rms={fit.rms:.4f} ms; "
@@ -101,8 +131,14 @@ def main() -> int:
             f"  point {p.label:26s} ΣT={p.sum_t:7.3f} blocks={p.n_blocks:3d} "
             f"whole={p.whole_ms:7.3f} ms  ×{p.speedup:.3f} [{p.low:.3f}, {p.high:.3f}]"
         )
-    opt = optimal_latency(calibrated_table(table, fit))
-    _, fastest = optimal_boundaries(calibrated_table(table, fit), ())
+    calibrated = calibrated_table(table, fit)
+    opt = optimal_latency(calibrated)
+    _, fastest = optimal_boundaries(calibrated, ())
+    configs = None
+    if config_time is not None:  # calibrated like the table: T' = a·T + o
+        times = calibrated_config_times(config_time, fit)
+        configs = synthetic_config_tables(chain, calibrated, times, seed=1)
+        fastest = min_latency_configs(configs)
     print(f"smallest whole-network budget any plan meets: {cal.least_fraction(fastest):.3f}x")
     raw_original = original_latency(table)
     importance = ImportanceTable.synthetic(chain.blocks, chain.linear_positions, seed=1)
@@ -110,18 +146,22 @@ def main() -> int:
     for fraction in (float(f) for f in args.budgets.split(",")):
         budget = Budget(fraction, relative=True)
         try:
-            sol = solve(opt, importance, cal.table_budget(budget))
+            if configs is not None:
+                sol = solve_configs(configs, cal.table_budget(budget))
+            else:
+                sol = solve(opt, importance, cal.table_budget(budget))
         except BudgetError as exc:
             print(f"budget {fraction:g}x: no plan ({exc})", flush=True)
             continue
         predicted = cal.original_whole_ms / cal.predicted_whole(sol.latency)
-        chain_pred = raw_original / plan_time(table, sol.plan)
+        chain_pred = raw_original / plan_time(table, sol.plan, config_time, chain)
         merged = merge(linearize(model, chain, sol.plan), chain, sol.plan)
         res = paired_speedup(model, merged, backend, shape, rule, names=("original", "merged"))
         error = predicted / res.speedup - 1
         row = {
             "budget": f"{fraction:g}x",
             "blocks": len(sol.plan.blocks),
+            "pruned": sorted(sol.plan.pruned),
             "predicted": predicted,
             "chain_predicted": chain_pred,
             "measured": res.speedup,

@@ -688,11 +688,16 @@ def main(argv: list[str] | None = None) -> None:
         "--control", action="store_true",
         help="also the original fine-tuned with the same recipe: what the recipe alone does",
     )  # fmt: skip
+    parser.add_argument(
+        "--train-threads", type=int, default=1,
+        help="torch CPU threads of fine-tuning (1: more collapse when another process competes)",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10, help="paired rounds, at least")
     parser.add_argument("--max-time", type=float, default=30.0, help="seconds per speed-up")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "pareto")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.train_threads)
     layer_budgets = args.budgets if args.layers else []
     if args.layer_budgets is not None:
         layer_budgets = args.layer_budgets

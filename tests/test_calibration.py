@@ -130,3 +130,34 @@ def test_chain_mode_keeps_the_old_solve_key() -> None:
     whole = replace(settings(), budget_mode="whole").stage_settings()
     assert "budget_mode" not in chain["solve"] and "calibration" not in chain["solve"]
     assert whole["solve"]["budget_mode"] == "whole"
+
+
+def test_with_layer_pruning_the_plans_prune_and_are_priced_by_configuration() -> None:
+    """With the configuration times the calibration plans span pruned plans too (here merging
+    alone gains nothing), each priced by the configurations it uses."""
+    import torch
+
+    from depthcompress import trace
+    from depthcompress.calibration import config_calibration_plans, plan_time
+    from depthcompress.errors import DepthCompressError
+    from depthcompress.pruning import block_configs
+    from tests.test_prune_layers import tiny_resnet
+
+    chain = trace(tiny_resnet().eval(), torch.randn(1, 3, 8, 8))
+    latency = LatencyTable.from_rows((i, j, float(j - i), 0.0) for i, j in chain.blocks)
+    kept: dict[tuple[int, int, int], int] = {}
+    for i, j in chain.blocks:
+        for c, config in enumerate(block_configs(chain, i, j)[1:], start=1):
+            kept[i, j, c] = (j - i) - len(config.subsets[0])
+    config_time = {k: float(n) or 0.1 for k, n in kept.items()}
+    plans = config_calibration_plans(chain, latency, config_time, 3)
+    assert plans and any(plan.pruned for _, plan in plans)
+    for _, plan in plans:
+        expected = 0.0
+        for i, j in plan.blocks:
+            n = (j - i) - sum(i < p <= j for p in plan.pruned)
+            expected += float(n) or 0.1
+        assert plan_time(latency, plan, config_time, chain) == pytest.approx(expected)
+    pruning = next(plan for _, plan in plans if plan.pruned)
+    with pytest.raises(DepthCompressError, match="configuration latency table"):
+        plan_time(latency, pruning)

@@ -115,6 +115,15 @@ def test_width_and_layer_pruning_merge_exactly_and_export(joint_run) -> None:
     check_close(expected, torch.from_numpy(out), "onnx", "linearized")
 
 
+def test_the_calibration_times_pruned_plans_too(joint_run) -> None:
+    """With layer pruning the calibration's plans come from the configuration DP, so its fit
+    sees plans that prune (merging alone gains nothing on these tables)."""
+    wd, _ = joint_run
+    points = json.loads((wd / "calibration.json").read_text())["points"]
+    assert points[0]["label"] == "original" and not points[0]["pruned"]
+    assert any(p["pruned"] for p in points[1:]), points
+
+
 def test_the_probe_runs_on_the_width_pruned_network(joint_run) -> None:
     wd, result = joint_run
     probe = json.loads((wd / "lr_probe.json").read_text())

@@ -15,16 +15,26 @@ exact for every tiling), and a whole-network target W becomes the table budget W
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .dp import Budget, optimal_boundaries, sweep
+from .dp import (
+    Budget,
+    ConfigTables,
+    config_tables,
+    min_latency_configs,
+    optimal_boundaries,
+    optimal_latency,
+    sweep,
+    sweep_configs,
+)
 from .errors import DepthCompressError
 from .plan import Plan
-from .tables import ImportanceTable, LatencyTable
+from .pruning import block_configs, config_of
+from .tables import ConfigImportanceRow, ImportanceTable, LatencyTable
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,6 +44,9 @@ if TYPE_CHECKING:
     from .speedup import Rule, SpeedupResult
 
 MODELS = ("scale", "overhead")
+
+ConfigTimes = Mapping[tuple[int, int, int], float]
+"""T(i, j, c) of the configuration latency table (layer pruning), keyed by (i, j, c)."""
 """The calibration models ``fit_whole`` chooses between."""
 
 
@@ -108,9 +121,37 @@ def calibrated_table(latency: LatencyTable, fit: Fit) -> LatencyTable:
     )
 
 
-def plan_time(latency: LatencyTable, plan: Plan) -> float:
-    """Σ T over the plan's blocks."""
-    return float(sum(latency.time_of(i, j) for i, j in plan.blocks))
+def calibrated_config_times(
+    config_time: ConfigTimes, fit: Fit
+) -> dict[tuple[int, int, int], float]:
+    """T(i, j, c) of the configuration table on the calibrated scale, like ``calibrated_table``:
+    each configuration is one block, T' = a·T + o (never below 0)."""
+    keys = list(config_time)
+    times = np.maximum(fit.block_time(np.asarray([config_time[k] for k in keys], float)), 0.0)
+    return dict(zip(keys, times.tolist(), strict=True))
+
+
+def plan_time(
+    latency: LatencyTable,
+    plan: Plan,
+    config_time: ConfigTimes | None = None,
+    chain: ConvChain | None = None,
+) -> float:
+    """Σ T over the plan's blocks; a block with pruned convs costs its configuration's
+    T(i, j, c), so a plan that prunes needs ``config_time`` and the ``chain``."""
+    if not plan.pruned:
+        return float(sum(latency.time_of(i, j) for i, j in plan.blocks))
+    if config_time is None or chain is None:
+        raise DepthCompressError(
+            "a plan that prunes convolutions is priced from the configuration latency table: "
+            "pass config_time and chain"
+        )
+    total = 0.0
+    for i, j in plan.blocks:
+        inside = frozenset(p for p in plan.pruned if i < p <= j)
+        c = config_of(chain, i, j, inside)
+        total += config_time[i, j, c] if c else latency.time_of(i, j)
+    return float(total)
 
 
 @dataclass(frozen=True)
@@ -127,6 +168,7 @@ class Point:
     speedup: float
     low: float
     high: float
+    pruned: tuple[int, ...] = field(default=())
 
 
 @dataclass(frozen=True)
@@ -173,6 +215,7 @@ class Calibration:
                     **p,
                     "activations": tuple(p["activations"]),
                     "boundaries": tuple(p["boundaries"]),
+                    "pruned": tuple(p.get("pruned", ())),
                 }
             )
             for p in data["points"]
@@ -213,8 +256,53 @@ def calibration_plans(
     return out
 
 
+def synthetic_config_tables(
+    chain: ConvChain, latency: LatencyTable, config_time: ConfigTimes, seed: int = 0
+) -> ConfigTables:
+    """Stage 2's input with layer pruning on seeded synthetic scores (``ImportanceTable.synthetic``
+    for the segments; a configuration scores below its block's unpruned score, more so the more
+    it prunes): plans over the configuration front where only latencies matter."""
+    importance = ImportanceTable.synthetic(chain.blocks, chain.linear_positions, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    rows = []
+    configs = {(i, j): block_configs(chain, i, j) for i, j, _ in config_time}
+    for (i, j, x, y), score in zip(importance.keys, importance.score.tolist(), strict=True):
+        for c, config in enumerate(configs.get((i, j), [])[1:], start=1):
+            if (i, j, c) in config_time:
+                drop = abs(rng.normal(0.5, 0.3)) * len(config.subsets[0])
+                pruned = config.subsets[0]
+                rows.append(ConfigImportanceRow(i, j, x, y, c, score - drop, 0, 0, 0, 0, pruned, 1))
+    return config_tables(optimal_latency(latency), importance, config_time, rows, alpha=0.0)
+
+
+def config_calibration_plans(
+    chain: ConvChain, latency: LatencyTable, config_time: ConfigTimes, count: int, seed: int = 0
+) -> list[tuple[str, Plan]]:
+    """``calibration_plans`` with layer pruning: ``count`` distinct plans spread from the fastest
+    plan the configurations allow to the original, solved over (segment, configuration) on
+    synthetic scores, so the fit also sees pruned blocks and plans below merging's fastest."""
+    n = latency.num_positions
+    original = sum(latency.time_of(k - 1, k) for k in range(1, n + 1))
+    tables = synthetic_config_tables(chain, latency, config_time, seed)
+    fastest = min_latency_configs(tables)
+    if fastest >= original * (1 - 1e-9) or count < 1:
+        return []
+    steps = [k / count for k in range(count)]
+    budgets = [fastest + (original - fastest) * f for f in steps]
+    out: list[tuple[str, Plan]] = []
+    for f, sol in zip(steps, sweep_configs(tables, budgets).solutions, strict=True):
+        if sol.plan not in (p for _, p in out) and len(sol.plan.blocks) < n:
+            out.append((f"fastest + {f:.2f} of the span" if f else "fastest", sol.plan))
+    return out
+
+
 def _point(
-    label: str, plan: Plan, latency: LatencyTable, base_ms: float, result: SpeedupResult | None
+    label: str,
+    plan: Plan,
+    latency: LatencyTable,
+    base_ms: float,
+    result: SpeedupResult | None,
+    priced: tuple[ConfigTimes, ConvChain] | None = None,
 ) -> Point:
     """A plan's point: whole latency = the original's over the paired speed-up (none: 1)."""
     speedup, low, high = (result.speedup, result.low, result.high) if result else (1.0, 1.0, 1.0)
@@ -222,12 +310,13 @@ def _point(
         label=label,
         activations=tuple(sorted(plan.activations)),
         boundaries=tuple(sorted(plan.boundaries)),
-        sum_t=plan_time(latency, plan),
+        sum_t=plan_time(latency, plan, *(priced or (None, None))),
         n_blocks=len(plan.blocks),
         whole_ms=base_ms / speedup,
         speedup=speedup,
         low=low,
         high=high,
+        pruned=tuple(sorted(plan.pruned)),
     )
 
 
@@ -239,9 +328,11 @@ def measure_points(
     backend: Backend,
     input_shape: tuple[int, ...],
     rule: Rule,
+    config_time: ConfigTimes | None = None,
 ) -> list[Point]:
     """Time each plan's merged network (original weights) against the original in paired rounds;
-    the original's point comes first, its latency the median of its side of every pair."""
+    the original's point comes first, its latency the median of its side of every pair (plans
+    that prune convs are priced from ``config_time``)."""
     from .linearization import linearize
     from .merging import merge
     from .speedup import paired_speedup
@@ -257,8 +348,10 @@ def measure_points(
         base = float(np.median([r.latency_a_ms for _, _, r in results]))
     else:
         base = backend.measure(original, input_shape).median
+    priced = (config_time, chain) if config_time is not None else None
     first = _point("original", Plan.identity(chain), latency, base, None)
-    return [first, *(_point(label, plan, latency, base, r) for label, plan, r in results)]
+    rest = [_point(label, plan, latency, base, r, priced) for label, plan, r in results]
+    return [first, *rest]
 
 
 def calibrate(
@@ -270,7 +363,15 @@ def calibrate(
     rule: Rule,
     count: int = 3,
     seed: int = 0,
+    config_time: ConfigTimes | None = None,
 ) -> Calibration:
-    """Time ``count`` plans over the front and the original whole, and fit the table to them."""
-    plans = calibration_plans(latency, chain.blocks, chain.linear_positions, count, seed)
-    return from_points(measure_points(original, chain, latency, plans, backend, input_shape, rule))
+    """Time ``count`` plans over the front and the original whole, and fit the table to them;
+    with ``config_time`` (layer pruning) the plans may prune convs, and span their front."""
+    if config_time:
+        plans = config_calibration_plans(chain, latency, config_time, count, seed)
+    else:
+        plans = calibration_plans(latency, chain.blocks, chain.linear_positions, count, seed)
+    points = measure_points(
+        original, chain, latency, plans, backend, input_shape, rule, config_time or None
+    )
+    return from_points(points)

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
 
-import numpy as np
 import torch
 from torch import nn
 from torch.fx import GraphModule
@@ -40,7 +39,7 @@ from .backends import (
     machine_info,
     package_version,
 )
-from .calibration import Calibration, calibrate, calibrated_table
+from .calibration import Calibration, calibrate, calibrated_config_times, calibrated_table
 from .data import SplitData, fetch, fingerprint, num_classes
 from .defaults import FINETUNE_LR, NO_REDUCIBLE
 from .devices import device_name, resolve_device
@@ -803,7 +802,11 @@ class CalibrateStage(Stage):
 
     def settings(self, ctx: RunContext) -> dict[str, Any]:
         table = _need(ctx.latency, "latency")
-        return {**super().settings(ctx), "table_sha256": json_sha(table.time.tolist())}
+        out = {**super().settings(ctx), "table_sha256": json_sha(table.time.tolist())}
+        if ctx.pruning:  # its plans prune convs too; absent without: older calibrations resume
+            times = sorted(_need(ctx.config_time, "config_time").items())
+            out["configs_sha256"] = json_sha([[*k, t] for k, t in times])
+        return out
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         if ctx.settings.budget_mode != "whole":
@@ -815,7 +818,9 @@ class CalibrateStage(Stage):
         _, fastest = optimal_boundaries(latency, ())
         budget = cal.table_budget(ctx.settings.budget)
         ctx.say(_calibration_line(ctx, cal, budget))
-        if not ctx.pruning and budget < fastest * (1 - 1e-9) - 1e-12:
+        if ctx.pruning:
+            _refuse_unreachable_configs(ctx)
+        elif budget < fastest * (1 - 1e-9) - 1e-12:
             _below_fastest(ctx, _refusal(ctx, budget, fastest, "no importance entry was computed"))
         return {}
 
@@ -848,6 +853,7 @@ class CalibrateStage(Stage):
             s.calibration_rule,
             count=s.calibration_plans,
             seed=s.seed,
+            config_time=ctx.config_time if ctx.pruning else None,
         )
         if ctx.width is not None:  # the budget is of the unpruned original
             cal = replace(cal, original_whole_ms=cal.original_whole_ms * ctx.width["speedup"])
@@ -922,7 +928,8 @@ class LatencyConfigStage(Stage):
         )
         result = _built_afresh_if_refused(ctx, self.files, build)
         ctx.config_time = {r.key: r.time for r in result.rows if isinstance(r, ConfigLatencyRow)}
-        _refuse_unreachable_configs(ctx)
+        if s.budget_mode != "whole":  # "whole": the calibrate stage refuses, once calibrated
+            _refuse_unreachable_configs(ctx)
         return {}
 
     def load(self, ctx: RunContext) -> None:
@@ -985,11 +992,8 @@ def _importance_kwargs(ctx: RunContext) -> dict[str, Any]:
 def _config_times(ctx: RunContext) -> dict[tuple[int, int, int], float]:
     """T(i, j, c) of the configuration table, calibrated like the latency table in "whole"
     mode."""
-    keys = list(_need(ctx.config_time, "config_time"))
-    times = np.asarray([ctx.config_time[k] for k in keys] if ctx.config_time else [], float)
-    if ctx.calibration is not None:
-        times = np.maximum(ctx.calibration.fit.block_time(times), 0.0)
-    return dict(zip(keys, times.tolist(), strict=True))
+    times = dict(_need(ctx.config_time, "config_time"))
+    return calibrated_config_times(times, ctx.calibration.fit) if ctx.calibration else times
 
 
 def _config_problem(ctx: RunContext) -> ConfigTables:
@@ -1453,8 +1457,8 @@ PIPELINE: tuple[Stage, ...] = (
     WidthStage(),
     LatencyStage(),
     OptimalStage(),
-    CalibrateStage(),
     LatencyConfigStage(),
+    CalibrateStage(),
     ImportanceStage(),
     ImportanceConfigStage(),
     SolveStage(),

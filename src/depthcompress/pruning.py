@@ -129,3 +129,14 @@ def block_configs(chain: ConvChain, i: int, j: int, limit: int = MAX_SUBSETS) ->
         )
         for k, g, ident in order
     ]
+
+
+def config_of(chain: ConvChain, i: int, j: int, pruned: frozenset[int]) -> int:
+    """The configuration ``c`` of block ``(i, j)`` that pruning ``pruned`` gives (0: none), the
+    index ``block_configs`` and the configuration tables use."""
+    if not pruned:
+        return 0
+    for c, config in enumerate(block_configs(chain, i, j)):
+        if pruned in config.subsets:
+            return c
+    raise PlanError(f"block ({i}, {j}) has no configuration pruning {sorted(pruned)}")
