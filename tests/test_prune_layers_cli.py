@@ -168,6 +168,7 @@ def test_report_prices_pruned_blocks_from_the_configuration_table(pruned_run) ->
     chosen = [(s["st"], s["end"], s["config"]) for s in plan["segments"] if s.get("config")]
     assert chosen
     report = (wd / "report.md").read_text()
+    assert plan["norm"] == "delta" and "normalised by delta" in report
     for i, j, c in chosen:
         row = re.search(rf"^\| \({i}, {j}\) \|.*$", report, re.M)
         assert row is not None, report

@@ -614,6 +614,15 @@ def pruning_lines(workdir: Path) -> list[str]:
     ]
 
 
+NORM_WORDS = {
+    "single": " (scores normalised as the paper does: h − α·mean of the re-initialised "
+    "single-conv scores)",
+    "delta": " (scores normalised by delta: a kept conv 0, every change its measured "
+    "held-out accuracy change, so Σ importance estimates the loss in points)",
+}
+"""How ``plan.json``'s ``norm`` reads in the report."""
+
+
 def write_report(
     workdir: str | Path, *, chain: ConvChain, latency: LatencyTable, opt: OptimalLatencyTable
 ) -> Path:
@@ -655,7 +664,8 @@ def write_report(
         "",
         f"Budget {plan['budget_spec']} = **{plan['budget']:.4f} ms** (table units; the fastest "
         f"plan the tables allow is {plan['fastest_latency']:.4f} ms).{substituted} Chosen plan: "
-        f"Σ T_opt = {plan['latency']:.4f} ms, Σ importance = {plan['importance']:.4f}.",
+        f"Σ T_opt = {plan['latency']:.4f} ms, Σ importance = {plan['importance']:.4f}"
+        f"{NORM_WORDS.get(plan.get('norm', 'single'), '')}.",
         "",
     ]
     removable = chain.activation_positions
