@@ -24,6 +24,7 @@ import numpy as np
 from .dp import (
     Budget,
     ConfigTables,
+    Solution,
     config_tables,
     min_latency_configs,
     optimal_boundaries,
@@ -44,10 +45,10 @@ if TYPE_CHECKING:
     from .speedup import Rule, SpeedupResult
 
 MODELS = ("scale", "overhead")
+"""The calibration models ``fit_whole`` chooses between."""
 
 ConfigTimes = Mapping[tuple[int, int, int], float]
 """T(i, j, c) of the configuration latency table (layer pruning), keyed by (i, j, c)."""
-"""The calibration models ``fit_whole`` chooses between."""
 
 
 @dataclass(frozen=True)
@@ -246,12 +247,25 @@ def calibration_plans(
     _, fastest = optimal_boundaries(latency, ())
     if fastest >= original * (1 - 1e-9) or count < 1:
         return []
-    steps = [k / count for k in range(count)]
-    budgets = [fastest + (original - fastest) * f for f in steps]
+    steps, budgets = _spread(fastest, original, count)
     importance = ImportanceTable.synthetic(blocks, linear, seed=seed)
+    return _distinct(steps, sweep(latency, importance, budgets).solutions, n)
+
+
+def _spread(fastest: float, original: float, count: int) -> tuple[list[float], list[float]]:
+    """``count`` fractions of the span from the fastest plan to the original, and their budgets."""
+    steps = [k / count for k in range(count)]
+    return steps, [fastest + (original - fastest) * f for f in steps]
+
+
+def _distinct(
+    steps: Sequence[float], solutions: Sequence[Solution], n: int
+) -> list[tuple[str, Plan]]:
+    """The solutions' plans, labelled by their step, without repeats or the original itself."""
     out: list[tuple[str, Plan]] = []
-    for f, sol in zip(steps, sweep(latency, importance, budgets).solutions, strict=True):
-        if sol.plan not in (p for _, p in out) and len(sol.plan.blocks) < n:
+    for f, sol in zip(steps, solutions, strict=True):
+        changed = len(sol.plan.blocks) < n or sol.plan.pruned
+        if changed and sol.plan not in (p for _, p in out):
             out.append((f"fastest + {f:.2f} of the span" if f else "fastest", sol.plan))
     return out
 
@@ -287,13 +301,8 @@ def config_calibration_plans(
     fastest = min_latency_configs(tables)
     if fastest >= original * (1 - 1e-9) or count < 1:
         return []
-    steps = [k / count for k in range(count)]
-    budgets = [fastest + (original - fastest) * f for f in steps]
-    out: list[tuple[str, Plan]] = []
-    for f, sol in zip(steps, sweep_configs(tables, budgets).solutions, strict=True):
-        if sol.plan not in (p for _, p in out) and len(sol.plan.blocks) < n:
-            out.append((f"fastest + {f:.2f} of the span" if f else "fastest", sol.plan))
-    return out
+    steps, budgets = _spread(fastest, original, count)
+    return _distinct(steps, sweep_configs(tables, budgets).solutions, n)
 
 
 def _point(
