@@ -135,6 +135,7 @@ class Options:
     after: tuple[str, ...] = ()
     norm: str = "auto"
     control: bool = False
+    joint_layers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -304,12 +305,14 @@ def planned_point(
 
 
 def joint_point(
-    setup: Setup, opts: Options, setting: str, where: Path, log: Log
+    setup: Setup, opts: Options, setting: str, where: Path, log: Log, layers: bool = False
 ) -> tuple[nn.Module, dict]:
-    """Width then depth at ``RATIO:BUDGET``: one ``compress --width`` run (same fine-tuning)."""
+    """Width then depth at ``RATIO:BUDGET``: one ``compress --width`` run (same fine-tuning),
+    with ``layers`` also ``--prune-layers``."""
     ratio, budget = setting.split(":")
     settings = replace(
         setup.settings,
+        prune_layers=layers,
         budget=dc.Budget.parse(budget),
         budget_mode="whole",
         budget_or_fastest=True,
@@ -405,6 +408,13 @@ def point_specs(opts: Options) -> Iterator[tuple[str, str, str]]:
     for pair in opts.joint:
         ratio, budget = pair.split(":")
         yield f"joint-{float(ratio):g}-{budget}", "joint", f"{float(ratio):g}:{budget}"
+    for pair in opts.joint_layers:
+        ratio, budget = pair.split(":")
+        yield (
+            f"joint-layers-{float(ratio):g}-{budget}",
+            "joint+layers",
+            f"{float(ratio):g}:{budget}",
+        )
     for pair in opts.after:
         ratio, budget = pair.split(":")
         yield f"after-{float(ratio):g}-{budget}", "after", f"{float(ratio):g}:{budget}"
@@ -423,8 +433,8 @@ def build_point(
         return depth_point(setup, tables, setting, where)
     if method == "layers":
         return layer_point(setup, tables, setting, where)
-    if method == "joint":
-        return joint_point(setup, opts, setting, where, log)
+    if method in ("joint", "joint+layers"):
+        return joint_point(setup, opts, setting, where, log, layers=method == "joint+layers")
     if method == "after":
         return after_point(setup, opts, tables, setting, where)
     kind = method.split()[-1]
@@ -518,8 +528,8 @@ def marker(method: str) -> dict[str, Any]:
             "markersize": 12,
             "linestyle": "none",
         }
-    if method == "joint":
-        return {"marker": "s", "linestyle": "none"}
+    if method in ("joint", "joint+layers"):
+        return {"marker": "s" if method == "joint" else "v", "linestyle": "none"}
     if method == "after":
         return {"marker": "D", "linestyle": "none"}
     if method == "layers":
@@ -656,6 +666,10 @@ def main(argv: list[str] | None = None) -> None:
         help="RATIO:BUDGET pairs: compress --width RATIO --budget BUDGET (whole latency)",
     )  # fmt: skip
     parser.add_argument(
+        "--joint-layers", nargs="*", default=[],
+        help="RATIO:BUDGET pairs: compress --width RATIO --prune-layers --budget BUDGET",
+    )  # fmt: skip
+    parser.add_argument(
         "--after", nargs="*", default=[],
         help="RATIO:BUDGET pairs: the depth network at BUDGET (chain latency), its merged "
         "network channel-pruned by RATIO; half the epochs before pruning, half after",
@@ -713,6 +727,7 @@ def main(argv: list[str] | None = None) -> None:
         layer_budgets=tuple(layer_budgets),
         norm=args.norm,
         control=args.control,
+        joint_layers=tuple(args.joint_layers),
     )
     run(model_setup(args), opts, args.out, command=" ".join(["python", *sys.argv]))
     print((args.out / "pareto.md").read_text())
