@@ -311,7 +311,8 @@ def _point(
     latency: LatencyTable,
     base_ms: float,
     result: SpeedupResult | None,
-    priced: tuple[ConfigTimes, ConvChain] | None = None,
+    config_time: ConfigTimes | None = None,
+    chain: ConvChain | None = None,
 ) -> Point:
     """A plan's point: whole latency = the original's over the paired speed-up (none: 1)."""
     speedup, low, high = (result.speedup, result.low, result.high) if result else (1.0, 1.0, 1.0)
@@ -319,7 +320,7 @@ def _point(
         label=label,
         activations=tuple(sorted(plan.activations)),
         boundaries=tuple(sorted(plan.boundaries)),
-        sum_t=plan_time(latency, plan, *(priced or (None, None))),
+        sum_t=plan_time(latency, plan, config_time, chain),
         n_blocks=len(plan.blocks),
         whole_ms=base_ms / speedup,
         speedup=speedup,
@@ -357,9 +358,8 @@ def measure_points(
         base = float(np.median([r.latency_a_ms for _, _, r in results]))
     else:
         base = backend.measure(original, input_shape).median
-    priced = (config_time, chain) if config_time is not None else None
     first = _point("original", Plan.identity(chain), latency, base, None)
-    rest = [_point(label, plan, latency, base, r, priced) for label, plan, r in results]
+    rest = [_point(label, p, latency, base, r, config_time, chain) for label, p, r in results]
     return [first, *rest]
 
 
@@ -381,6 +381,6 @@ def calibrate(
     else:
         plans = calibration_plans(latency, chain.blocks, chain.linear_positions, count, seed)
     points = measure_points(
-        original, chain, latency, plans, backend, input_shape, rule, config_time or None
+        original, chain, latency, plans, backend, input_shape, rule, config_time
     )
     return from_points(points)

@@ -306,11 +306,6 @@ def _check_norm(norm: str) -> None:
         raise DepthCompressError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
-def _offset(importance: ImportanceTable, alpha: float, norm: str) -> float:
-    """What normalisation subtracts from a raw score: ``α·μ`` (``single``), else 0."""
-    return alpha * importance.single_mean() if alpha and norm == "single" else 0.0
-
-
 def extended_importance(
     importance: ImportanceTable, alpha: float = DEFAULT_ALPHA, norm: str = "single"
 ) -> ExtendedImportanceTable:
@@ -330,7 +325,7 @@ def extended_importance(
                     best, arg = cand, k
         ext[key] = best
         brk[key] = (i, j) if arg == j else (*brk[i, arg, x, 0], j)
-    offset = _offset(importance, alpha, norm)
+    offset = alpha * importance.single_mean() if alpha and norm == "single" else 0.0
     return ExtendedImportanceTable(
         st=normed.st,
         end=normed.end,
@@ -880,7 +875,7 @@ def config_tables(
     (minus α × the mean single-conv score of the plain table, or raw with ``norm="delta"``),
     pruning its best subset."""
     ext = extended_importance(importance, alpha, norm)
-    offset = _offset(importance, alpha, norm)
+    offset = ext.offset  # what normalisation subtracted from every raw score
     time: dict[ConfigKey, float] = {}
     values: dict[tuple[int, int, int, int, int], float] = {}
     breaks: dict[ConfigKey, tuple[int, ...]] = {}

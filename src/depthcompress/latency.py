@@ -48,7 +48,7 @@ from .files import (
 from .graph import ConvChain
 from .kinds import make_activation
 from .progress import LOG, Reporter, tell
-from .pruning import SEMANTICS
+from .pruning import SEMANTICS, wired_through
 from .tables import (
     CONFIG_LATENCY_COLUMNS,
     LATENCY_COLUMNS,
@@ -135,13 +135,6 @@ def timed_units(chain: ConvChain, configs: bool = False) -> tuple[Timed, ...]:
     )
 
 
-def _wired_through(chain: ConvChain, i: int, j: int, pruned: frozenset[int]) -> bool:
-    """Whether block ``(i, j)`` with ``pruned`` is no conv at all: every conv pruned and no conv
-    shortcut inside (merge wires it through: a fully pruned residual is its shortcut alone)."""
-    inside = any(r.fusable and r.shortcut and i <= r.start and r.end <= j for r in chain.residuals)
-    return not inside and all(k in pruned for k in range(i + 1, j + 1))
-
-
 def block_module(
     chain: ConvChain,
     i: int,
@@ -155,7 +148,7 @@ def block_module(
     conv + the chain's activation, random weights drawn from ``seed`` without touching torch's
     global random state; the activation alone where the block is no conv at all."""
     act = make_activation(chain.insert_activation)
-    if _wired_through(chain, i, j, pruned):
+    if wired_through(chain, i, j, pruned):
         return nn.Sequential(act).eval()
     g = chain.geometry(i, j, pruned)
     with torch.random.fork_rng(devices=[]):

@@ -25,6 +25,7 @@ from .kernels import (
 from .kinds import is_batchnorm, is_conv
 from .linearization import META_KEY, branch_pruned, fused_residuals, linearized_plan
 from .plan import Plan
+from .pruning import wired_through
 
 MERGE_TOLERANCE = 1e-4
 
@@ -69,7 +70,7 @@ def merge(
             if after.args[0] is end:
                 post_bn, end = pos.post_bn, after
         first = nodes[chain.positions[i + 1].conv_node]
-        if _is_identity(chain, plan, fused, i, j):
+        if wired_through(chain, i, j, plan.pruned):
             end.replace_all_uses_with(first.args[0])
             gm.graph.eliminate_dead_code()
             continue
@@ -152,13 +153,6 @@ def _conv_spec(gm: fx.GraphModule, chain: ConvChain, k: int) -> ConvSpec:
     pos = chain.positions[k]
     bn = gm.get_submodule(pos.bn) if pos.bn else None
     return spec_from_conv(gm.get_submodule(pos.conv), bn, padding=pos.padding)
-
-
-def _is_identity(chain: ConvChain, plan: Plan, fused: list[Residual], i: int, j: int) -> bool:
-    """Whether block ``(i, j)`` computes its input: every conv pruned and no conv shortcut inside
-    (a fully pruned residual is its shortcut alone)."""
-    every = all(k in plan.pruned for k in range(i + 1, j + 1))
-    return every and not any(i <= r.start and r.end <= j and r.shortcut for r in fused)
 
 
 def _identity_spec(channels: int) -> ConvSpec:

@@ -131,6 +131,16 @@ def block_configs(chain: ConvChain, i: int, j: int, limit: int = MAX_SUBSETS) ->
     ]
 
 
+def wired_through(chain: ConvChain, i: int, j: int, pruned: frozenset[int]) -> bool:
+    """Whether block ``(i, j)`` with ``pruned`` is no conv at all: every conv pruned and no conv
+    shortcut inside (a fully pruned residual is its shortcut alone), so merge wires it through
+    and the latency table times the activation alone."""
+    shortcut = any(
+        r.fusable and r.shortcut and i <= r.start and r.end <= j for r in chain.residuals
+    )
+    return not shortcut and all(k in pruned for k in range(i + 1, j + 1))
+
+
 def config_of(chain: ConvChain, i: int, j: int, pruned: frozenset[int]) -> int:
     """The configuration ``c`` of block ``(i, j)`` that pruning ``pruned`` gives (0: none), the
     index ``block_configs`` and the configuration tables use."""
