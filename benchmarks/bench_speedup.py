@@ -4,6 +4,7 @@ merged version of it, on ONNX Runtime CPU, 1 thread, batch 64, first on the mach
 
     python benchmarks/bench_speedup.py                      # both phases, about 5 minutes
     python benchmarks/bench_speedup.py --max-time 30 --json speedup.json
+    python benchmarks/bench_speedup.py --threads 2 --batch 1   # a 2-thread pair: child process
 
 Targets: A against itself within 1.00 ± 0.05; the merged network's loaded speed-up within 10 %
 of its quiet value. A plain back-to-back measurement (each network timed once, one after the
@@ -30,8 +31,6 @@ from depthcompress.backends import Backend, Protocol, cpu_name, get_backend, to_
 from depthcompress.models import FASHION_MBV2_EXCLUDE, fashion_mbv2, trained_weights
 from depthcompress.speedup import Rule, SpeedupResult, paired_speedup
 
-SHAPE = (64, 1, 28, 28)
-
 
 def load() -> str:
     """The 1/5/15-minute load averages, to judge how noisy a measurement was."""
@@ -42,7 +41,7 @@ def load() -> str:
 DEMO_ACTIVATIONS = (1, 5, 11, 14, 17)
 
 
-def demo_pair() -> tuple[bytes, bytes]:
+def demo_pair(shape: tuple[int, ...]) -> tuple[bytes, bytes]:
     """ONNX bytes of the trained demo network and of its merge under the demo's 0.5x plan
     (identity weights: fine-tuning changes the weights, not the speed)."""
     net = fashion_mbv2()
@@ -52,7 +51,7 @@ def demo_pair() -> tuple[bytes, bytes]:
     plan = dc.Plan.for_activations(chain, DEMO_ACTIVATIONS)
     merged = dc.merge(dc.linearize(net, chain, plan), chain, plan)
     print(f"plan: kept {sorted(plan.activations)}, boundaries {sorted(plan.boundaries)}")
-    return to_onnx(net, SHAPE), to_onnx(merged, SHAPE)
+    return to_onnx(net, shape), to_onnx(merged, shape)
 
 
 @contextlib.contextmanager
@@ -68,15 +67,17 @@ def busy_loops(count: int) -> Iterator[None]:
             proc.wait()
 
 
-def plain_ratio(backend: Backend, a: bytes, b: bytes) -> float:
+def plain_ratio(backend: Backend, a: bytes, b: bytes, shape: tuple[int, ...]) -> float:
     """The unpaired way: each network timed once (1 s), one after the other."""
-    return backend.measure(a, SHAPE).median / backend.measure(b, SHAPE).median
+    return backend.measure(a, shape).median / backend.measure(b, shape).median
 
 
-def case(backend: Backend, a: bytes, b: bytes, rule: Rule, label: str) -> SpeedupResult:
+def case(
+    backend: Backend, a: bytes, b: bytes, shape: tuple[int, ...], rule: Rule, label: str
+) -> SpeedupResult:
     """One paired measurement, printed with the plain ratio and the load beside it."""
-    plain = plain_ratio(backend, a, b)
-    res = paired_speedup(a, b, backend, SHAPE, rule, names=("original", label))
+    plain = plain_ratio(backend, a, b, shape)
+    res = paired_speedup(a, b, backend, shape, rule, names=("original", label))
     print(
         f"  {label:>8}: {res.speedup:.3f}x [{res.low:.3f}, {res.high:.3f}] IQR "
         f"[{res.q1:.3f}, {res.q3:.3f}] {res.rounds} rounds {res.elapsed_s:.0f} s "
@@ -87,12 +88,14 @@ def case(backend: Backend, a: bytes, b: bytes, rule: Rule, label: str) -> Speedu
     return res
 
 
-def phase(backend: Backend, nets: tuple[bytes, bytes], rule: Rule) -> dict[str, SpeedupResult]:
+def phase(
+    backend: Backend, nets: tuple[bytes, bytes], shape: tuple[int, ...], rule: Rule
+) -> dict[str, SpeedupResult]:
     """Self (A vs A) and merged (A vs merged) speed-ups."""
     original, merged = nets
     return {
-        "self": case(backend, original, original, rule, "self"),
-        "merged": case(backend, original, merged, rule, "merged"),
+        "self": case(backend, original, original, shape, rule, "self"),
+        "merged": case(backend, original, merged, shape, rule, "merged"),
     }
 
 
@@ -101,18 +104,24 @@ def main() -> None:
     parser.add_argument("--max-time", type=float, default=60.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=20, help="paired rounds (at least)")
     parser.add_argument("--busy", type=int, default=2, help="busy-loop processes when loaded")
+    parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
+    parser.add_argument("--batch", type=int, default=64, help="batch size")
     parser.add_argument("--json", type=Path, help="write every result here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    backend = get_backend("onnxruntime", threads=1, protocol=Protocol(max_time=1.0))
+    shape = (args.batch, 1, 28, 28)
+    backend = get_backend("onnxruntime", threads=args.threads, protocol=Protocol(max_time=1.0))
     rule = Rule(min_rounds=args.rounds, max_time=args.max_time, target=0.02)
-    print(f"{cpu_name()}, {os.cpu_count()} cores, ORT 1 thread, batch 64; load {load()}")
-    nets = demo_pair()
+    print(
+        f"{cpu_name()}, {os.cpu_count()} cores, ORT {args.threads} thread(s), batch "
+        f"{args.batch}; load {load()}"
+    )
+    nets = demo_pair(shape)
     print("quiet (the machine as it is, no busy loops):", flush=True)
-    quiet = phase(backend, nets, rule)
+    quiet = phase(backend, nets, shape, rule)
     print(f"loaded ({args.busy} busy loops):", flush=True)
     with busy_loops(args.busy):
-        loaded = phase(backend, nets, rule)
+        loaded = phase(backend, nets, shape, rule)
     drift = loaded["merged"].speedup / quiet["merged"].speedup - 1
     worst_self = max(abs(r["self"].speedup - 1) for r in (quiet, loaded))
     print(

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from depthcompress.backends import Backend, Runner, Timing
@@ -203,3 +204,27 @@ def test_command_exits_with_a_message_when_the_interval_is_not_reached(nets):
     result = speedup(*args, "--max-time", "0.2", "--target", "1e-12")
     assert result.exit_code == 3
     assert "too noisy" in result.output and "--accept-noisy" in result.output
+
+
+
+def test_ort_above_one_thread_pairs_in_a_child_process_on_one_shared_pool(tmp_path):
+    """Two live 2-thread sessions with pools of their own made paired timings bimodal; the pair
+    runs in a child process whose sessions share ORT's global pool, and errors still name the
+    network."""
+    from depthcompress.backends import OnnxRuntimeBackend, to_onnx
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    shape = (2, 3, 8, 8)
+    backend = OnnxRuntimeBackend(threads=2)
+    assert backend.pairs_in_child and not OnnxRuntimeBackend(threads=1).pairs_in_child
+    rule = Rule(min_rounds=3, max_rounds=3, warmup=1, block=1)
+    res = paired_speedup(net, to_onnx(net, shape), backend, shape, rule, names=("a", "b"))
+    assert res.rounds == 3 and res.threads == 2 and res.output_shape == (2, 4, 8, 8)
+    assert res.backend["thread_pool"] == "shared" and res.backend["threads"] == 2
+    assert all(r > 0 for r in res.ratios)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(BackendError, match="ONNX Runtime cannot load"):
+        paired_speedup(net, bad, backend, shape, rule, names=("a", "b"))
+    with pytest.raises(BackendError, match="^b: ONNX file .*missing.onnx does not exist"):
+        paired_speedup(net, tmp_path / "missing.onnx", backend, shape, rule, names=("a", "b"))

@@ -269,7 +269,7 @@ def _require_onnx() -> None:
         ) from None
 
 
-def _onnx_bytes(model: ModelLike, input_shape: tuple[int, ...]) -> bytes:
+def onnx_bytes(model: ModelLike, input_shape: tuple[int, ...]) -> bytes:
     """ONNX bytes of a module (exported), of ONNX bytes, or of an ``.onnx`` file."""
     if isinstance(model, bytes):
         return model
@@ -319,6 +319,12 @@ class Backend(ABC):
         repeated timing (paired speed-ups); call it inside ``timing_scope()``."""
         raise BackendError(f"the {self.name} backend cannot prepare a model for repeated timing")
 
+    @property
+    def pairs_in_child(self) -> bool:
+        """Whether ``speedup`` times two networks on this backend in a child process (only ONNX
+        Runtime above one thread: ``OnnxRuntimeBackend.pairs_in_child``)."""
+        return False
+
     def timing_scope(self) -> contextlib.AbstractContextManager[None]:
         """The settings a prepared runner must be timed under (threads, the current GPU)."""
         return contextlib.nullcontext()
@@ -326,20 +332,49 @@ class Backend(ABC):
 
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime, CPU execution provider, one session per model: ``intra_op_num_threads`` =
-    threads, sequential execution, every graph optimisation enabled."""
+    threads, sequential execution, every graph optimisation enabled.
+
+    With ``shared_pool`` its sessions use the process's global intra-op pool instead, which the
+    caller has created (``ort.set_global_thread_pool_sizes``) before any session of the process:
+    ``speedup`` times two networks that way in a child process (see ``pairs_in_child``)."""
 
     name = "onnxruntime"
     extra = "ort"
 
+    def __init__(
+        self,
+        *,
+        threads: int | None = None,
+        protocol: Protocol | None = None,
+        shared_pool: bool = False,
+    ) -> None:
+        super().__init__(threads=threads, protocol=protocol)
+        self.shared_pool = shared_pool
+
     def _ort(self) -> Any:
         return _require("onnxruntime", self.name, self.extra)
+
+    @property
+    def pairs_in_child(self) -> bool:
+        """Whether two networks are timed against each other in a child process.
+
+        Two live sessions of more than one thread, each with a pool of its own, interfere: a
+        finished session's workers spin while the other runs. On this 2-core VM (2 threads,
+        batch 64) the demo network against a second session of itself read 0.56x to 1.13x, with
+        quartiles 0.95 to 1.86, and 1.00 [0.999, 1.003] from one session or one shared pool. A
+        process creates ORT's shared pool once, at one size, and then every session must use it,
+        so the pair is timed in a fresh process of its own."""
+        return self.threads > 1 and not self.shared_pool
 
     def session(self, onnx: bytes) -> Any:
         """A CPU InferenceSession for ONNX bytes under this backend's thread settings."""
         ort = self._ort()
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
+        if self.shared_pool:
+            opts.use_per_session_threads = False
+        else:
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -355,7 +390,7 @@ class OnnxRuntimeBackend(Backend):
     def prepare(self, model: ModelLike, input_shape: tuple[int, ...]) -> Runner:
         """One session and one feed, checked by one run."""
         self._ort()
-        sess = self.session(_onnx_bytes(model, input_shape))
+        sess = self.session(onnx_bytes(model, input_shape))
         feed = {sess.get_inputs()[0].name: _random_input(input_shape)}
         try:
             out = sess.run(None, feed)
@@ -374,6 +409,7 @@ class OnnxRuntimeBackend(Backend):
             "device": "cpu",
             "provider": "CPUExecutionProvider",
             "threads": self.threads,
+            **({"thread_pool": "shared"} if self.shared_pool else {}),
             "opset": ONNX_OPSET,
         }
 
@@ -501,12 +537,12 @@ class OpenVinoBackend(Backend):
 
     def measure(self, model: ModelLike, input_shape: tuple[int, ...]) -> Timing:
         """Latency of one synchronous ``infer()`` on a random input of ``input_shape``."""
-        request = self._request(_onnx_bytes(model, input_shape), input_shape)
+        request = self._request(onnx_bytes(model, input_shape), input_shape)
         return time_calls(request.infer, self.protocol)
 
     def prepare(self, model: ModelLike, input_shape: tuple[int, ...]) -> Runner:
         """One compiled model and infer request, checked by one ``infer()``."""
-        request = self._request(_onnx_bytes(model, input_shape), input_shape)
+        request = self._request(onnx_bytes(model, input_shape), input_shape)
         shape = tuple(int(d) for d in request.get_output_tensor(0).shape)
         return Runner(request.infer, wall_timer, shape)
 
@@ -610,7 +646,7 @@ class TensorRTBackend(Backend):
     def measure(self, model: ModelLike, input_shape: tuple[int, ...]) -> Timing:
         """Latency of one engine execution on a random input of ``input_shape``."""
         trt, torch = self._modules()
-        onnx = _onnx_bytes(model, input_shape)
+        onnx = onnx_bytes(model, input_shape)
         with torch.cuda.device(torch.device(self.device)):
             return self._measure(trt, torch, onnx, input_shape)
 

@@ -6,21 +6,27 @@ robust to a shared machine: a slow phase slows both sides of a round alike. The 
 two inside a round alternates (AB, BA, ...) so a drift does not favour one network. Rounds go on
 until the interval is narrow enough (``Rule.target``) or the time is spent; a result that did
 not reach the target says so (``converged``, ``message``) instead of passing for a number.
+
+On ONNX Runtime above one thread the pair is timed in a spawned child process whose two sessions
+share ORT's global thread pool (``OnnxRuntimeBackend.pairs_in_child``): two sessions with pools of
+their own interfere, and the ratio came out bimodal.
 """
 
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .backends import Backend, ModelLike, Runner, machine_info
+from .backends import Backend, ModelLike, OnnxRuntimeBackend, Runner, machine_info, onnx_bytes
 from .errors import BackendError, DepthCompressError
 from .progress import Reporter, tell
 
@@ -261,6 +267,58 @@ def prepare_pair(
     return run_a, run_b
 
 
+def _timed_rounds(run_a: Runner, run_b: Runner, rule: Rule, reporter: Reporter | None) -> Rounds:
+    """``paired_rounds`` of two prepared runners with garbage collection off."""
+    enabled = gc.isenabled()
+    gc.disable()  # no collection pause inside a timed block
+    try:
+        return paired_rounds(run_a.time, run_b.time, rule, reporter=reporter)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _child_rounds(
+    onnx_a: bytes,
+    onnx_b: bytes,
+    backend: OnnxRuntimeBackend,
+    input_shape: tuple[int, ...],
+    rule: Rule,
+    names: tuple[str, str],
+) -> tuple[Rounds, tuple[int, ...], dict[str, Any]]:
+    """In a fresh process: ORT's shared pool of the backend's threads, both sessions on it,
+    paired rounds; the rounds, the output shape and the backend's info."""
+    import onnxruntime as ort
+
+    ort.set_global_thread_pool_sizes(backend.threads, 1)
+    shared = OnnxRuntimeBackend(
+        threads=backend.threads, protocol=backend.protocol, shared_pool=True
+    )
+    run_a, run_b = prepare_pair(onnx_a, onnx_b, shared, input_shape, names)
+    return _timed_rounds(run_a, run_b, rule, None), run_a.output_shape, shared.info()
+
+
+def _rounds_in_child(
+    backend: OnnxRuntimeBackend,
+    a: ModelLike,
+    b: ModelLike,
+    input_shape: tuple[int, ...],
+    rule: Rule,
+    names: tuple[str, str],
+) -> tuple[Rounds, tuple[int, ...], dict[str, Any]]:
+    """``_child_rounds`` in a spawned process (ORT's shared pool is made once per process);
+    the networks are exported here, so an error names the network that did not export."""
+    nets = []
+    for model, name in zip((a, b), names, strict=True):
+        try:
+            nets.append(onnx_bytes(model, input_shape))
+        except BackendError as exc:
+            raise BackendError(f"{name}: {_one_line(exc)}") from None
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        job = pool.submit(_child_rounds, nets[0], nets[1], backend, input_shape, rule, names)
+        return job.result()
+
+
 def paired_speedup(
     a: ModelLike,
     b: ModelLike,
@@ -274,15 +332,16 @@ def paired_speedup(
     """Speed-up of ``b`` over ``a`` (modules, ONNX bytes or ``.onnx`` paths) on ``backend`` at
     ``input_shape``, in paired rounds until ``rule`` stops them; a result whose interval missed
     the target has ``converged=False`` and says why in ``message`` (the caller decides)."""
-    with backend.timing_scope():
-        run_a, run_b = prepare_pair(a, b, backend, input_shape, names)
-        enabled = gc.isenabled()
-        gc.disable()  # no collection pause inside a timed block
-        try:
-            rounds = paired_rounds(run_a.time, run_b.time, rule, reporter=reporter)
-        finally:
-            if enabled:
-                gc.enable()
+    info = backend.info()
+    if isinstance(backend, OnnxRuntimeBackend) and backend.pairs_in_child:
+        tell(reporter, "speed-up rounds", 0, 1, "in a child process with one shared thread pool")
+        rounds, output_shape, info = _rounds_in_child(backend, a, b, input_shape, rule, names)
+        tell(reporter, "speed-up rounds", 1, 1, f"±{rounds.stats.half_width:.1%}")
+    else:
+        with backend.timing_scope():
+            run_a, run_b = prepare_pair(a, b, backend, input_shape, names)
+            rounds = _timed_rounds(run_a, run_b, rule, reporter)
+        output_shape = run_a.output_shape
     stats = rounds.stats
     converged = stats.half_width <= rule.target
     message = summary_message(stats, rule, rounds.elapsed, converged)
@@ -299,10 +358,10 @@ def paired_speedup(
         latency_b_ms=statistics.median(rounds.times_b),
         names=names,
         input_shape=tuple(input_shape),
-        output_shape=run_a.output_shape,
+        output_shape=output_shape,
         batch=input_shape[0],
         threads=backend.threads,
-        backend=backend.info(),
+        backend=info,
         machine=machine_info(),
         rule=asdict(rule),
         elapsed_s=rounds.elapsed,
