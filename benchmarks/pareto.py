@@ -74,6 +74,7 @@ from depthcompress.tables import (
     read_config_latency_rows,
 )
 from depthcompress.width import prune_width
+from depthcompress.widthsearch import DEFAULT_RATIOS
 
 ROOT = Path(__file__).resolve().parents[1]
 TP_IMPORTANCES = ("l1", "taylor")
@@ -136,6 +137,9 @@ class Options:
     norm: str = "auto"
     control: bool = False
     joint_layers: tuple[str, ...] = ()
+    retime: tuple[str, ...] = ()
+    auto: tuple[str, ...] = ()
+    auto_ratios: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -331,6 +335,39 @@ def joint_point(
     return result.merged, {**extra, **split, "plan": result.plan.to_dict()}
 
 
+def auto_point(
+    setup: Setup, opts: Options, budget: str, where: Path, log: Log
+) -> tuple[nn.Module, dict]:
+    """``compress --width auto --budget BUDGET``: the width ratio chosen by compress's own search
+    (the original's tables adopted from ``OUT/tables``, so every budget shares them)."""
+    tables = where.parent.parent / "tables"
+    settings = replace(
+        setup.settings,
+        budget=dc.Budget.parse(budget),
+        budget_mode="whole",
+        budget_or_fastest=True,
+        width_search=opts.auto_ratios or DEFAULT_RATIOS,
+        width_round_to=opts.round_to,
+        speedup_rule=opts.rule,
+    )
+    result = dc.compress(
+        setup.model, setup.data, where / "compress", settings, test_data=setup.test,
+        model_name=setup.name, log=log, latency_from=tables / "latency.csv",
+        importance_from=tables / "importance.csv",
+    )  # fmt: skip
+    if result is None:
+        raise RuntimeError(f"compress of the auto point {budget} stopped before its end")
+    width = result.evaluation.get("width") or {"ratio": 0.0, "speedup": 1.0}
+    search = json.loads((where / "compress" / "width_search.json").read_text())
+    extra = {"width": width["ratio"], "budget": budget, "round_to": opts.round_to}
+    return result.merged, {
+        **extra,
+        "width_speedup": width["speedup"],
+        "search": search["candidates"],
+        "plan": result.plan.to_dict(),
+    }
+
+
 def tp_importance(kind: str) -> Any:
     """Torch-Pruning's importance criterion called ``kind``."""
     import torch_pruning as tp
@@ -418,6 +455,8 @@ def point_specs(opts: Options) -> Iterator[tuple[str, str, str]]:
     for pair in opts.after:
         ratio, budget = pair.split(":")
         yield f"after-{float(ratio):g}-{budget}", "after", f"{float(ratio):g}:{budget}"
+    for budget in opts.auto:
+        yield f"auto-{budget}", "auto", budget
 
 
 def build_point(
@@ -437,6 +476,8 @@ def build_point(
         return joint_point(setup, opts, setting, where, log, layers=method == "joint+layers")
     if method == "after":
         return after_point(setup, opts, tables, setting, where)
+    if method == "auto":
+        return auto_point(setup, opts, setting, where, log)
     kind = method.split()[-1]
     return prune_point(setup, opts, kind, float(setting), where), {"round_to": opts.round_to}
 
@@ -452,6 +493,14 @@ def run_point(
     if record_path.exists():
         record = json.loads(record_path.read_text())
         net = torch.load(net_path, weights_only=False).eval()
+        again = [
+            t.key for t in opts.timings if t.key in opts.retime and t.key in record["speedups"]
+        ]
+        if again and not record.get("retimed"):
+            record["retimed"] = (
+                again  # written first: a re-time killed inside a point resumes there
+            )
+            write_json(record_path, record)
     else:
         where.mkdir(parents=True, exist_ok=True)
         net, extra = build_point(setup, opts, tables, spec, where, log)
@@ -462,9 +511,10 @@ def run_point(
         write_json(record_path, record)
         log(f"{name}: {record['accuracy']:.2f} % test accuracy, {record['convs']} convs")
     for timing in opts.timings:
-        if timing.key in record["speedups"]:
+        if timing.key in record["speedups"] and timing.key not in record.get("retimed", []):
             continue
         record["speedups"][timing.key] = measure(setup, net, timing, opts.rule, name)
+        record["retimed"] = [k for k in record.get("retimed", []) if k != timing.key]
         write_json(record_path, record)
         log(f"{name}, {timing.key}: {record['speedups'][timing.key]['speedup']:.3f}×")
     return record
@@ -474,6 +524,13 @@ def cell(s: dict) -> str:
     """A speed-up with its interval (``noisy`` where the interval missed the target)."""
     noisy = "" if s["converged"] else " noisy"
     return f"{s['speedup']:.2f}× [{s['low']:.2f}, {s['high']:.2f}]{noisy}"
+
+
+def shown(point: dict) -> str:
+    """A point's setting as the table shows it (an auto point with the width it chose)."""
+    if point["method"] == "auto":
+        return f"{point['setting']} → width {point['width']:g}"
+    return point["setting"]
 
 
 def markdown(points: list[dict], timings: tuple[Timing, ...]) -> str:
@@ -489,7 +546,7 @@ def markdown(points: list[dict], timings: tuple[Timing, ...]) -> str:
         ]
         for p in points:
             rows.append(
-                f"| {p['method']} | {p['setting']} | {p['convs']} | {p['params']:,} | "
+                f"| {p['method']} | {shown(p)} | {p['convs']} | {p['params']:,} | "
                 f"{p['accuracy']:.2f} | {p['accuracy'] - base:+.2f} | "
                 f"{cell(p['speedups'][t.key])} |"
             )
@@ -520,8 +577,8 @@ LABELS = {
 
 def marker(method: str) -> dict[str, Any]:
     """The original as a large star (its control as a plus), joint points as squares, after
-    points as diamonds, layer pruning as a line of triangles, each other method as a line of
-    dots."""
+    points as diamonds, layer pruning as a line of triangles, ``--width auto`` as a line of
+    crosses, each other method as a line of dots."""
     if method in ("original", "control"):
         return {
             "marker": "*" if method == "original" else "P",
@@ -534,6 +591,8 @@ def marker(method: str) -> dict[str, Any]:
         return {"marker": "D", "linestyle": "none"}
     if method == "layers":
         return {"marker": "^"}
+    if method == "auto":  # compress --width auto: its own line, a large cross
+        return {"marker": "X", "markersize": 10}
     return {"marker": "o"}
 
 
@@ -706,6 +765,19 @@ def main(argv: list[str] | None = None) -> None:
         "--train-threads", type=int, default=1,
         help="torch CPU threads of fine-tuning (1: more collapse when another process competes)",
     )  # fmt: skip
+    parser.add_argument(
+        "--auto", nargs="*", default=[],
+        help="budgets of compress --width auto (compress chooses the width ratio itself)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--auto-ratios", nargs="*", type=float, default=[],
+        help="the candidate ratios of --auto (default: widthsearch.DEFAULT_RATIOS)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--retime", nargs="*", default=[],
+        help="timing settings (as in --timings) to measure again on points that have them, e.g. "
+        "after a timing fix; the networks are kept",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10, help="paired rounds, at least")
     parser.add_argument("--max-time", type=float, default=30.0, help="seconds per speed-up")
@@ -728,6 +800,9 @@ def main(argv: list[str] | None = None) -> None:
         norm=args.norm,
         control=args.control,
         joint_layers=tuple(args.joint_layers),
+        retime=tuple(Timing.parse(t).key for t in args.retime),
+        auto=tuple(args.auto),
+        auto_ratios=tuple(sorted({0.0, *args.auto_ratios})) if args.auto_ratios else (),
     )
     run(model_setup(args), opts, args.out, command=" ".join(["python", *sys.argv]))
     print((args.out / "pareto.md").read_text())

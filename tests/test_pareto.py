@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,21 @@ def test_points_written_and_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     again = pareto.run(tiny_setup(), opts, tmp_path, log=lambda _: None)
     assert len(tunes) == 6  # nothing fine-tuned again
     assert again == first  # nothing re-measured either
+
+    measured: list[str] = []
+    real_measure = pareto.measure
+
+    def counted_measure(setup: Any, net: Any, timing: Any, rule: Any, name: str) -> Any:
+        measured.append(name)
+        return real_measure(setup, net, timing, rule, name)
+
+    monkeypatch.setattr(pareto, "measure", counted_measure)
+    retimed = pareto.run(
+        tiny_setup(), replace(opts, retime=(TIMING.key,)), tmp_path, log=lambda _: None
+    )
+    assert len(tunes) == 6 and measured == names  # every point timed again, nothing re-made
+    assert [p["accuracy"] for p in retimed] == [p["accuracy"] for p in first]
+    assert all(p["retimed"] == [] for p in retimed)
 
 
 def test_after_point_prunes_the_merged_network_and_resumes(

@@ -1250,7 +1250,9 @@ def _compress_settings(**kw):  # returns pipeline.CompressSettings
     from .finetune import FinetuneConfig
     from .importance import FinetuneSettings
     from .pipeline import Budget, CompressSettings
+    from .widthsearch import parse_width
 
+    width, width_search = parse_width(str(kw.get("width", "0")))
     return CompressSettings(
         budget=Budget.parse(kw["budget"]),
         backend=kw["backend"],
@@ -1288,7 +1290,8 @@ def _compress_settings(**kw):  # returns pipeline.CompressSettings
         budget_mode=kw.get("budget_mode", "whole"),
         budget_or_fastest=kw.get("budget_or_fastest", False),
         lr_probe=_probe_settings(kw),
-        width=kw.get("width", 0.0),
+        width=width,
+        width_search=width_search,
         width_importance=kw.get("width_importance", "l1"),
         prune_layers=kw.get("prune_layers", False),
         prune_subsets=kw.get("prune_subsets", 2),
@@ -1456,13 +1459,15 @@ def compress_cmd(
     ] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
     width: Annotated[
-        float,
+        str,
         typer.Option(
             help="also prune this fraction of every layer's channels (Torch-Pruning, "
             "pip install 'depthcompress[width]') before depth compression, under the same "
-            "--budget of the original's whole latency; 0 = depth only"
+            "--budget of the original's whole latency; 0 = depth only; auto = choose the "
+            "fraction among 0, 0.1, ..., 0.5 (auto:0.1,0.3 among those) by the estimated loss "
+            "of width and depth together (WORKDIR/width_search.json)"
         ),
-    ] = 0.0,
+    ] = "0",
     width_importance: Annotated[
         str, typer.Option(help="which channels --width keeps: l1 (weight magnitude) or taylor")
     ] = "l1",

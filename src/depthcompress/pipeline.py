@@ -62,6 +62,7 @@ from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
 from .graph import ConvChain, trace
 from .importance import (
     DEFAULT_SUBSETS,
+    SCORE,
     FinetuneSettings,
     config_importance_table,
     importance_table,
@@ -84,6 +85,7 @@ from .tables import (
     read_config_latency_rows,
 )
 from .width import WidthResult
+from .widthsearch import Measured, WidthSearch, measure_ratio, score
 
 MANIFEST = "stages.json"
 RUN = "run.json"
@@ -125,6 +127,9 @@ class CompressSettings:
     pruned network, distilled from the unpruned original, and the budget stays a fraction of
     the unpruned original's whole latency (budget_mode "whole" only). Kept channels are
     multiples of ``width_round_to`` (default: 16 on the CPU backends, 8 on a GPU).
+    ``width_search`` (candidate ratios, 0 among them; ``width`` then 0) chooses the ratio itself
+    (``widthsearch.py``, ``--width auto``): the original's tables in ``WORKDIR/width-search``,
+    every candidate scored into ``width_search.json``, then the run with the chosen ratio.
 
     ``prune_layers`` adds layer pruning inside merged blocks (LayerMerge, docs/layermerge.md):
     configuration tables beside the latency and importance tables (``prune_subsets`` pruned
@@ -155,6 +160,7 @@ class CompressSettings:
     budget_or_fastest: bool = False
     lr_probe: ProbeSettings | None = None
     width: float = 0.0
+    width_search: tuple[float, ...] = ()
     width_importance: str = "l1"
     width_round_to: int | None = None
     prune_layers: bool = False
@@ -209,8 +215,21 @@ class CompressSettings:
             problems.append(f"width_importance must be one of {IMPORTANCES}")
         if self.width_round_to is not None and self.width_round_to < 1:
             problems.append(f"width_round_to must be ≥ 1, got {self.width_round_to}")
-        if self.width > 0 and self.budget_mode != "whole":
+        if (self.width > 0 or self.width_search) and self.budget_mode != "whole":
             problems.append("width needs budget_mode 'whole' (the original's whole latency)")
+        if self.width_search:
+            if self.width > 0:
+                problems.append("give width or width_search (the candidates), not both")
+            if 0.0 not in self.width_search or not all(0 <= r < 1 for r in self.width_search):
+                problems.append(
+                    f"width_search holds ratios in [0, 1) and 0 (depth alone), got "
+                    f"{self.width_search}"
+                )
+            if self.prune_layers:
+                problems.append(
+                    "a width search with layer pruning is not supported yet (its depth estimate "
+                    "knows merging only): give one --width ratio with --prune-layers"
+                )
         return problems
 
     def importance_norm(self) -> str:
@@ -1752,6 +1771,23 @@ def compress(
     for flag, value in (("--until", until), ("--redo", redo)):
         if value is not None and value not in STAGES:
             raise WorkdirError(f"{flag} must name one of the stages {', '.join(STAGES)}")
+    if settings.width_search:
+        return _compress_searching_width(
+            model,
+            data,
+            Path(workdir),
+            settings,
+            example_input=example_input,
+            test_data=test_data,
+            model_name=model_name,
+            redo=redo,
+            progress=progress,
+            log=log,
+            command=command,
+            until=until,
+            importance_from=importance_from,
+            latency_from=latency_from,
+        )
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
     progress = progress if rank == 0 else None
@@ -1839,6 +1875,152 @@ def compress(
         latency_from=Path(latency_from) if latency_from is not None else None,
     )
     return _run_stages(ctx, redo, until)
+
+
+SEARCH_DIR = "width-search"
+"""The depth-only run inside a ``--width auto`` work directory: the original's tables."""
+
+
+def _compress_searching_width(
+    model: nn.Module,
+    data: SplitData,
+    workdir: Path,
+    settings: CompressSettings,
+    **kw: Any,
+) -> CompressResult | None:
+    """``--width auto``: the original's tables in ``WORKDIR/width-search`` (a depth-only run up
+    to the importance table; a budget beyond depth alone is not refused there), every candidate
+    scored into ``width_search.json``, then the run with the chosen ratio in ``WORKDIR``. Tables
+    given (``latency_from``, ``importance_from``) are the original's, adopted by the search run;
+    with ratio 0 the final run adopts the search's tables and calibration, measuring nothing
+    again."""
+    say: Log = kw["log"] or LOG.info
+    depth = replace(settings, width_search=(), budget_or_fastest=True)
+    own = {k: kw[k] for k in ("example_input", "test_data", "model_name", "progress", "log")}
+    sub = workdir / SEARCH_DIR
+    say(f"width search: the original's tables first, in {sub}")
+    compress(
+        model,
+        data,
+        sub,
+        depth,
+        **own,
+        command=kw["command"],
+        until="importance",
+        importance_from=kw["importance_from"],
+        latency_from=kw["latency_from"],
+    )
+    search = _width_search(model, data, workdir, settings, kw["example_input"], say)
+    chosen = search.chosen
+    say(
+        f"width search: width {chosen.ratio:g} chosen for budget {settings.budget} "
+        f"(estimated loss {chosen.loss:.2f} points: width {chosen.width_loss:.2f}, depth "
+        f"{chosen.depth_loss or 0.0:.2f}); every candidate in "
+        f"{workdir / 'width_search.json'}"
+    )
+    final = replace(settings, width=chosen.ratio, width_search=())
+    adopted: dict[str, Any] = {}  # tables given are the original's: the search used them
+    if chosen.ratio == 0:
+        adopted = {"latency_from": sub / "latency.csv", "importance_from": sub / "importance.csv"}
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not (workdir / "calibration.json").exists():
+            shutil.copy2(sub / "calibration.json", workdir / "calibration.json")
+    return compress(
+        model,
+        data,
+        workdir,
+        final,
+        **own,
+        command=kw["command"],
+        redo=kw["redo"],
+        until=kw["until"],
+        **adopted,
+    )
+
+
+def _width_search(
+    model: nn.Module,
+    data: SplitData,
+    workdir: Path,
+    settings: CompressSettings,
+    example_input: torch.Tensor | None,
+    say: Log,
+) -> WidthSearch:
+    """Score every candidate of ``settings.width_search`` on the search run's tables; the
+    measurements are kept in ``width_search.json`` as they finish, reused while its settings
+    hold."""
+    from .width import default_round_to
+
+    sub = workdir / SEARCH_DIR
+    latency = LatencyTable.read_csv(sub / "latency.csv")
+    cal = Calibration.from_dict(_read_json(sub / "calibration.json"))
+    importance = ImportanceTable.read_csv(sub / "importance.csv")
+    base = float(_read_json(sidecar_path(sub / "importance.csv"))["base"][SCORE])
+    original = copy.deepcopy(model).cpu().eval()
+    sample, _ = fetch(data.holdout, torch.tensor([0]))
+    example = (example_input if example_input is not None else sample)[:1].detach().cpu()
+    shape = (settings.batch, *example.shape[1:])
+    backend = get_backend(
+        settings.backend,
+        threads=settings.threads,
+        protocol=settings.protocol,
+        device=settings.timing_device(),
+    )
+    round_to = settings.width_round_to or default_round_to(
+        settings.backend, settings.timing_device()
+    )
+    key = _normalised(
+        {
+            "weights": weights_sha(original),
+            "latency": settings.stage_settings()["latency"],
+            "importance": asdict(settings.importance),
+            "width": {"importance": settings.width_importance, "round_to": round_to},
+            "rule": asdict(settings.calibration_rule),
+            "base": base,
+        }
+    )
+    path = workdir / "width_search.json"
+    old = _read_json(path) if path.exists() else {}
+    measured: dict[str, Any] = old.get("measured", {}) if old.get("settings") == key else {}
+    fraction = cal.whole_target(settings.budget) / cal.original_whole_ms
+    candidates = []
+    for ratio in sorted(settings.width_search):
+        if ratio > 0 and f"{ratio:g}" not in measured:
+            seeded = torch.Generator().manual_seed(settings.seed)
+            holdout = data.holdout
+            batch = fetch(holdout, torch.arange(min(64, len(holdout))))
+            m = measure_ratio(
+                original,
+                ratio,
+                data,
+                torch.randn(1, *shape[1:], generator=seeded),
+                backend,
+                shape,
+                settings.calibration_rule,
+                settings.importance,
+                round_to=round_to,
+                importance=settings.width_importance,
+                batches=[batch] if settings.width_importance == "taylor" else [],
+                device=str(resolve_device(settings.device or "cpu")),
+            )
+            measured[f"{ratio:g}"] = asdict(m)
+            write_json(path, {"settings": key, "measured": measured})
+            say(
+                f"width search: width {ratio:g} runs {m.speedup:.2f}× faster, "
+                f"{m.accuracy:.2f} % held-out after {settings.importance.steps} steps "
+                f"(the original untuned: {base:.2f} %)"
+            )
+        m_ratio = Measured(**measured[f"{ratio:g}"]) if ratio > 0 else None
+        candidates.append(
+            score(ratio, m_ratio, base, fraction, latency, cal, importance, settings.alpha)
+        )
+    search = WidthSearch(fraction, tuple(candidates))
+    record = {"settings": key, "measured": measured, **search.to_dict()}
+    try:
+        record["chosen"] = search.chosen.ratio
+    finally:
+        write_json(path, record)
+    return search
 
 
 def _reducible_or_say(chain: ConvChain, say: Log) -> bool:

@@ -261,6 +261,39 @@ def width_section(evaluation: dict[str, Any]) -> list[str]:
     return [*lines, *_md_table(("convolution", "channels", "kept", "share"), rows), ""]
 
 
+def search_section(workdir: Path) -> list[str]:
+    """report.md's part for ``--width auto``: every candidate ratio's estimate and the choice."""
+    path = workdir / "width_search.json"
+    if not path.exists():
+        return []
+    search = json.loads(path.read_text())
+    rows = []
+    for c in search["candidates"]:
+        feasible = c["depth_loss"] is not None
+        rows.append(
+            (
+                f"{c['ratio']:g}" + (" (chosen)" if c["ratio"] == search.get("chosen") else ""),
+                f"{c['speedup']:.2f}×",
+                f"{c['width_loss']:+.2f}",
+                f"{c['depth_fraction']:.3f}",
+                f"{c['depth_loss']:+.2f}"
+                if feasible
+                else f"out of reach ({c['least_fraction']:.3f}x)",
+                f"{c['loss']:+.2f}" if feasible else "-",
+            )
+        )
+    head = (
+        f"`--width auto` scored each width ratio for the budget ({search['budget_fraction']:.3f}x "
+        "of the original's whole latency) with the importance entries' short fine-tuning: the "
+        "width loss is the pruned network's held-out drop; depth's is stage 2's summed drop "
+        "(delta normalisation) on the original's tables at the fraction of the pruned network "
+        "left to reach (budget × width speed-up). Losses in points, lower is better; an estimate "
+        "to rank ratios, not the final accuracy (widthsearch.py)."
+    )
+    header = ("width", "speed-up", "width loss", "depth fraction", "depth loss", "total")
+    return ["## Width search", "", head, "", *_md_table(header, rows), ""]
+
+
 def timing_lines(evaluation: dict[str, Any]) -> list[str]:
     """How the latencies were measured: the method, the threads (the default and how to change
     them), the batch, the CPU model and the runtime's settings."""
@@ -646,6 +679,7 @@ def write_report(
     if control:
         lines += ["## Control", "", control[0], ""]
         lines += [f"**{w}**" for w in control[1:]] + ([""] if control[1:] else [])
+    lines += search_section(wd)
     lines += width_section(evaluation)
     title = f"{ident['model']}: accuracy against measured latency"
     points = latency_points(evaluation)

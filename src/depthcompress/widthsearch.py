@@ -1,0 +1,233 @@
+"""How much of one budget goes to width: ``compress --width auto`` (issue 14).
+
+Every candidate width ratio r is scored with the recipe of an importance entry, so that width
+and depth losses share one scale:
+
+- **width loss**: the held-out accuracy of the Torch-Pruning network at r after the entries'
+  short fine-tuning (``FinetuneSettings``: same steps, lr, seed), against the untuned original
+  (the importance table's base);
+- **depth loss**: stage 2 on the *original's* calibrated latency table and importance table,
+  normalised ``delta`` (a kept conv scores 0, a merged segment its measured drop, so the sum
+  estimates the loss in points), at the fraction of the pruned network's whole latency that the
+  budget leaves to depth: ``budget × speed-up(r)``.
+
+The candidate with the smallest sum is chosen (a tie: the smaller ratio). The one approximation:
+merging saves the same fraction, and costs the same accuracy, on the pruned network as on the
+original. Measured against fine-tuned networks in ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from .dp import Budget, optimal_boundaries, optimal_latency, solve
+from .errors import BudgetError, DepthCompressError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .backends import Backend
+    from .calibration import Calibration
+    from .data import SplitData
+    from .importance import FinetuneSettings
+    from .speedup import Rule
+    from .tables import ImportanceTable, LatencyTable
+
+DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def parse_width(text: str) -> tuple[float, tuple[float, ...]]:
+    """``--width``: a fraction (``0.2``), ``auto`` (``DEFAULT_RATIOS``) or ``auto:0,0.2,0.4``;
+    returns (ratio, candidates), one of them empty (0.0 / ())."""
+    raw = text.strip().lower()
+    if raw == "auto":
+        return 0.0, DEFAULT_RATIOS
+    if raw.startswith("auto:"):
+        try:
+            ratios = tuple(sorted({float(v) for v in raw[5:].split(",") if v.strip()} | {0.0}))
+        except ValueError:
+            ratios = ()
+        if len(ratios) < 2 or not all(0 <= r < 1 for r in ratios):
+            raise DepthCompressError(
+                f"--width {text!r}: after 'auto:' give width ratios in [0, 1) separated by "
+                "commas, e.g. auto:0.1,0.2,0.4 (0, depth alone, is always a candidate)"
+            )
+        return 0.0, ratios
+    try:
+        value = float(raw)
+    except ValueError:
+        raise DepthCompressError(
+            f"--width {text!r} is neither a fraction of channels (e.g. 0.2) nor 'auto' "
+            "(or 'auto:0.1,0.2,0.4')"
+        ) from None
+    return value, ()
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a candidate ratio measured: the pruned network's paired whole speed-up over the
+    original (with its 95 % interval) and its held-out accuracy after the entries' recipe."""
+
+    speedup: float
+    low: float
+    high: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One width ratio, scored: ``width_loss`` and ``depth_loss`` in accuracy points (higher is
+    worse); ``depth_fraction`` is what depth must reach of the pruned network's whole latency;
+    ``least_fraction`` the smallest fraction of the *original* this ratio reaches with depth;
+    ``depth_loss`` and ``activations`` are None where the budget is out of its reach."""
+
+    ratio: float
+    speedup: float
+    width_loss: float
+    depth_fraction: float
+    least_fraction: float
+    depth_loss: float | None
+    activations: int | None
+
+    @property
+    def feasible(self) -> bool:
+        """Whether this ratio meets the budget (with depth, or alone)."""
+        return self.depth_loss is not None
+
+    @property
+    def loss(self) -> float:
+        """The estimated loss in points (infinite where infeasible)."""
+        return math.inf if self.depth_loss is None else self.width_loss + self.depth_loss
+
+
+@dataclass(frozen=True)
+class WidthSearch:
+    """The scored candidates for one budget (a fraction of the original's whole latency) and
+    the chosen one."""
+
+    budget_fraction: float
+    candidates: tuple[Candidate, ...]
+
+    @property
+    def chosen(self) -> Candidate:
+        """The feasible candidate of least estimated loss (a tie: the smaller ratio); a
+        BudgetError naming the smallest reachable fraction when none is feasible."""
+        feasible = [c for c in self.candidates if c.feasible]
+        if not feasible:
+            least = min(c.least_fraction for c in self.candidates)
+            best = min(self.candidates, key=lambda c: c.least_fraction)
+            raise BudgetError(
+                f"budget {self.budget_fraction:.3f}x is out of reach of every width candidate: "
+                f"the smallest reachable fraction is {math.ceil(1000 * least) / 1000:.3f}x "
+                f"(width {best.ratio:g} with depth); raise --budget or add larger ratios"
+            )
+        return min(feasible, key=lambda c: (round(c.loss, 9), c.ratio))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for ``width_search.json``."""
+        return {
+            "budget_fraction": self.budget_fraction,
+            "candidates": [
+                {**asdict(c), "loss": c.loss if c.feasible else None} for c in self.candidates
+            ],
+        }
+
+
+def depth_estimate(
+    latency: LatencyTable,
+    calibration: Calibration,
+    importance: ImportanceTable,
+    fraction: float,
+    alpha: float,
+) -> tuple[float, int] | None:
+    """(loss in points, kept activations) of the stage-2 plan at ``fraction`` of the whole
+    network's latency on the calibrated tables, ``delta`` normalised; None below the fastest
+    plan. Above 1 the budget is the original's: depth is not needed, but a merge whose entry
+    scored above the base is still taken."""
+    from .calibration import calibrated_table
+
+    table = calibrated_table(latency, calibration.fit)
+    budget = calibration.table_budget(Budget(min(fraction, 1.0), relative=True))
+    _, fastest = optimal_boundaries(table, ())
+    if budget < fastest * (1 - 1e-9) - 1e-12:
+        return None
+    sol = solve(optimal_latency(table), importance, budget, alpha=alpha, norm="delta")
+    return -sol.importance, len(sol.plan.activations)
+
+
+def least_fraction(latency: LatencyTable, calibration: Calibration) -> float:
+    """The smallest fraction of the whole network any plan of the calibrated tables reaches."""
+    from .calibration import calibrated_table
+
+    _, fastest = optimal_boundaries(calibrated_table(latency, calibration.fit), ())
+    return calibration.least_fraction(fastest)
+
+
+def score(
+    ratio: float,
+    measured: Measured | None,
+    base_accuracy: float,
+    budget_fraction: float,
+    latency: LatencyTable,
+    calibration: Calibration,
+    importance: ImportanceTable,
+    alpha: float,
+) -> Candidate:
+    """A candidate from its measurement (None for ratio 0: the original itself)."""
+    speedup = 1.0 if measured is None else measured.speedup
+    width_loss = 0.0 if measured is None else base_accuracy - measured.accuracy
+    fraction = budget_fraction * speedup
+    depth = depth_estimate(latency, calibration, importance, fraction, alpha)
+    return Candidate(
+        ratio=ratio,
+        speedup=speedup,
+        width_loss=width_loss,
+        depth_fraction=fraction,
+        least_fraction=min(1.0, least_fraction(latency, calibration)) / speedup,
+        depth_loss=None if depth is None else depth[0],
+        activations=None if depth is None else depth[1],
+    )
+
+
+def measure_ratio(
+    original: nn.Module,
+    ratio: float,
+    data: SplitData,
+    example: torch.Tensor,
+    backend: Backend,
+    shape: tuple[int, ...],
+    rule: Rule,
+    entry: FinetuneSettings,
+    *,
+    round_to: int,
+    importance: str = "l1",
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    device: str = "cpu",
+) -> Measured:
+    """Prune ``ratio`` of the channels, time the pruned network against the original in paired
+    rounds, and score it after the importance entries' short fine-tuning."""
+    import torch
+
+    from .finetune import torch_threads
+    from .importance import score_entry, tune_entry
+    from .speedup import paired_speedup
+    from .width import prune_width
+
+    pruned = prune_width(
+        original, example, ratio, round_to=round_to, importance=importance, batches=batches
+    ).model
+    res = paired_speedup(
+        original, pruned, backend, shape, rule, names=("original", f"width {ratio:g}")
+    )
+    net = copy.deepcopy(pruned)
+    with torch.random.fork_rng(devices=[]), torch_threads(entry.threads):
+        torch.manual_seed(entry.seed)
+        if entry.steps:
+            tune_entry(net, data.train, entry, entry.seed, device)
+        accuracy, _ = score_entry(net, data.holdout, entry, device)
+    return Measured(res.speedup, res.low, res.high, accuracy)
