@@ -39,6 +39,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -140,6 +141,7 @@ class Options:
     retime: tuple[str, ...] = ()
     auto: tuple[str, ...] = ()
     auto_ratios: tuple[float, ...] = ()
+    auto_layers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -336,13 +338,22 @@ def joint_point(
 
 
 def auto_point(
-    setup: Setup, opts: Options, budget: str, where: Path, log: Log
+    setup: Setup, opts: Options, budget: str, where: Path, log: Log, layers: bool = False
 ) -> tuple[nn.Module, dict]:
-    """``compress --width auto --budget BUDGET``: the width ratio chosen by compress's own search
-    (the original's tables adopted from ``OUT/tables``, so every budget shares them)."""
+    """``compress --width auto --budget BUDGET`` (``layers``: with ``--prune-layers``): the width
+    ratio chosen by compress's own search (the original's tables adopted from ``OUT/tables``,
+    its configuration tables copied there, so every budget shares them)."""
     tables = where.parent.parent / "tables"
+    search = where / "compress" / "width-search"
+    names = ("latency_configs.csv", "latency_configs.csv.json", "latency_configs.csv.passes")
+    names += ("importance_configs.csv", "importance_configs.csv.json")
+    for name in names if layers else ():
+        if (tables / name).is_file() and not (search / name).exists():
+            search.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(tables / name, search / name)
     settings = replace(
         setup.settings,
+        prune_layers=layers,
         budget=dc.Budget.parse(budget),
         budget_mode="whole",
         budget_or_fastest=True,
@@ -457,6 +468,8 @@ def point_specs(opts: Options) -> Iterator[tuple[str, str, str]]:
         yield f"after-{float(ratio):g}-{budget}", "after", f"{float(ratio):g}:{budget}"
     for budget in opts.auto:
         yield f"auto-{budget}", "auto", budget
+    for budget in opts.auto_layers:
+        yield f"auto-layers-{budget}", "auto+layers", budget
 
 
 def build_point(
@@ -476,8 +489,8 @@ def build_point(
         return joint_point(setup, opts, setting, where, log, layers=method == "joint+layers")
     if method == "after":
         return after_point(setup, opts, tables, setting, where)
-    if method == "auto":
-        return auto_point(setup, opts, setting, where, log)
+    if method in ("auto", "auto+layers"):
+        return auto_point(setup, opts, setting, where, log, layers=method == "auto+layers")
     kind = method.split()[-1]
     return prune_point(setup, opts, kind, float(setting), where), {"round_to": opts.round_to}
 
@@ -528,7 +541,7 @@ def cell(s: dict) -> str:
 
 def shown(point: dict) -> str:
     """A point's setting as the table shows it (an auto point with the width it chose)."""
-    if point["method"] == "auto":
+    if point["method"] in ("auto", "auto+layers"):
         return f"{point['setting']} → width {point['width']:g}"
     return point["setting"]
 
@@ -571,6 +584,8 @@ LABELS = {
     "layers": "depthcompress + layer pruning",
     "after": "depth, then width on the merged network",
     "control": "original, fine-tuned alike (control)",
+    "auto": "compress --width auto",
+    "auto+layers": "compress --width auto --prune-layers",
 }
 """Legend names of the methods whose record name is short."""
 
@@ -591,7 +606,7 @@ def marker(method: str) -> dict[str, Any]:
         return {"marker": "D", "linestyle": "none"}
     if method == "layers":
         return {"marker": "^"}
-    if method == "auto":  # compress --width auto: its own line, a large cross
+    if method in ("auto", "auto+layers"):  # compress --width auto: large crosses
         return {"marker": "X", "markersize": 10}
     return {"marker": "o"}
 
@@ -619,7 +634,7 @@ def plot(points: list[dict], timing: Timing, title: str, path: Path) -> None:
         ):  # each point labelled with its budget, ratio or width:budget
             for p, xi, yi in zip(mine, x, y, strict=True):
                 ax.annotate(
-                    p["setting"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7
+                    shown(p), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7
                 )
     ax.set_xlabel(
         f"measured speed-up ({timing.backend}, {timing.threads} thread(s), batch {timing.batch})"
@@ -774,6 +789,10 @@ def main(argv: list[str] | None = None) -> None:
         help="the candidate ratios of --auto (default: widthsearch.DEFAULT_RATIOS)",
     )  # fmt: skip
     parser.add_argument(
+        "--auto-layers", nargs="*", default=[],
+        help="budgets of compress --width auto --prune-layers",
+    )  # fmt: skip
+    parser.add_argument(
         "--retime", nargs="*", default=[],
         help="timing settings (as in --timings) to measure again on points that have them, e.g. "
         "after a timing fix; the networks are kept",
@@ -802,6 +821,7 @@ def main(argv: list[str] | None = None) -> None:
         joint_layers=tuple(args.joint_layers),
         retime=tuple(Timing.parse(t).key for t in args.retime),
         auto=tuple(args.auto),
+        auto_layers=tuple(args.auto_layers),
         auto_ratios=tuple(sorted({0.0, *args.auto_ratios})) if args.auto_ratios else (),
     )
     run(model_setup(args), opts, args.out, command=" ".join(["python", *sys.argv]))

@@ -161,3 +161,16 @@ def test_with_layer_pruning_the_plans_prune_and_are_priced_by_configuration() ->
     pruning = next(plan for _, plan in plans if plan.pruned)
     with pytest.raises(DepthCompressError, match="configuration latency table"):
         plan_time(latency, pruning)
+
+
+def test_a_fit_never_gives_the_part_outside_the_chain_negative_time() -> None:
+    """Noisy points whose free fit has an intercept below 0 are fitted again through 0: a
+    negative c would make a budget below every plan look reachable."""
+    from depthcompress.calibration import fit_whole
+
+    sum_t, blocks = [10.0, 8.0, 6.0], [10, 8, 6]
+    whole = [10.5, 7.9, 5.0]  # steeper than 1 per ms: the free scale fit puts c at -3.25
+    fit = fit_whole(sum_t, blocks, whole)
+    assert fit.c == 0.0 and fit.a > 0  # calibrated blocks are clamped at 0 ms besides
+    clean = fit_whole(sum_t, blocks, [12.0, 10.0, 8.0])  # c = 2 where the data say so
+    assert clean.c == pytest.approx(2.0) and clean.a == pytest.approx(1.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +278,25 @@ def test_normalisation_subtracts_alpha_times_the_single_conv_mean():
     assert normalize_importance(imp, alpha=0) is imp
     ext = extended_importance(imp, alpha=1.6)
     assert ext.offset == pytest.approx(1.6 * mean) and ext.alpha == 1.6
+
+
+def test_delta_subtracts_the_control_from_changes_and_single_ignores_it():
+    """``control`` (what the entries' fine-tuning gives the unmodified network) is removed from
+    every change under ``delta``, so a network far from its optimum does not make every merge
+    look like a gain; the paper's normalisation does not read it."""
+    rows = [(0, 1, 1, 1, 4.0), (1, 2, 1, 1, 4.0), (0, 2, 1, 1, 3.0)]
+    imp = replace(ImportanceTable.from_rows(rows), control=5.0)
+    assert normalize_importance(imp, norm="delta").score.tolist() == [0.0, 0.0, -2.0]
+    plain = ImportanceTable.from_rows(rows)
+    assert (
+        normalize_importance(imp, alpha=1.6).score.tolist()
+        == normalize_importance(plain, alpha=1.6).score.tolist()
+    )
+    ext = extended_importance(imp, norm="delta")
+    assert ext.offset == 5.0 and ext.value.tolist() == [0.0, 0.0, -2.0]
+    latency = LatencyTable.from_rows([(0, 1, 1.0, 0.0), (1, 2, 1.0, 0.0), (0, 2, 1.5, 0.0)])
+    assert solve(latency, imp, 2.0, norm="delta").plan.boundaries == frozenset({1, 2})
+    assert solve(latency, plain, 2.0, norm="delta").plan.boundaries == frozenset({2})
 
 
 def test_normalisation_needs_single_conv_rows():

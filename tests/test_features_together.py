@@ -225,3 +225,27 @@ def test_an_unreachable_joint_budget_names_the_fraction_of_the_original(
     fraction = r"x of the measured original .*: raise --budget to at least 0\.\d{3}x"
     with pytest.raises(BudgetError, match=fraction + r".*computed\. With --width 0\.25"):
         compress(wide_resnet(), tiny_data(), tmp_path / "wd", s)
+
+
+def test_a_width_search_with_layer_pruning_estimates_depth_from_the_configuration_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--width auto --prune-layers``: the search reads the original's configuration tables
+    (its estimate may prune convs), and the final run prunes layers on the chosen width."""
+    from depthcompress.widthsearch import Measured
+
+    priced(monkeypatch)
+    monkeypatch.setattr(
+        pipeline, "measure_ratio", lambda *a, **k: Measured(1.2, 1.1, 1.3, -1000.0)
+    )  # width 0.25 ruinous: depth alone, with layer pruning, is chosen
+    wd = tmp_path / "run"
+    s = joint_settings("0.5x", width=0.0, width_search=(0.0, 0.25), lr_probe=None)
+    result = compress(wide_resnet(), tiny_data(), wd, s)
+    search = json.loads((wd / "width_search.json").read_text())
+    assert search["chosen"] == 0 and result.evaluation.get("width") is None
+    sub = wd / pipeline.SEARCH_DIR
+    assert (sub / "latency_configs.csv").is_file() and (sub / "importance_configs.csv").is_file()
+    plan = json.loads((wd / "plan.json").read_text())
+    assert plan["norm"] == "delta" and plan["pruned"]  # the budget forces pruning here
+    depth = search["candidates"][0]
+    assert depth["depth_loss"] is not None and depth["depth_fraction"] == 0.5

@@ -640,3 +640,25 @@ def test_cli_defaults_are_the_library_defaults() -> None:
     assert params["lr"].default == DEFAULT_LR == FinetuneSettings().lr
     assert params["batch_size"].default == DEFAULT_BATCH_SIZE == FinetuneSettings().batch_size
     assert params["holdout"].default == DEFAULT_HOLDOUT
+
+
+def test_the_control_is_in_the_sidecar_read_back_and_added_to_older_tables(
+    model: Tiny, chain: dc.ConvChain, data, whole: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """What the entries' fine-tuning gives the unmodified network is measured once per table
+    (after its rows), read back by ``ImportanceTable``, and a table without it gains it on its
+    next run without recomputing a row."""
+    from depthcompress import importance as importance_module
+    from depthcompress.tables import ImportanceTable
+
+    meta = json.loads(sidecar_path(whole).read_text())
+    control = meta["control"]
+    assert set(control) == {"val_acc", "val_loss"} and math.isfinite(control["val_acc"])
+    assert ImportanceTable.read_csv(whole).control == control["val_acc"]
+    older = tmp_path / "older.csv"
+    older.write_text(whole.read_text())
+    sidecar_path(older).write_text(json.dumps({k: v for k, v in meta.items() if k != "control"}))
+    assert ImportanceTable.read_csv(older).control == 0.0  # an older table: no offset
+    monkeypatch.setattr(importance_module, "measure_entry", None)  # no row is measured again
+    importance_table(model, chain, data, older, settings=SETTINGS)
+    assert json.loads(sidecar_path(older).read_text())["control"] == control

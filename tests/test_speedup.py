@@ -206,7 +206,6 @@ def test_command_exits_with_a_message_when_the_interval_is_not_reached(nets):
     assert "too noisy" in result.output and "--accept-noisy" in result.output
 
 
-
 def test_ort_above_one_thread_pairs_in_a_child_process_on_one_shared_pool(tmp_path):
     """Two live 2-thread sessions with pools of their own made paired timings bimodal; the pair
     runs in a child process whose sessions share ORT's global pool, and errors still name the
@@ -226,5 +225,5 @@ def test_ort_above_one_thread_pairs_in_a_child_process_on_one_shared_pool(tmp_pa
     bad.write_bytes(b"not onnx")
     with pytest.raises(BackendError, match="ONNX Runtime cannot load"):
         paired_speedup(net, bad, backend, shape, rule, names=("a", "b"))
-    with pytest.raises(BackendError, match="^b: ONNX file .*missing.onnx does not exist"):
+    with pytest.raises(BackendError, match=r"^b: ONNX file .*missing\.onnx does not exist"):
         paired_speedup(net, tmp_path / "missing.onnx", backend, shape, rule, names=("a", "b"))

@@ -54,14 +54,12 @@ def test_no_feasible_ratio_names_the_smallest_reachable_fraction() -> None:
         search.chosen  # noqa: B018
 
 
-def test_settings_refuse_width_and_a_search_together_and_layer_pruning() -> None:
+def test_settings_refuse_width_and_a_search_together_or_without_zero() -> None:
     base = width_settings(width=0.0)
     with pytest.raises(DepthCompressError, match="not both"):
         replace(base, width=0.2, width_search=(0.0, 0.2))
     with pytest.raises(DepthCompressError, match="0 \\(depth alone\\)"):
         replace(base, width_search=(0.2, 0.4))
-    with pytest.raises(DepthCompressError, match="layer pruning is not supported yet"):
-        replace(base, width_search=(0.0, 0.2), prune_layers=True)
     with pytest.raises(DepthCompressError, match="budget_mode 'whole'"):
         replace(base, width_search=(0.0, 0.2), budget_mode="chain")
 
@@ -114,3 +112,23 @@ def test_a_free_width_is_chosen_and_the_final_run_prunes_it(
     search = json.loads((wd / "width_search.json").read_text())
     chosen = next(c for c in search["candidates"] if c["ratio"] == 0.5)
     assert search["chosen"] == 0.5 and chosen["depth_fraction"] == pytest.approx(1.8)
+
+
+def test_width_loss_is_against_the_original_after_the_same_fine_tuning() -> None:
+    """The importance table's control (the original after the entries' recipe) is the reference
+    of the width loss, as it is of every depth entry under ``delta``."""
+    from types import SimpleNamespace
+
+    from depthcompress.widthsearch import score
+
+    depth = SimpleNamespace(
+        importance=SimpleNamespace(control=1.5),
+        estimate=lambda fraction: (0.25, 4) if fraction < 1 else (0.0, 9),
+        least_fraction=lambda: 0.6,
+    )
+    c = score(0.3, Measured(1.6, 1.5, 1.7, 88.0), 90.0, 0.5, depth)
+    assert c.width_loss == pytest.approx(90.0 + 1.5 - 88.0)
+    assert c.depth_fraction == pytest.approx(0.8) and c.depth_loss == 0.25
+    assert c.least_fraction == pytest.approx(0.6 / 1.6) and c.loss == pytest.approx(3.75)
+    alone = score(0.0, None, 90.0, 0.5, depth)
+    assert alone.width_loss == 0 and alone.speedup == 1 and alone.activations == 4

@@ -263,11 +263,12 @@ def normalize_importance(
     importance: ImportanceTable, alpha: float = DEFAULT_ALPHA, norm: str = "single"
 ) -> ImportanceTable:
     """``h − α·mean(single-conv h)`` (§6): a per-segment bonus, so few segments aren't favoured;
-    with ``norm="delta"`` instead single-conv rows score 0 and the others keep ``h``."""
+    with ``norm="delta"`` instead single-conv rows score 0 and the others ``h − control``: each
+    change's drop against the unmodified network after the same fine-tuning."""
     _check_norm(norm)
     if norm == "delta":
         single = importance.end - importance.st == 1
-        score = np.where(single, 0.0, importance.score)
+        score = np.where(single, 0.0, importance.score - importance.control)
     elif alpha == 0:
         return importance
     else:
@@ -288,6 +289,7 @@ def normalize_importance(
         score_name=importance.score_name,
         source=importance.source,
         lines=importance.lines,
+        control=importance.control,
     )
 
 
@@ -326,6 +328,8 @@ def extended_importance(
         ext[key] = best
         brk[key] = (i, j) if arg == j else (*brk[i, arg, x, 0], j)
     offset = alpha * importance.single_mean() if alpha and norm == "single" else 0.0
+    if norm == "delta":
+        offset = importance.control
     return ExtendedImportanceTable(
         st=normed.st,
         end=normed.end,

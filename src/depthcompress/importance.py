@@ -309,6 +309,34 @@ def tune_entry(
     return trainer.run().train_loss
 
 
+CONTROL = "control"
+"""The sidecar key of ``control_score``."""
+
+
+def control_score(
+    net: nn.Module,
+    data: SplitData,
+    settings: FinetuneSettings,
+    base: tuple[float, float],
+    device: str = "cpu",
+) -> dict[str, float]:
+    """The unmodified network after the entries' fine-tuning, relative to ``base`` (held-out
+    accuracy and loss): what that fine-tuning alone gives every entry. A network far from its
+    optimum (a channel-pruned one) gains points from it whatever is merged; the ``delta``
+    normalisation subtracts it. Zero without fine-tuning."""
+    if settings.zero_shot:
+        return {SCORE: 0.0, "val_loss": 0.0}
+    with torch.random.fork_rng(devices=[]), torch_threads(settings.threads):
+        torch.manual_seed(settings.seed)
+        tuned = copy.deepcopy(net)
+        try:
+            tune_entry(tuned, data.train, settings, settings.seed, device)
+        except DivergedError:
+            raise DivergedError(_diverged_control(settings)) from None
+        acc, loss = score_entry(tuned, data.holdout, settings, device)
+    return {SCORE: round(acc - base[0], 10), "val_loss": round(loss - base[1], 10)}
+
+
 def describe_entry(chain: ConvChain, entry: Entry) -> str:
     """An entry in words: its block, and which activations its network removes."""
     removed = sorted(set(chain.activation_positions) - entry_activations(chain, entry))
@@ -330,6 +358,16 @@ def _diverged(chain: ConvChain, entry: Entry, settings: FinetuneSettings) -> str
         f"or clip its gradients ({clip}: --grad-clip of 'importance', --importance-grad-clip of "
         "'compress'), then write a new table: another --output, or compress --redo importance "
         "(the rows already computed used the old settings)"
+    )
+
+
+def _diverged_control(settings: FinetuneSettings) -> str:
+    return (
+        "the importance entries' fine-tuning diverged on the unmodified network itself (the "
+        "control every entry is compared with): its training loss became NaN or infinite. "
+        f"Lower the importance learning rate (now {settings.lr:g}: --lr of 'depthcompress "
+        "importance', --importance-lr of 'compress') or clip its gradients (--grad-clip, "
+        "--importance-grad-clip)"
     )
 
 
@@ -730,8 +768,8 @@ def importance_table(
         write_json(sidecar_path(path), meta)
         done = {}
 
-    todo = [e for e in mine if e not in done]
     base = (meta["base"][SCORE], meta["base"]["val_loss"])
+    todo = [e for e in mine if e not in done]
     job = _Job(net, chain, data, settings, base, device)
     result = TableResult(path=path, meta=meta, skipped=len(mine) - len(todo))
     with csv_appender(path, COLUMNS) as append:
@@ -751,6 +789,9 @@ def importance_table(
             if on_row is not None:
                 on_row(row)
     mine_set = set(mine)
+    if CONTROL not in meta:  # after the rows; older tables gain it on their next run
+        meta[CONTROL] = control_score(net, data, settings, base, device)
+        write_json(sidecar_path(path), meta)
     if all(e in done for e in mine):
         write_table(path, meta, done.values())
     result.rows = sorted((r for k, r in done.items() if k in mine_set), key=_key)

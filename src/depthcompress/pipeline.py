@@ -85,7 +85,7 @@ from .tables import (
     read_config_latency_rows,
 )
 from .width import WidthResult
-from .widthsearch import Measured, WidthSearch, measure_ratio, score
+from .widthsearch import DepthTables, Measured, WidthSearch, measure_ratio, score
 
 MANIFEST = "stages.json"
 RUN = "run.json"
@@ -224,11 +224,6 @@ class CompressSettings:
                 problems.append(
                     f"width_search holds ratios in [0, 1) and 0 (depth alone), got "
                     f"{self.width_search}"
-                )
-            if self.prune_layers:
-                problems.append(
-                    "a width search with layer pruning is not supported yet (its depth estimate "
-                    "knows merging only): give one --width ratio with --prune-layers"
                 )
         return problems
 
@@ -1890,7 +1885,8 @@ def _compress_searching_width(
 ) -> CompressResult | None:
     """``--width auto``: the original's tables in ``WORKDIR/width-search`` (a depth-only run up
     to the importance table; a budget beyond depth alone is not refused there), every candidate
-    scored into ``width_search.json``, then the run with the chosen ratio in ``WORKDIR``. Tables
+    scored into ``width_search.json``, then the run with the chosen ratio in ``WORKDIR``, solved
+    with the ``delta`` normalisation the estimate assumed (unless ``norm`` says otherwise). Tables
     given (``latency_from``, ``importance_from``) are the original's, adopted by the search run;
     with ratio 0 the final run adopts the search's tables and calibration, measuring nothing
     again."""
@@ -1918,7 +1914,8 @@ def _compress_searching_width(
         f"{chosen.depth_loss or 0.0:.2f}); every candidate in "
         f"{workdir / 'width_search.json'}"
     )
-    final = replace(settings, width=chosen.ratio, width_search=())
+    norm = "delta" if settings.norm in (None, "auto") else settings.norm  # what was estimated
+    final = replace(settings, width=chosen.ratio, width_search=(), norm=norm)
     adopted: dict[str, Any] = {}  # tables given are the original's: the search used them
     if chosen.ratio == 0:
         adopted = {"latency_from": sub / "latency.csv", "importance_from": sub / "importance.csv"}
@@ -1952,9 +1949,17 @@ def _width_search(
     from .width import default_round_to
 
     sub = workdir / SEARCH_DIR
-    latency = LatencyTable.read_csv(sub / "latency.csv")
-    cal = Calibration.from_dict(_read_json(sub / "calibration.json"))
-    importance = ImportanceTable.read_csv(sub / "importance.csv")
+    configs = sub / "latency_configs.csv", sub / "importance_configs.csv"
+    pruning = settings.prune_layers and all(f.is_file() for f in configs)  # else: it fell back
+    depth = DepthTables(
+        LatencyTable.read_csv(sub / "latency.csv"),
+        Calibration.from_dict(_read_json(sub / "calibration.json")),
+        ImportanceTable.read_csv(sub / "importance.csv"),
+        settings.alpha,
+        {r.key: r.time for r in read_config_latency_rows(configs[0])} if pruning else None,
+        tuple(read_config_importance_rows(configs[1])) if pruning else (),
+    )
+    cal = depth.calibration
     base = float(_read_json(sidecar_path(sub / "importance.csv"))["base"][SCORE])
     original = copy.deepcopy(model).cpu().eval()
     sample, _ = fetch(data.holdout, torch.tensor([0]))
@@ -2011,9 +2016,7 @@ def _width_search(
                 f"(the original untuned: {base:.2f} %)"
             )
         m_ratio = Measured(**measured[f"{ratio:g}"]) if ratio > 0 else None
-        candidates.append(
-            score(ratio, m_ratio, base, fraction, latency, cal, importance, settings.alpha)
-        )
+        candidates.append(score(ratio, m_ratio, base, fraction, depth))
     search = WidthSearch(fraction, tuple(candidates))
     record = {"settings": key, "measured": measured, **search.to_dict()}
     try:

@@ -17,6 +17,7 @@ raises ``TableError`` naming the file, the line and the fix. numpy only: no torc
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -589,12 +590,23 @@ class _ExtBlockRows(_Rows):
         _check_unique(self.keys, "extended block (st, end, st_act, end_act)", self.where)
 
 
+def _control(path: Path, score: str) -> float:
+    """The ``control`` score in the sidecar beside an importance table (0 where there is none:
+    tables written before it, or by hand)."""
+    side = path.with_name(path.name + ".json")
+    try:
+        return float(json.loads(side.read_text())["control"][score])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
 @dataclass(frozen=True, eq=False)
 class ImportanceTable(_ExtBlockRows):
     """Raw importance ``h(i, j, x, y)`` per extended block (§6): the score of the network with
     the activations strictly inside ``(i, j)`` removed and flags ``x``/``y`` for an activation at
     ``i``/``j``, as a difference to the unmodified network. Its rows are the DP's candidate
-    segments: flag 0 exists only where a row has it."""
+    segments: flag 0 exists only where a row has it. ``control`` is what the entries'
+    fine-tuning alone gives the unmodified network (from the sidecar; ``delta`` subtracts it)."""
 
     st: np.ndarray
     end: np.ndarray
@@ -604,6 +616,7 @@ class ImportanceTable(_ExtBlockRows):
     score_name: str = DEFAULT_SCORE
     source: str = "<importance rows>"
     lines: tuple[int, ...] | None = None
+    control: float = 0.0
 
     def __post_init__(self) -> None:
         where = self._freeze("importance", IMPORTANCE_KEYS, ("score",))
@@ -673,6 +686,7 @@ class ImportanceTable(_ExtBlockRows):
             score_name=score,
             source=str(f.path),
             lines=tuple(f.lines),
+            control=_control(Path(path), score),
         )
 
     def write_csv(self, path: str | Path) -> None:
@@ -690,7 +704,8 @@ class ImportanceTable(_ExtBlockRows):
 class ExtendedImportanceTable(_ExtBlockRows):
     """``I(i, j, x, y)`` (§6): the normalised score ``h − α·μ`` or, if better, a chain of such
     scores split at positions with flag 0 (``breaks`` lists ``i``, the split points and ``j``).
-    ``alpha`` and ``offset = α·μ`` record the normalisation (NaN when read from a file)."""
+    ``alpha`` and ``offset`` (α·μ, or the control with ``delta``) record what normalisation
+    subtracted from every raw score (NaN when read from a file)."""
 
     st: np.ndarray
     end: np.ndarray

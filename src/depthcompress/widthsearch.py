@@ -4,12 +4,13 @@ Every candidate width ratio r is scored with the recipe of an importance entry, 
 and depth losses share one scale:
 
 - **width loss**: the held-out accuracy of the Torch-Pruning network at r after the entries'
-  short fine-tuning (``FinetuneSettings``: same steps, lr, seed), against the untuned original
-  (the importance table's base);
-- **depth loss**: stage 2 on the *original's* calibrated latency table and importance table,
-  normalised ``delta`` (a kept conv scores 0, a merged segment its measured drop, so the sum
-  estimates the loss in points), at the fraction of the pruned network's whole latency that the
-  budget leaves to depth: ``budget × speed-up(r)``.
+  short fine-tuning (``FinetuneSettings``: same steps, lr, seed), against the original after
+  the same fine-tuning (the importance table's base plus its control);
+- **depth loss**: stage 2 on the *original's* calibrated latency table and importance table
+  (with ``--prune-layers`` also its configuration tables), normalised ``delta`` (a kept conv
+  scores 0, a changed segment its measured drop, so the sum estimates the loss in points), at
+  the fraction of the pruned network's whole latency that the budget leaves to depth:
+  ``budget × speed-up(r)``.
 
 The candidate with the smallest sum is chosen (a tie: the smaller ratio). The one approximation:
 merging saves the same fraction, and costs the same accuracy, on the pruned network as on the
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from .dp import Budget, optimal_boundaries, optimal_latency, solve
+from .dp import optimal_boundaries, optimal_latency, solve
 from .errors import BudgetError, DepthCompressError
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from .data import SplitData
     from .importance import FinetuneSettings
     from .speedup import Rule
-    from .tables import ImportanceTable, LatencyTable
+    from .tables import ConfigImportanceRow, ImportanceTable, LatencyTable
 
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
@@ -138,34 +139,58 @@ class WidthSearch:
         }
 
 
-def depth_estimate(
-    latency: LatencyTable,
-    calibration: Calibration,
-    importance: ImportanceTable,
-    fraction: float,
-    alpha: float,
-) -> tuple[float, int] | None:
-    """(loss in points, kept activations) of the stage-2 plan at ``fraction`` of the whole
-    network's latency on the calibrated tables, ``delta`` normalised; None below the fastest
-    plan. Above 1 the budget is the original's: depth is not needed, but a merge whose entry
-    scored above the base is still taken."""
-    from .calibration import calibrated_table
+@dataclass(frozen=True)
+class DepthTables:
+    """The original's tables as the search reads them: the latency table and its calibration,
+    the importance table, and with layer pruning the configuration tables (T(i, j, c) as
+    measured, and their importance rows)."""
 
-    table = calibrated_table(latency, calibration.fit)
-    budget = calibration.table_budget(Budget(min(fraction, 1.0), relative=True))
-    _, fastest = optimal_boundaries(table, ())
-    if budget < fastest * (1 - 1e-9) - 1e-12:
-        return None
-    sol = solve(optimal_latency(table), importance, budget, alpha=alpha, norm="delta")
-    return -sol.importance, len(sol.plan.activations)
+    latency: LatencyTable
+    calibration: Calibration
+    importance: ImportanceTable
+    alpha: float
+    config_time: dict[tuple[int, int, int], float] | None = None
+    config_rows: tuple[ConfigImportanceRow, ...] = ()
 
+    def _problem(self) -> tuple[Any, float, float]:
+        """Stage 2's input on the calibrated tables (``delta``), its fastest plan's Σ T and the
+        whole latency the calibration predicts for the original."""
+        from .calibration import calibrated_config_times, calibrated_table
+        from .dp import config_tables, min_latency_configs, original_latency
 
-def least_fraction(latency: LatencyTable, calibration: Calibration) -> float:
-    """The smallest fraction of the whole network any plan of the calibrated tables reaches."""
-    from .calibration import calibrated_table
+        table = calibrated_table(self.latency, self.calibration.fit)
+        opt = optimal_latency(table)
+        whole = self.calibration.predicted_whole(original_latency(table))
+        if self.config_time is None:
+            _, fastest = optimal_boundaries(table, ())
+            return opt, fastest, whole
+        times = calibrated_config_times(self.config_time, self.calibration.fit)
+        tables = config_tables(
+            opt, self.importance, times, self.config_rows, alpha=self.alpha, norm="delta"
+        )
+        return tables, min_latency_configs(tables), whole
 
-    _, fastest = optimal_boundaries(calibrated_table(latency, calibration.fit), ())
-    return calibration.least_fraction(fastest)
+    def least_fraction(self) -> float:
+        """The smallest fraction of the original's predicted whole latency any plan reaches."""
+        _, fastest, whole = self._problem()
+        return self.calibration.predicted_whole(fastest) / whole
+
+    def estimate(self, fraction: float) -> tuple[float, int] | None:
+        """(loss in points, kept activations) of the stage-2 plan at ``fraction`` of the
+        original's whole latency, ``delta`` normalised; None below the fastest plan. Fractions
+        are of the calibration's *prediction* for the original, so 1 is exactly the unmodified
+        network whatever the fit's residual there; above 1 the budget is the original's."""
+        from .dp import solve_configs
+
+        problem, fastest, whole = self._problem()
+        budget = min(fraction, 1.0) * whole - self.calibration.fit.c
+        if budget < fastest * (1 - 1e-9) - 1e-12:
+            return None
+        if self.config_time is None:
+            sol = solve(problem, self.importance, budget, alpha=self.alpha, norm="delta")
+        else:
+            sol = solve_configs(problem, budget)
+        return -sol.importance, len(sol.plan.activations)
 
 
 def score(
@@ -173,24 +198,22 @@ def score(
     measured: Measured | None,
     base_accuracy: float,
     budget_fraction: float,
-    latency: LatencyTable,
-    calibration: Calibration,
-    importance: ImportanceTable,
-    alpha: float,
+    depth: DepthTables,
 ) -> Candidate:
     """A candidate from its measurement (None for ratio 0: the original itself)."""
     speedup = 1.0 if measured is None else measured.speedup
-    width_loss = 0.0 if measured is None else base_accuracy - measured.accuracy
+    tuned = base_accuracy + depth.importance.control  # the original after the same recipe
+    width_loss = 0.0 if measured is None else tuned - measured.accuracy
     fraction = budget_fraction * speedup
-    depth = depth_estimate(latency, calibration, importance, fraction, alpha)
+    estimate = depth.estimate(fraction)
     return Candidate(
         ratio=ratio,
         speedup=speedup,
         width_loss=width_loss,
         depth_fraction=fraction,
-        least_fraction=min(1.0, least_fraction(latency, calibration)) / speedup,
-        depth_loss=None if depth is None else depth[0],
-        activations=None if depth is None else depth[1],
+        least_fraction=min(1.0, depth.least_fraction()) / speedup,
+        depth_loss=None if estimate is None else estimate[0],
+        activations=None if estimate is None else estimate[1],
     )
 
 
