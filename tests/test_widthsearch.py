@@ -132,3 +132,53 @@ def test_width_loss_is_against_the_original_after_the_same_fine_tuning() -> None
     assert c.least_fraction == pytest.approx(0.6 / 1.6) and c.loss == pytest.approx(3.75)
     alone = score(0.0, None, 90.0, 0.5, depth)
     assert alone.width_loss == 0 and alone.speedup == 1 and alone.activations == 4
+
+
+def test_pareto_auto_points_share_the_original_tables_and_show_the_chosen_width(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/pareto.py --auto: compress --width auto per budget, adopting OUT/tables."""
+    import importlib
+    import sys
+
+    from tests.test_pipeline import TINY_RULE, settings
+    from tests.test_width import RULE
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    pareto = importlib.import_module("pareto")
+    forced(monkeypatch, 1000.0, [])
+    data = small_data()
+    tiny = replace(settings(epochs=1), calibration_rule=RULE, calibration_plans=2)
+    setup = pareto.Setup("tiny:mbv2", small_model().eval(), data, data.holdout, tiny)
+    timing = pareto.Timing("onnxruntime", 1, 8)
+    opts = pareto.Options(
+        budgets=(), ratios=(), timings=(timing,), rule=TINY_RULE, round_to=4, importances=(),
+        auto=("0.9x",), auto_ratios=(0.0, 0.5),
+    )  # fmt: skip
+    record = pareto.run(setup, opts, tmp_path, log=lambda _: None)
+    auto = record[-1]
+    assert auto["name"] == "auto-0.9x" and auto["width"] == 0.5
+    assert [c["ratio"] for c in auto["search"]] == [0, 0.5]
+    search = tmp_path / "points" / "auto-0.9x" / "compress" / pipeline.SEARCH_DIR
+    for name in ("latency.csv", "importance.csv"):
+        assert (search / name).read_text() == (tmp_path / "tables" / name).read_text()
+    assert "| auto | 0.9x → width 0.5 |" in (tmp_path / "pareto.md").read_text()
+
+
+def test_a_model_torch_pruning_cannot_handle_leaves_depth_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The width error (naming the layer) is said and recorded; depth alone still runs."""
+    from depthcompress.errors import WidthError
+
+    def refuse(*args, **kwargs) -> Measured:
+        raise WidthError("Torch-Pruning cannot prune the channels of this model (in layer b)")
+
+    monkeypatch.setattr(pipeline, "measure_ratio", refuse)
+    notes: list[str] = []
+    wd = tmp_path / "run"
+    result = compress(small_model(), small_data(), wd, search_settings(), log=notes.append)
+    search = json.loads((wd / "width_search.json").read_text())
+    assert search["chosen"] == 0 and [c["ratio"] for c in search["candidates"]] == [0]
+    assert "in layer b" in search["width_error"] and result.evaluation.get("width") is None
+    assert any("in layer b" in n and "depth alone" in n for n in notes)

@@ -56,7 +56,7 @@ from .dp import (
     solve_configs,
     sweep_configs,
 )
-from .errors import BudgetError, DepthCompressError, TableError, WorkdirError, plain
+from .errors import BudgetError, DepthCompressError, TableError, WidthError, WorkdirError, plain
 from .files import json_sha, nested_diff, sidecar_path, write_json
 from .finetune import FinetuneConfig, end_distributed, evaluate, finetune
 from .graph import ConvChain, trace
@@ -1989,41 +1989,65 @@ def _width_search(
     measured: dict[str, Any] = old.get("measured", {}) if old.get("settings") == key else {}
     fraction = cal.whole_target(settings.budget) / cal.original_whole_ms
     candidates = []
+    tuned = base + depth.importance.control
+    width_error: str | None = None
     for ratio in sorted(settings.width_search):
-        if ratio > 0 and f"{ratio:g}" not in measured:
-            seeded = torch.Generator().manual_seed(settings.seed)
-            holdout = data.holdout
-            batch = fetch(holdout, torch.arange(min(64, len(holdout))))
-            m = measure_ratio(
-                original,
-                ratio,
-                data,
-                torch.randn(1, *shape[1:], generator=seeded),
-                backend,
-                shape,
-                settings.calibration_rule,
-                settings.importance,
-                round_to=round_to,
-                importance=settings.width_importance,
-                batches=[batch] if settings.width_importance == "taylor" else [],
-                device=str(resolve_device(settings.device or "cpu")),
-            )
-            measured[f"{ratio:g}"] = asdict(m)
+        name = f"{ratio:g}"
+        if ratio > 0 and name not in measured and width_error is None:
+            try:
+                m = _measure_candidate(original, ratio, data, settings, backend, shape, round_to)
+            except WidthError as exc:  # Torch-Pruning cannot handle the model: depth alone
+                width_error = str(exc)
+                say(f"width search: {exc}; only width 0 (depth alone) is a candidate")
+                continue
+            measured[name] = asdict(m)
             write_json(path, {"settings": key, "measured": measured})
             say(
                 f"width search: width {ratio:g} runs {m.speedup:.2f}× faster, "
                 f"{m.accuracy:.2f} % held-out after {settings.importance.steps} steps "
-                f"(the original untuned: {base:.2f} %)"
+                f"(the original after the same steps: {tuned:.2f} %)"
             )
-        m_ratio = Measured(**measured[f"{ratio:g}"]) if ratio > 0 else None
-        candidates.append(score(ratio, m_ratio, base, fraction, depth))
+        if ratio == 0 or name in measured:
+            m_ratio = Measured(**measured[name]) if ratio > 0 else None
+            candidates.append(score(ratio, m_ratio, base, fraction, depth))
     search = WidthSearch(fraction, tuple(candidates))
     record = {"settings": key, "measured": measured, **search.to_dict()}
+    if width_error is not None:
+        record["width_error"] = width_error
     try:
         record["chosen"] = search.chosen.ratio
     finally:
         write_json(path, record)
     return search
+
+
+def _measure_candidate(
+    original: nn.Module,
+    ratio: float,
+    data: SplitData,
+    settings: CompressSettings,
+    backend: Backend,
+    shape: tuple[int, ...],
+    round_to: int,
+) -> Measured:
+    """``measure_ratio`` with the run's settings (Taylor: the held-out gradients, as the width
+    stage prunes)."""
+    holdout = data.holdout
+    batch = fetch(holdout, torch.arange(min(64, len(holdout))))
+    return measure_ratio(
+        original,
+        ratio,
+        data,
+        torch.randn(1, *shape[1:], generator=torch.Generator().manual_seed(settings.seed)),
+        backend,
+        shape,
+        settings.calibration_rule,
+        settings.importance,
+        round_to=round_to,
+        importance=settings.width_importance,
+        batches=[batch] if settings.width_importance == "taylor" else [],
+        device=str(resolve_device(settings.device or "cpu")),
+    )
 
 
 def _reducible_or_say(chain: ConvChain, say: Log) -> bool:
