@@ -1875,6 +1875,15 @@ def compress(
 SEARCH_DIR = "width-search"
 """The depth-only run inside a ``--width auto`` work directory: the original's tables."""
 
+SEARCH_KEPT = tuple(
+    f
+    for s in PIPELINE
+    if s.name in ("calibrate", "latency_configs", "importance_configs")
+    for f in s.files
+)
+"""The search run's files that a width-0 final run takes over (the latency and importance
+tables are adopted through ``latency_from``/``importance_from``)."""
+
 
 def _compress_searching_width(
     model: nn.Module,
@@ -1920,8 +1929,9 @@ def _compress_searching_width(
     if chosen.ratio == 0:
         adopted = {"latency_from": sub / "latency.csv", "importance_from": sub / "importance.csv"}
         workdir.mkdir(parents=True, exist_ok=True)
-        if not (workdir / "calibration.json").exists():
-            shutil.copy2(sub / "calibration.json", workdir / "calibration.json")
+        for name in SEARCH_KEPT:  # unrecorded stages' files: reused while their settings hold
+            if (sub / name).exists() and not (workdir / name).exists():
+                shutil.copy2(sub / name, workdir / name)
     return compress(
         model,
         data,
