@@ -182,3 +182,17 @@ def test_a_model_torch_pruning_cannot_handle_leaves_depth_alone(
     assert search["chosen"] == 0 and [c["ratio"] for c in search["candidates"]] == [0]
     assert "in layer b" in search["width_error"] and result.evaluation.get("width") is None
     assert any("in layer b" in n and "depth alone" in n for n in notes)
+
+
+def test_the_cli_takes_width_auto_and_refuses_a_bad_width_clearly(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from depthcompress.cli import app
+
+    out = CliRunner().invoke(app, ["compress", "--help"], env={"COLUMNS": "200"}).output
+    assert "auto = choose the fraction" in " ".join(out.split())
+    wd = str(tmp_path / "wd")
+    args = ["depthcompress:fashion_mbv2", "--budget", "0.5x", "--width", "wide", "--workdir", wd]
+    bad = CliRunner().invoke(app, ["compress", *args])
+    assert bad.exit_code != 0 and "neither a fraction of channels" in bad.output
+    assert "Traceback" not in bad.output

@@ -1464,8 +1464,8 @@ def compress_cmd(
             help="also prune this fraction of every layer's channels (Torch-Pruning, "
             "pip install 'depthcompress[width]') before depth compression, under the same "
             "--budget of the original's whole latency; 0 = depth only; auto = choose the "
-            "fraction among 0, 0.1, ..., 0.5 (auto:0.1,0.3 among those) by the estimated loss "
-            "of width and depth together (WORKDIR/width_search.json)"
+            "fraction among 0, 0.1, ..., 0.5 (auto:0.1,0.3: among 0, 0.1 and 0.3) by the "
+            "estimated loss of width and depth together (WORKDIR/width_search.json)"
         ),
     ] = "0",
     width_importance: Annotated[
