@@ -23,6 +23,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from .dp import optimal_boundaries, optimal_latency, solve
@@ -152,9 +153,10 @@ class DepthTables:
     config_time: dict[tuple[int, int, int], float] | None = None
     config_rows: tuple[ConfigImportanceRow, ...] = ()
 
+    @cached_property
     def _problem(self) -> tuple[Any, float, float]:
         """Stage 2's input on the calibrated tables (``delta``), its fastest plan's Σ T and the
-        whole latency the calibration predicts for the original."""
+        whole latency the calibration predicts for the original (computed once per search)."""
         from .calibration import calibrated_config_times, calibrated_table
         from .dp import config_tables, min_latency_configs, original_latency
 
@@ -172,7 +174,7 @@ class DepthTables:
 
     def least_fraction(self) -> float:
         """The smallest fraction of the original's predicted whole latency any plan reaches."""
-        _, fastest, whole = self._problem()
+        _, fastest, whole = self._problem
         return self.calibration.predicted_whole(fastest) / whole
 
     def estimate(self, fraction: float) -> tuple[float, int] | None:
@@ -182,7 +184,7 @@ class DepthTables:
         network whatever the fit's residual there; above 1 the budget is the original's."""
         from .dp import solve_configs
 
-        problem, fastest, whole = self._problem()
+        problem, fastest, whole = self._problem
         budget = min(fraction, 1.0) * whole - self.calibration.fit.c
         if budget < fastest * (1 - 1e-9) - 1e-12:
             return None
