@@ -105,8 +105,11 @@ def test_a_free_width_is_chosen_and_the_final_run_prunes_it(
     calls: list[float] = []
     forced(monkeypatch, 1000.0, calls)  # width 0.5 loses nothing and is 2x faster
     wd = tmp_path / "run"
-    result = compress(small_model(), small_data(), wd, search_settings())
+    steps: list = []
+    result = compress(small_model(), small_data(), wd, search_settings(), progress=steps.append)
     assert calls == [0.5]
+    searched = [(s.done, s.total) for s in steps if s.task == "width search"]
+    assert searched == [(0, 2), (1, 2), (2, 2)]
     assert json.loads((wd / "width.json").read_text())["ratio"] == 0.5
     assert result.evaluation["width"]["ratio"] == 0.5
     search = json.loads((wd / "width_search.json").read_text())

@@ -73,7 +73,7 @@ from .linearization import linearize
 from .lrprobe import ProbeResult, ProbeSettings, control_record, control_warning, probe_lr
 from .merging import check_close, merge
 from .plan import Plan
-from .progress import LOG, Reporter
+from .progress import LOG, Reporter, tell
 from .speedup import Rule, SpeedupResult, paired_speedup
 from .tables import (
     ConfigImportanceRow,
@@ -1915,7 +1915,7 @@ def _compress_searching_width(
         importance_from=kw["importance_from"],
         latency_from=kw["latency_from"],
     )
-    search = _width_search(model, data, workdir, settings, kw["example_input"], say)
+    search = _width_search(model, data, workdir, settings, kw["example_input"], say, kw["progress"])
     chosen = search.chosen
     say(
         f"width search: width {chosen.ratio:g} chosen for budget {settings.budget} "
@@ -1952,10 +1952,11 @@ def _width_search(
     settings: CompressSettings,
     example_input: torch.Tensor | None,
     say: Log,
+    progress: Reporter | None = None,
 ) -> WidthSearch:
-    """Score every candidate of ``settings.width_search`` on the search run's tables; the
-    measurements are kept in ``width_search.json`` as they finish, reused while its settings
-    hold."""
+    """Score every candidate of ``settings.width_search`` on the search run's tables (a step of
+    the task ``width search`` per candidate to ``progress``); the measurements are kept in
+    ``width_search.json`` as they finish, reused while its settings hold."""
     from .width import default_round_to
 
     sub = workdir / SEARCH_DIR
@@ -2001,8 +2002,10 @@ def _width_search(
     candidates = []
     tuned = base + depth.importance.control
     width_error: str | None = None
-    for ratio in sorted(settings.width_search):
+    ratios = sorted(settings.width_search)
+    for k, ratio in enumerate(ratios):
         name = f"{ratio:g}"
+        tell(progress, "width search", k, len(ratios), f"width {name}")
         if ratio > 0 and name not in measured and width_error is None:
             try:
                 m = _measure_candidate(original, ratio, data, settings, backend, shape, round_to)
@@ -2020,6 +2023,7 @@ def _width_search(
         if ratio == 0 or name in measured:
             m_ratio = Measured(**measured[name]) if ratio > 0 else None
             candidates.append(score(ratio, m_ratio, base, fraction, depth))
+    tell(progress, "width search", len(ratios), len(ratios))
     search = WidthSearch(fraction, tuple(candidates))
     record = {"settings": key, "measured": measured, **search.to_dict()}
     if width_error is not None:
