@@ -278,14 +278,15 @@ def search_section(workdir: Path) -> list[str]:
                 f"{c['depth_fraction']:.3f}",
                 f"{c['depth_loss']:+.2f}"
                 if feasible
-                else f"out of reach ({c['least_fraction']:.3f}x)",
+                else f"out of reach (≥ {c['least_fraction']:.3f}x)",
                 f"{c['loss']:+.2f}" if feasible else "-",
             )
         )
     head = (
         f"`--width auto` scored each width ratio for the budget ({search['budget_fraction']:.3f}x "
         "of the original's whole latency) with the importance entries' short fine-tuning: the "
-        "width loss is the pruned network's held-out drop; depth's is stage 2's summed drop "
+        "width loss is the pruned network's held-out drop against the original after the same "
+        "fine-tuning; depth's is stage 2's summed drop "
         "(delta normalisation) on the original's tables at the fraction of the pruned network "
         "left to reach (budget × width speed-up). Losses in points, lower is better; an estimate "
         "to rank ratios, not the final accuracy (widthsearch.py)."
