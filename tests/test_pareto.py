@@ -77,6 +77,21 @@ def test_points_written_and_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert [p["accuracy"] for p in retimed] == [p["accuracy"] for p in first]
     assert all(p["retimed"] == [] for p in retimed)
 
+    plot_fronts = importlib.import_module("plot_fronts")
+    other = tmp_path / "other"
+    other.mkdir()
+    record["points"] = [record["points"][0], {**record["points"][1], "method": "layers"}]
+    (other / "points.json").write_text(json.dumps(record))
+    stem = str(tmp_path / "img" / "front")
+    plot_fronts.main([str(tmp_path), str(other), "--timings", "onnxruntime:1:8", "--out", stem])
+    merged = (tmp_path / "img" / "front.md").read_text()
+    assert merged.count("| original |") == 1 and "| layers | 0.6x |" in merged
+    assert (tmp_path / "img" / f"front-{TIMING.key}.png").stat().st_size > 0
+    record["points"][0] = {**record["points"][0], "accuracy": 1.0}  # another original
+    (other / "points.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="another model or original"):
+        plot_fronts.main([str(tmp_path), str(other), "--out", str(tmp_path / "x")])
+
 
 def test_after_point_prunes_the_merged_network_and_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
