@@ -708,6 +708,7 @@ def model_setup(args: argparse.Namespace) -> Setup:
             batch_size=128,
             distill=args.distill,
             steps_per_epoch=args.steps_per_epoch,
+            seed=args.finetune_seed,
         ),
         budget_mode="chain",
         prune_subsets=args.prune_subsets,
@@ -765,6 +766,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=None, help="for a quick trial")
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--distill", type=float, default=0.3)
+    parser.add_argument(
+        "--finetune-seed", type=int, default=0,
+        help="seed of every fine-tuning (batch order, augmentation): another seed measures the "
+        "spread of one fine-tune; use another --out",
+    )  # fmt: skip
     parser.add_argument("--importance-steps", type=int, default=25)
     parser.add_argument(
         "--prune-subsets", type=int, default=2, help="layers: pruned subsets per configuration"

@@ -223,7 +223,9 @@ def test_ort_above_one_thread_pairs_in_a_child_process_on_one_shared_pool(tmp_pa
     assert all(r > 0 for r in res.ratios)
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")
-    with pytest.raises(BackendError, match="ONNX Runtime cannot load"):
+    with pytest.raises(BackendError, match=r"^b: ONNX Runtime cannot load"):
         paired_speedup(net, bad, backend, shape, rule, names=("a", "b"))
+    with pytest.raises(BackendError, match=r"^b: ONNX Runtime cannot load"):  # one thread too
+        paired_speedup(net, bad, OnnxRuntimeBackend(threads=1), shape, rule, names=("a", "b"))
     with pytest.raises(BackendError, match=r"^b: ONNX file .*missing\.onnx does not exist"):
         paired_speedup(net, tmp_path / "missing.onnx", backend, shape, rule, names=("a", "b"))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .devices import device_name, resolve_device
-from .errors import BackendError
+from .errors import BackendError, ModelLoadError
 
 if TYPE_CHECKING:
     import torch
@@ -276,7 +276,7 @@ def onnx_bytes(model: ModelLike, input_shape: tuple[int, ...]) -> bytes:
     if isinstance(model, (str, Path)):
         path = Path(model)
         if not path.is_file():
-            raise BackendError(f"ONNX file {path} does not exist")
+            raise ModelLoadError(f"ONNX file {path} does not exist")
         return path.read_bytes()
     return to_onnx(model, input_shape)
 
@@ -381,7 +381,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             return ort.InferenceSession(onnx, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise BackendError(f"ONNX Runtime cannot load the model: {exc}") from None
+            raise ModelLoadError(f"ONNX Runtime cannot load the model: {exc}") from None
 
     def measure(self, model: ModelLike, input_shape: tuple[int, ...]) -> Timing:
         """Latency of one ``session.run`` on a random float32 input of ``input_shape``."""

@@ -67,6 +67,10 @@ class BackendError(DepthCompressError):
     """A latency backend is missing, cannot run here, or cannot run this model."""
 
 
+class ModelLoadError(BackendError):
+    """A backend cannot load the model at all (a missing or broken file), whatever its input."""
+
+
 def plain(value: Any) -> Any:
     """``value`` with numpy and torch scalars as Python numbers (inside lists, tuples, sets and
     dicts too), so a message shows ``-1.0`` and never ``np.float64(-1.0)``."""

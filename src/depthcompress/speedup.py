@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend, ModelLike, OnnxRuntimeBackend, Runner, machine_info, onnx_bytes
-from .errors import BackendError, DepthCompressError
+from .errors import BackendError, DepthCompressError, ModelLoadError
 from .progress import Reporter, tell
 
 Clock = Callable[[], float]
@@ -253,6 +253,8 @@ def prepare_pair(
     run_a = _prepare(backend, a, input_shape, names[0])
     try:
         run_b = backend.prepare(b, input_shape)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{names[1]}: {_one_line(exc)}") from None
     except BackendError as exc:
         raise BackendError(
             f"the two networks take different inputs: {names[0]} runs on {input_shape} but "
