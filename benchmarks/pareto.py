@@ -66,6 +66,7 @@ from depthcompress.dp import (
 from depthcompress.export import save_torch
 from depthcompress.files import atomic_open, write_json
 from depthcompress.finetune import FinetuneConfig, evaluate, finetune
+from depthcompress.pipeline import SEARCH_DIR, stage_files
 from depthcompress.speedup import Rule, paired_speedup
 from depthcompress.tables import (
     ImportanceTable,
@@ -310,28 +311,41 @@ def planned_point(
     return dc.merge(lin, tables.chain, plan, verify=True)
 
 
+def whole_compress(
+    setup: Setup, opts: Options, budget: str, where: Path, log: Log, what: str, **changes: Any
+) -> dc.CompressResult:
+    """One ``compress`` run of the joint methods in ``where/compress``: the one recipe, a budget
+    of the whole latency (the fastest plan where it is below), channels rounded to
+    ``opts.round_to``, ``changes`` on top (width, width search, layer pruning, tables)."""
+    adopt = {k: changes.pop(k) for k in ("latency_from", "importance_from") if k in changes}
+    settings = replace(
+        setup.settings,
+        budget=dc.Budget.parse(budget),
+        budget_mode="whole",
+        budget_or_fastest=True,
+        width_round_to=opts.round_to,
+        speedup_rule=opts.rule,
+        **changes,
+    )
+    result = dc.compress(
+        setup.model, setup.data, where / "compress", settings, test_data=setup.test,
+        model_name=setup.name, log=log, **adopt,
+    )  # fmt: skip
+    if result is None:
+        raise RuntimeError(f"compress of the {what} stopped before its end")
+    return result
+
+
 def joint_point(
     setup: Setup, opts: Options, setting: str, where: Path, log: Log, layers: bool = False
 ) -> tuple[nn.Module, dict]:
     """Width then depth at ``RATIO:BUDGET``: one ``compress --width`` run (same fine-tuning),
     with ``layers`` also ``--prune-layers``."""
     ratio, budget = setting.split(":")
-    settings = replace(
-        setup.settings,
-        prune_layers=layers,
-        budget=dc.Budget.parse(budget),
-        budget_mode="whole",
-        budget_or_fastest=True,
-        width=float(ratio),
-        width_round_to=opts.round_to,
-        speedup_rule=opts.rule,
-    )
-    result = dc.compress(
-        setup.model, setup.data, where / "compress", settings, test_data=setup.test,
-        model_name=setup.name, log=log,
+    result = whole_compress(
+        setup, opts, budget, where, log, f"joint point {setting}",
+        width=float(ratio), prune_layers=layers,
     )  # fmt: skip
-    if result is None:
-        raise RuntimeError(f"compress of the joint point {setting} stopped before its end")
     extra = {"width": float(ratio), "budget": budget, "round_to": opts.round_to}
     split = {"width_speedup": result.evaluation["width"]["speedup"]}
     return result.merged, {**extra, **split, "plan": result.plan.to_dict()}
@@ -344,37 +358,23 @@ def auto_point(
     ratio chosen by compress's own search (the original's tables adopted from ``OUT/tables``,
     its configuration tables copied there, so every budget shares them)."""
     tables = where.parent.parent / "tables"
-    search = where / "compress" / "width-search"
-    names = ("latency_configs.csv", "latency_configs.csv.json", "latency_configs.csv.passes")
-    names += ("importance_configs.csv", "importance_configs.csv.json")
-    for name in names if layers else ():
+    search = where / "compress" / SEARCH_DIR
+    for name in stage_files("latency_configs", "importance_configs") if layers else ():
         if (tables / name).is_file() and not (search / name).exists():
             search.mkdir(parents=True, exist_ok=True)
             shutil.copy2(tables / name, search / name)
-    settings = replace(
-        setup.settings,
-        prune_layers=layers,
-        budget=dc.Budget.parse(budget),
-        budget_mode="whole",
-        budget_or_fastest=True,
-        width_search=opts.auto_ratios or DEFAULT_RATIOS,
-        width_round_to=opts.round_to,
-        speedup_rule=opts.rule,
-    )
-    result = dc.compress(
-        setup.model, setup.data, where / "compress", settings, test_data=setup.test,
-        model_name=setup.name, log=log, latency_from=tables / "latency.csv",
-        importance_from=tables / "importance.csv",
+    result = whole_compress(
+        setup, opts, budget, where, log, f"auto point {budget}",
+        width_search=opts.auto_ratios or DEFAULT_RATIOS, prune_layers=layers,
+        latency_from=tables / "latency.csv", importance_from=tables / "importance.csv",
     )  # fmt: skip
-    if result is None:
-        raise RuntimeError(f"compress of the auto point {budget} stopped before its end")
     width = result.evaluation.get("width") or {"ratio": 0.0, "speedup": 1.0}
-    search = json.loads((where / "compress" / "width_search.json").read_text())
+    record = json.loads((where / "compress" / "width_search.json").read_text())
     extra = {"width": width["ratio"], "budget": budget, "round_to": opts.round_to}
     return result.merged, {
         **extra,
         "width_speedup": width["speedup"],
-        "search": search["candidates"],
+        "search": record["candidates"],
         "plan": result.plan.to_dict(),
     }
 
@@ -509,10 +509,8 @@ def run_point(
         again = [
             t.key for t in opts.timings if t.key in opts.retime and t.key in record["speedups"]
         ]
-        if again and not record.get("retimed"):
-            record["retimed"] = (
-                again  # written first: a re-time killed inside a point resumes there
-            )
+        if again and not record.get("retimed"):  # written first: a killed re-time resumes
+            record["retimed"] = again
             write_json(record_path, record)
     else:
         where.mkdir(parents=True, exist_ok=True)

@@ -82,25 +82,28 @@ def _least_squares(design: np.ndarray, target: np.ndarray) -> np.ndarray | None:
     return coef if rank == design.shape[1] else None
 
 
+def _line(x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+    """Intercept and slope of ``y ≈ c + s·x`` by least squares, with ``c`` ≥ 0 (a negative free
+    intercept is fitted again through 0); None when the points do not determine them."""
+    coef = _least_squares(np.column_stack([np.ones_like(x), x]), y)
+    if coef is None or coef[0] >= 0:
+        return coef
+    slope = _least_squares(x[:, None], y)
+    return None if slope is None else np.asarray([0.0, slope[0]])
+
+
 def _model_fit(model: str, x: np.ndarray, n: np.ndarray, y: np.ndarray) -> Fit | None:
     """One model fitted to the points, or None when the points cannot determine it or it would
     give a block a non-positive calibrated latency's slope (a ≤ 0). The part outside the chain
     cannot take negative time: where the free fit puts c below 0 (noisy timings), it is fitted
     again with c = 0, or a budget below every plan would pass for a reachable one."""
-    ones = np.ones_like(x)
     if model == "scale":
-        coef = _least_squares(np.column_stack([ones, x]), y)
-        if coef is not None and coef[0] < 0:
-            slope = _least_squares(x[:, None], y)
-            coef = None if slope is None else np.asarray([0.0, slope[0]])
+        coef = _line(x, y)
         if coef is None or coef[1] <= 0:
             return None
         c, a, o = float(coef[0]), float(coef[1]), 0.0
     else:
-        coef = _least_squares(np.column_stack([ones, n]), y - x)
-        if coef is not None and coef[0] < 0:
-            slope = _least_squares(n[:, None], y - x)
-            coef = None if slope is None else np.asarray([0.0, slope[0]])
+        coef = _line(n, y - x)
         if coef is None:
             return None
         c, a, o = float(coef[0]), 1.0, float(coef[1])

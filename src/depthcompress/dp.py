@@ -268,18 +268,18 @@ def normalize_importance(
     _check_norm(norm)
     if norm == "delta":
         single = importance.end - importance.st == 1
-        score = np.where(single, 0.0, importance.score - importance.control)
+        score = np.where(single, 0.0, importance.score - _offset(importance, alpha, norm))
     elif alpha == 0:
         return importance
     else:
-        mean = importance.single_mean()
-        if math.isnan(mean):
+        offset = _offset(importance, alpha, norm)
+        if math.isnan(offset):
             raise TableError(
                 f"{importance.source}: alpha={alpha} subtracts α × the mean score of the "
                 "single-conv rows (end = st + 1), but the table has none; add them or use "
                 "alpha 0"
             )
-        score = importance.score - alpha * mean
+        score = importance.score - offset
     return ImportanceTable(
         st=importance.st,
         end=importance.end,
@@ -301,6 +301,14 @@ def resolve_norm(norm: str | None, prune_layers: bool) -> str:
         return "delta" if prune_layers else "single"
     _check_norm(norm)
     return norm
+
+
+def _offset(importance: ImportanceTable, alpha: float, norm: str) -> float:
+    """What normalisation subtracts from a raw score (a single conv's under ``delta`` aside):
+    ``α·μ`` (``single``), the control (``delta``)."""
+    if norm == "delta":
+        return importance.control
+    return alpha * importance.single_mean() if alpha else 0.0
 
 
 def _check_norm(norm: str) -> None:
@@ -327,9 +335,7 @@ def extended_importance(
                     best, arg = cand, k
         ext[key] = best
         brk[key] = (i, j) if arg == j else (*brk[i, arg, x, 0], j)
-    offset = alpha * importance.single_mean() if alpha and norm == "single" else 0.0
-    if norm == "delta":
-        offset = importance.control
+    offset = _offset(importance, alpha, norm)
     return ExtendedImportanceTable(
         st=normed.st,
         end=normed.end,

@@ -10,6 +10,7 @@ GPU, entries run one after another in this process, or one worker process per GP
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -309,6 +310,36 @@ def tune_entry(
     return trainer.run().train_loss
 
 
+@contextlib.contextmanager
+def seeded(settings: FinetuneSettings, seed: int) -> Iterator[None]:
+    """Torch's random state forked and seeded by ``seed``, ``settings.threads`` CPU threads: what
+    an entry's network is built and fine-tuned under, so entries do not depend on each other."""
+    with torch.random.fork_rng(devices=[]), torch_threads(settings.threads):
+        torch.manual_seed(seed)
+        yield
+
+
+def tuned_score(
+    net: nn.Module,
+    data: SplitData,
+    settings: FinetuneSettings,
+    seed: int,
+    device: str,
+    diverged: str,
+) -> tuple[float, float, float]:
+    """``net`` fine-tuned in place with the entries' recipe (none without steps) and scored on
+    the held-out split: (accuracy %, loss, mean training loss or NaN). A divergence raises
+    ``DivergedError(diverged)``, which says what was being fine-tuned and what to change."""
+    train_loss = math.nan
+    if settings.steps:
+        try:
+            train_loss = tune_entry(net, data.train, settings, seed, device)
+        except DivergedError:
+            raise DivergedError(diverged) from None
+    acc, loss = score_entry(net, data.holdout, settings, device)
+    return acc, loss, train_loss
+
+
 CONTROL = "control"
 """The sidecar key of ``control_score``."""
 
@@ -326,14 +357,9 @@ def control_score(
     normalisation subtracts it. Zero without fine-tuning."""
     if settings.zero_shot:
         return {SCORE: 0.0, "val_loss": 0.0}
-    with torch.random.fork_rng(devices=[]), torch_threads(settings.threads):
-        torch.manual_seed(settings.seed)
-        tuned = copy.deepcopy(net)
-        try:
-            tune_entry(tuned, data.train, settings, settings.seed, device)
-        except DivergedError:
-            raise DivergedError(_diverged_control(settings)) from None
-        acc, loss = score_entry(tuned, data.holdout, settings, device)
+    why = _diverged_control(settings)
+    with seeded(settings, settings.seed):
+        acc, loss, _ = tuned_score(copy.deepcopy(net), data, settings, settings.seed, device, why)
     return {SCORE: round(acc - base[0], 10), "val_loss": round(loss - base[1], 10)}
 
 
@@ -376,18 +402,12 @@ def measure_entry(job: _Job, entry: Entry) -> dict[str, Any]:
     start = time.perf_counter()
     s = job.settings
     seed = entry_seed(s.seed, entry)
-    with torch.random.fork_rng(devices=[]), torch_threads(s.threads):
-        torch.manual_seed(seed)
+    with seeded(s, seed):
         net = entry_network(
             job.net, job.chain, entry, reinit_single=s.reinit_single and s.steps > 0
         )
-        train_loss = math.nan
-        if s.steps:
-            try:
-                train_loss = tune_entry(net, job.data.train, s, seed, job.device)
-            except DivergedError:
-                raise DivergedError(_diverged(job.chain, entry, s)) from None
-        acc, loss = score_entry(net, job.data.holdout, s, job.device)
+        why = _diverged(job.chain, entry, s)
+        acc, loss, train_loss = tuned_score(net, job.data, s, seed, job.device, why)
     return {
         **entry._asdict(),
         SCORE: round(acc - job.base[0], 10),
@@ -768,8 +788,8 @@ def importance_table(
         write_json(sidecar_path(path), meta)
         done = {}
 
-    base = (meta["base"][SCORE], meta["base"]["val_loss"])
     todo = [e for e in mine if e not in done]
+    base = (meta["base"][SCORE], meta["base"]["val_loss"])
     job = _Job(net, chain, data, settings, base, device)
     result = TableResult(path=path, meta=meta, skipped=len(mine) - len(todo))
     with csv_appender(path, COLUMNS) as append:
@@ -950,18 +970,12 @@ def _measure_subset(
     """Fine-tune and score one pruned subset: (Δ accuracy, Δ loss, train loss), or None."""
     s = job.settings
     seed = _config_seed(s.seed, entry, pruned)
-    with torch.random.fork_rng(devices=[]), torch_threads(s.threads):
-        torch.manual_seed(seed)
+    with seeded(s, seed):
         net = config_entry_network(job.net, job.chain, entry, pruned)
         if net is None:
             return None
-        train_loss = math.nan
-        if s.steps:
-            try:
-                train_loss = tune_entry(net, job.data.train, s, seed, job.device)
-            except DivergedError:
-                raise DivergedError(_diverged(job.chain, Entry(*entry[:4]), s)) from None
-        acc, loss = score_entry(net, job.data.holdout, s, job.device)
+        why = _diverged(job.chain, Entry(*entry[:4]), s)
+        acc, loss, train_loss = tuned_score(net, job.data, s, seed, job.device, why)
     return round(acc - job.base[0], 10), round(loss - job.base[1], 10), train_loss
 
 

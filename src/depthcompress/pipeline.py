@@ -233,15 +233,29 @@ class CompressSettings:
 
     def width_settings(self) -> dict[str, Any]:
         """What decides the width stage's pruned network (empty when ``width`` is 0)."""
-        from .width import default_round_to
-
         if self.width <= 0:
             return {}
         return {
             "ratio": self.width,
             "importance": self.width_importance,
-            "round_to": self.width_round_to or default_round_to(self.backend, self.timing_device()),
+            "round_to": self.channel_round_to(),
         }
+
+    def channel_round_to(self) -> int:
+        """The multiple kept channel counts are rounded to: ``width_round_to``, or what the
+        backend runs fast (``width.default_round_to``)."""
+        from .width import default_round_to
+
+        return self.width_round_to or default_round_to(self.backend, self.timing_device())
+
+    def timing_backend(self) -> Backend:
+        """The latency backend of these settings (threads, protocol, timing device), checked."""
+        return get_backend(
+            self.backend,
+            threads=self.threads,
+            protocol=self.protocol,
+            device=self.timing_device(),
+        )
 
     def timing_device(self) -> str | torch.device | None:
         """The device handed to the latency backend: ``device`` for torch and tensorrt, None
@@ -675,19 +689,7 @@ class WidthStage(Stage):
     @staticmethod
     def _prune(ctx: RunContext) -> WidthResult:
         """The pruned network, from the original's weights (Taylor: its held-out gradients)."""
-        from .width import prune_width
-
-        s, holdout = ctx.settings, ctx.data.holdout
-        batch = fetch(holdout, torch.arange(min(64, len(holdout))))
-        example = torch.randn(1, *ctx.shape[1:], generator=torch.Generator().manual_seed(s.seed))
-        return prune_width(
-            ctx.original,
-            example,
-            s.width,
-            round_to=s.width_settings()["round_to"],
-            importance=s.width_importance,
-            batches=[batch] if s.width_importance == "taylor" else [],
-        )
+        return prune_original(ctx.original, ctx.settings.width, ctx.data, ctx.settings, ctx.shape)
 
     def _measure(self, ctx: RunContext, pruned: WidthResult) -> dict[str, Any]:
         """Time the pruned network against the original in paired rounds; write width.json."""
@@ -716,6 +718,31 @@ class WidthStage(Stage):
         }
         write_json(ctx.wd.file("width.json"), record)
         return _normalised(record)
+
+
+def prune_original(
+    original: nn.Module,
+    ratio: float,
+    data: SplitData,
+    settings: CompressSettings,
+    shape: tuple[int, ...],
+) -> WidthResult:
+    """``original`` channel-pruned by ``ratio`` as the width stage and the width search prune it:
+    ``settings``' importance and rounding, a seeded example input, Taylor importance from the
+    gradients of up to 64 held-out examples."""
+    from .width import prune_width
+
+    holdout = data.holdout
+    batch = fetch(holdout, torch.arange(min(64, len(holdout))))
+    example = torch.randn(1, *shape[1:], generator=torch.Generator().manual_seed(settings.seed))
+    return prune_width(
+        original,
+        example,
+        ratio,
+        round_to=settings.channel_round_to(),
+        importance=settings.width_importance,
+        batches=[batch] if settings.width_importance == "taylor" else [],
+    )
 
 
 def _params(net: nn.Module) -> int:
@@ -1832,12 +1859,7 @@ def compress(
             "same command once without torchrun and with --until solve first"
         )
     device = resolve_device(settings.device)
-    runner = get_backend(
-        settings.backend,
-        threads=settings.threads,
-        protocol=settings.protocol,
-        device=settings.timing_device(),
-    )
+    runner = settings.timing_backend()
     if device.type == "cuda" and runner.device == "cpu":
         how = "--device cuda" if runner.name in GPU_BACKENDS else "--backend torch or tensorrt"
         say(
@@ -1875,12 +1897,13 @@ def compress(
 SEARCH_DIR = "width-search"
 """The depth-only run inside a ``--width auto`` work directory: the original's tables."""
 
-SEARCH_KEPT = tuple(
-    f
-    for s in PIPELINE
-    if s.name in ("calibrate", "latency_configs", "importance_configs")
-    for f in s.files
-)
+
+def stage_files(*names: str) -> tuple[str, ...]:
+    """The files the stages called ``names`` write, relative to the work directory."""
+    return tuple(f for s in PIPELINE if s.name in names for f in s.files)
+
+
+SEARCH_KEPT = stage_files("calibrate", "latency_configs", "importance_configs")
 """The search run's files that a width-0 final run takes over (the latency and importance
 tables are adopted through ``latency_from``/``importance_from``)."""
 
@@ -1957,8 +1980,6 @@ def _width_search(
     """Score every candidate of ``settings.width_search`` on the search run's tables (a step of
     the task ``width search`` per candidate to ``progress``); the measurements are kept in
     ``width_search.json`` as they finish, reused while its settings hold."""
-    from .width import default_round_to
-
     sub = workdir / SEARCH_DIR
     configs = sub / "latency_configs.csv", sub / "importance_configs.csv"
     pruning = settings.prune_layers and all(f.is_file() for f in configs)  # else: it fell back
@@ -1976,21 +1997,16 @@ def _width_search(
     sample, _ = fetch(data.holdout, torch.tensor([0]))
     example = (example_input if example_input is not None else sample)[:1].detach().cpu()
     shape = (settings.batch, *example.shape[1:])
-    backend = get_backend(
-        settings.backend,
-        threads=settings.threads,
-        protocol=settings.protocol,
-        device=settings.timing_device(),
-    )
-    round_to = settings.width_round_to or default_round_to(
-        settings.backend, settings.timing_device()
-    )
+    backend = settings.timing_backend()
     key = _normalised(
         {
             "weights": weights_sha(original),
             "latency": settings.stage_settings()["latency"],
             "importance": asdict(settings.importance),
-            "width": {"importance": settings.width_importance, "round_to": round_to},
+            "width": {
+                "importance": settings.width_importance,
+                "round_to": settings.channel_round_to(),
+            },
             "rule": asdict(settings.calibration_rule),
             "base": base,
         }
@@ -2008,7 +2024,18 @@ def _width_search(
         tell(progress, "width search", k, len(ratios), f"width {name}")
         if ratio > 0 and name not in measured and width_error is None:
             try:
-                m = _measure_candidate(original, ratio, data, settings, backend, shape, round_to)
+                pruned = prune_original(original, ratio, data, settings, shape).model
+                m = measure_ratio(
+                    original,
+                    ratio,
+                    pruned,
+                    data,
+                    backend,
+                    shape,
+                    settings.calibration_rule,
+                    settings.importance,
+                    device=str(resolve_device(settings.device or "cpu")),
+                )
             except WidthError as exc:  # Torch-Pruning cannot handle the model: depth alone
                 width_error = str(exc)
                 say(f"width search: {exc}; only width 0 (depth alone) is a candidate")
@@ -2033,35 +2060,6 @@ def _width_search(
     finally:
         write_json(path, record)
     return search
-
-
-def _measure_candidate(
-    original: nn.Module,
-    ratio: float,
-    data: SplitData,
-    settings: CompressSettings,
-    backend: Backend,
-    shape: tuple[int, ...],
-    round_to: int,
-) -> Measured:
-    """``measure_ratio`` with the run's settings (Taylor: the held-out gradients, as the width
-    stage prunes)."""
-    holdout = data.holdout
-    batch = fetch(holdout, torch.arange(min(64, len(holdout))))
-    return measure_ratio(
-        original,
-        ratio,
-        data,
-        torch.randn(1, *shape[1:], generator=torch.Generator().manual_seed(settings.seed)),
-        backend,
-        shape,
-        settings.calibration_rule,
-        settings.importance,
-        round_to=round_to,
-        importance=settings.width_importance,
-        batches=[batch] if settings.width_importance == "taylor" else [],
-        device=str(resolve_device(settings.device or "cpu")),
-    )
 
 
 def _reducible_or_say(chain: ConvChain, say: Log) -> bool:

@@ -26,7 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Backend, ModelLike, OnnxRuntimeBackend, Runner, machine_info, onnx_bytes
+from .backends import (
+    Backend,
+    ModelLike,
+    OnnxRuntimeBackend,
+    Protocol,
+    Runner,
+    machine_info,
+    onnx_bytes,
+)
 from .errors import BackendError, DepthCompressError, ModelLoadError
 from .progress import Reporter, tell
 
@@ -233,12 +241,17 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
+def _named(exc: BackendError, name: str) -> BackendError:
+    """``exc`` (of its own class) on one line, naming the network it is about."""
+    return type(exc)(f"{name}: {_one_line(exc)}")
+
+
 def _prepare(backend: Backend, model: ModelLike, shape: tuple[int, ...], name: str) -> Runner:
     """The backend's runner for one network, errors naming the network on one line."""
     try:
         return backend.prepare(model, shape)
     except BackendError as exc:
-        raise BackendError(f"{name}: {_one_line(exc)}") from None
+        raise _named(exc, name) from None
 
 
 def prepare_pair(
@@ -254,7 +267,7 @@ def prepare_pair(
     try:
         run_b = backend.prepare(b, input_shape)
     except ModelLoadError as exc:
-        raise ModelLoadError(f"{names[1]}: {_one_line(exc)}") from None
+        raise _named(exc, names[1]) from None
     except BackendError as exc:
         raise BackendError(
             f"the two networks take different inputs: {names[0]} runs on {input_shape} but "
@@ -283,25 +296,24 @@ def _timed_rounds(run_a: Runner, run_b: Runner, rule: Rule, reporter: Reporter |
 def _child_rounds(
     onnx_a: bytes,
     onnx_b: bytes,
-    backend: OnnxRuntimeBackend,
+    threads: int,
+    protocol: Protocol,
     input_shape: tuple[int, ...],
     rule: Rule,
     names: tuple[str, str],
 ) -> tuple[Rounds, tuple[int, ...], dict[str, Any]]:
-    """In a fresh process: ORT's shared pool of the backend's threads, both sessions on it,
-    paired rounds; the rounds, the output shape and the backend's info."""
+    """In a fresh process: ORT's shared pool of ``threads``, both sessions on it, paired
+    rounds; the rounds, the output shape and the backend's info."""
     import onnxruntime as ort
 
-    ort.set_global_thread_pool_sizes(backend.threads, 1)
-    shared = OnnxRuntimeBackend(
-        threads=backend.threads, protocol=backend.protocol, shared_pool=True
-    )
+    ort.set_global_thread_pool_sizes(threads, 1)
+    shared = OnnxRuntimeBackend(threads=threads, protocol=protocol, shared_pool=True)
     run_a, run_b = prepare_pair(onnx_a, onnx_b, shared, input_shape, names)
     return _timed_rounds(run_a, run_b, rule, None), run_a.output_shape, shared.info()
 
 
 def _rounds_in_child(
-    backend: OnnxRuntimeBackend,
+    backend: Backend,
     a: ModelLike,
     b: ModelLike,
     input_shape: tuple[int, ...],
@@ -315,10 +327,10 @@ def _rounds_in_child(
         try:
             nets.append(onnx_bytes(model, input_shape))
         except BackendError as exc:
-            raise BackendError(f"{name}: {_one_line(exc)}") from None
+            raise _named(exc, name) from None
+    args = (*nets, backend.threads, backend.protocol, input_shape, rule, names)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        job = pool.submit(_child_rounds, nets[0], nets[1], backend, input_shape, rule, names)
-        return job.result()
+        return pool.submit(_child_rounds, *args).result()
 
 
 def paired_speedup(
@@ -335,7 +347,7 @@ def paired_speedup(
     ``input_shape``, in paired rounds until ``rule`` stops them; a result whose interval missed
     the target has ``converged=False`` and says why in ``message`` (the caller decides)."""
     info = backend.info()
-    if isinstance(backend, OnnxRuntimeBackend) and backend.pairs_in_child:
+    if backend.pairs_in_child:
         tell(reporter, "speed-up rounds", 0, 1, "in a child process with one shared thread pool")
         rounds, output_shape, info = _rounds_in_child(backend, a, b, input_shape, rule, names)
         tell(reporter, "speed-up rounds", 1, 1, f"±{rounds.stats.half_width:.1%}")

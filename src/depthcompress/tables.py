@@ -29,6 +29,7 @@ from typing import TypeVar
 import numpy as np
 
 from .errors import TableError, plain
+from .files import sidecar_path
 from .files import write_csv as write_rows
 
 DEFAULT_SCORE = "val_acc"
@@ -593,9 +594,8 @@ class _ExtBlockRows(_Rows):
 def _control(path: Path, score: str) -> float:
     """The ``control`` score in the sidecar beside an importance table (0 where there is none:
     tables written before it, or by hand)."""
-    side = path.with_name(path.name + ".json")
     try:
-        return float(json.loads(side.read_text())["control"][score])
+        return float(json.loads(sidecar_path(path).read_text())["control"][score])
     except (OSError, ValueError, KeyError, TypeError):
         return 0.0
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,6 @@ from .dp import optimal_boundaries, optimal_latency, solve
 from .errors import BudgetError, DepthCompressError
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from .backends import Backend
@@ -121,11 +119,11 @@ class WidthSearch:
         BudgetError naming the smallest reachable fraction when none is feasible."""
         feasible = [c for c in self.candidates if c.feasible]
         if not feasible:
-            least = min(c.least_fraction for c in self.candidates)
             best = min(self.candidates, key=lambda c: c.least_fraction)
+            least = math.ceil(1000 * best.least_fraction) / 1000
             raise BudgetError(
                 f"budget {self.budget_fraction:.3f}x is out of reach of every width candidate: "
-                f"the smallest reachable fraction is {math.ceil(1000 * least) / 1000:.3f}x "
+                f"the smallest reachable fraction is {least:.3f}x "
                 f"(width {best.ratio:g} with depth); raise --budget or add larger ratios"
             )
         return min(feasible, key=lambda c: (round(c.loss, 9), c.ratio))
@@ -222,37 +220,27 @@ def score(
 def measure_ratio(
     original: nn.Module,
     ratio: float,
+    pruned: nn.Module,
     data: SplitData,
-    example: torch.Tensor,
     backend: Backend,
     shape: tuple[int, ...],
     rule: Rule,
     entry: FinetuneSettings,
     *,
-    round_to: int,
-    importance: str = "l1",
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
     device: str = "cpu",
 ) -> Measured:
-    """Prune ``ratio`` of the channels, time the pruned network against the original in paired
-    rounds, and score it after the importance entries' short fine-tuning."""
-    import torch
-
-    from .finetune import torch_threads
-    from .importance import score_entry, tune_entry
+    """Time ``pruned`` (the original at width ``ratio``) against the original in paired rounds,
+    and score it after the importance entries' short fine-tuning."""
+    from .importance import seeded, tuned_score
     from .speedup import paired_speedup
-    from .width import prune_width
 
-    pruned = prune_width(
-        original, example, ratio, round_to=round_to, importance=importance, batches=batches
-    ).model
-    res = paired_speedup(
-        original, pruned, backend, shape, rule, names=("original", f"width {ratio:g}")
+    name = f"width {ratio:g}"
+    res = paired_speedup(original, pruned, backend, shape, rule, names=("original", name))
+    why = (
+        f"fine-tuning the network channel-pruned to {name} diverged with the importance "
+        f"entries' recipe: lower the importance learning rate (now {entry.lr:g}, "
+        "--importance-lr) or clip its gradients (--importance-grad-clip)"
     )
-    net = copy.deepcopy(pruned)
-    with torch.random.fork_rng(devices=[]), torch_threads(entry.threads):
-        torch.manual_seed(entry.seed)
-        if entry.steps:
-            tune_entry(net, data.train, entry, entry.seed, device)
-        accuracy, _ = score_entry(net, data.holdout, entry, device)
+    with seeded(entry, entry.seed):
+        accuracy, _, _ = tuned_score(copy.deepcopy(pruned), data, entry, entry.seed, device, why)
     return Measured(res.speedup, res.low, res.high, accuracy)
